@@ -1,0 +1,7 @@
+"""Make the three top-level modules importable from the tests, whatever the working directory."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))

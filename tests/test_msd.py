@@ -1,0 +1,379 @@
+"""Tests of msd.py: every invariant of PAPER.md has a test here that fails if it breaks."""
+import contextlib
+import copy
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import msd
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 30
+
+
+def tiny_cfg(**kw):
+    base = dict(image_size=16, patch_size=4, vision_width=16, vision_layers=2, vision_heads=2,
+                text_width=16, text_layers=2, text_heads=2, mlp_ratio=2, embed_dim=8, max_len=10,
+                dropout=0.0, queue_size=12, momentum=0.9, alpha=0.4, batch_size=2, accum_steps=4,
+                grad_clip=1.0, lr=1e-3, seed=0)
+    base.update(kw)
+    return msd.Config(**base)
+
+
+def fake_batch(B, cfg, seed=0):
+    """B pairs: random images, random reports of varying length (with [CLS] first), pair ids."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 1, cfg.image_size, cfg.image_size, generator=g)
+    ids = torch.randint(5, VOCAB, (B, cfg.max_len), generator=g)
+    ids[:, 0] = 1  # [CLS]
+    lengths = torch.randint(3, cfg.max_len + 1, (B,), generator=g)
+    mask = (torch.arange(cfg.max_len)[None, :] < lengths[:, None]).long()
+    ids = ids * mask  # [PAD] = 0 after the end
+    pair_ids = torch.arange(100, 100 + B)
+    return images, ids, mask, pair_ids
+
+
+def no_autocast():
+    return contextlib.nullcontext()
+
+
+def one_step(cfg, batch, model=None):
+    model = model or msd.build_model(cfg, VOCAB)
+    model.train()
+    opt = msd.configure_optimizer(model, cfg)
+    msd.train_step(model, opt, batch, cfg, lr=cfg.lr, alpha=cfg.alpha, autocast=no_autocast)
+    return model
+
+
+# ---------------------------------------------------------------- encoders
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_manual_attention_equals_sdpa_forward_and_backward(with_mask):
+    torch.manual_seed(0)
+    fast = msd.Attention(16, 4, dropout=0.0, impl="sdpa")
+    slow = copy.deepcopy(fast)
+    slow.impl = "manual"
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5]) if with_mask else None
+    y_fast, y_slow = fast(x, mask), slow(x2, mask)
+    torch.testing.assert_close(y_fast, y_slow, atol=1e-6, rtol=1e-5)
+    w = torch.randn_like(y_fast)
+    (y_fast * w).sum().backward()
+    (y_slow * w).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-5)
+    for p, q in zip(fast.parameters(), slow.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "manual"])
+def test_padding_does_not_change_text_feature(impl):
+    cfg = tiny_cfg(attn_impl=impl)
+    enc = msd.DualEncoder(cfg, VOCAB).eval()
+    ids = torch.tensor([[1, 7, 8, 9, 2, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    mask[0, 0] = 1
+    short = enc.encode_text(ids[:, :5], mask[:, :5])
+    long = enc.encode_text(ids, mask)
+    torch.testing.assert_close(short, long, atol=1e-6, rtol=1e-5)
+    # and whatever sits in the padded positions does not matter either
+    junk = ids.clone()
+    junk[0, 5:] = 17
+    torch.testing.assert_close(enc.encode_text(junk, mask), long, atol=1e-6, rtol=1e-5)
+
+
+def test_encoders_are_per_sample_and_normalised():
+    """No cross-sample operation (no BatchNorm): a row's feature does not depend on its batch.
+    This is the encoder property that makes accumulation exact."""
+    cfg = tiny_cfg()
+    enc = msd.DualEncoder(cfg, VOCAB).eval()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in enc.modules())
+    images, ids, mask, _ = fake_batch(6, cfg)
+    v_all, t_all = enc.encode_image(images), enc.encode_text(ids, mask)
+    v_two, t_two = enc.encode_image(images[2:4]), enc.encode_text(ids[2:4], mask[2:4])
+    torch.testing.assert_close(v_all[2:4], v_two, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(t_all[2:4], t_two, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(v_all.norm(dim=1), torch.ones(6))
+    assert v_all.shape == (6, cfg.embed_dim) and enc.image_features(images).shape == (6, cfg.vision_width)
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def test_teacher_is_a_frozen_copy_in_eval_mode():
+    model = msd.build_model(tiny_cfg(dropout=0.1), VOCAB)
+    for p, q in zip(model.student.parameters(), model.teacher.parameters()):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+        assert not q.requires_grad
+    model.train()
+    assert model.student.training and not model.teacher.training
+    assert not any(m.training for m in model.teacher.modules())
+
+
+def test_momentum_update_formula_and_extremes():
+    torch.manual_seed(0)
+    student = msd.DualEncoder(tiny_cfg(), VOCAB)
+    teacher = msd.copy_params(student)
+    for p in student.parameters():
+        p.data.add_(torch.randn_like(p))
+    before = [q.clone() for q in teacher.parameters()]
+    msd.momentum_update(teacher, student, 0.9)
+    for q0, q, p in zip(before, teacher.parameters(), student.parameters()):
+        torch.testing.assert_close(q, 0.9 * q0 + 0.1 * p)
+    msd.momentum_update(teacher, student, 1.0)  # m = 1: unchanged
+    msd.momentum_update(copy.deepcopy(teacher), student, 1.0)
+    after_one = [q.clone() for q in teacher.parameters()]
+    msd.momentum_update(teacher, student, 1.0)
+    assert all(torch.equal(a, q) for a, q in zip(after_one, teacher.parameters()))
+    msd.momentum_update(teacher, student, 0.0)  # m = 0: a copy of the student
+    assert all(torch.equal(q, p) for q, p in zip(teacher.parameters(), student.parameters()))
+
+
+# ---------------------------------------------------------------- queue
+
+
+def test_queue_wraps_with_a_batch_size_that_does_not_divide_K():
+    q = msd.FeatureQueue(size=7, dim=2)
+    assert q.keys()[0].shape == (0, 2)  # nothing written: no keys at all, never zeros or noise
+    written = []
+    for step in range(5):  # batches of 3 into 7 slots: 3, 6, 9 -> wraps, ...
+        ids = torch.arange(3 * step, 3 * step + 3)
+        feats = torch.stack([ids.float(), -ids.float()], dim=1)
+        q.enqueue(feats, ids)
+        written.extend(ids.tolist())
+        feats_q, ids_q = q.keys()
+        assert len(ids_q) == min(len(written), 7)
+        assert sorted(ids_q.tolist()) == sorted(written[-7:])  # exactly the most recent K
+        assert torch.equal(feats_q[:, 0], ids_q.float())       # each feature beside its own id
+    assert int(q.ptr) == 15 % 7
+
+
+def test_queue_batch_larger_than_K_and_partial_fill_and_state_dict():
+    q = msd.FeatureQueue(size=4, dim=1)
+    q.enqueue(torch.ones(2, 1), torch.tensor([5, 6]))
+    feats, ids = q.keys()
+    assert ids.tolist() == [5, 6] and int(q.filled) == 2  # unwritten slots are not keys
+    q.enqueue(torch.arange(10.0)[:, None], torch.arange(10))
+    assert sorted(q.keys()[1].tolist()) == [6, 7, 8, 9]
+    q2 = msd.FeatureQueue(size=4, dim=1)
+    q2.load_state_dict(q.state_dict())
+    assert torch.equal(q2.feats, q.feats) and torch.equal(q2.ids, q.ids)
+    assert int(q2.ptr) == int(q.ptr) and int(q2.filled) == int(q.filled)
+    empty = msd.FeatureQueue(size=0, dim=3)
+    empty.enqueue(torch.ones(2, 3), torch.tensor([1, 2]))
+    assert empty.keys()[0].shape == (0, 3)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def random_features(b, M, d=8, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    f = lambda n: F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(requires_grad)
+    return f(b), f(b), f(b), f(b), f(M), f(M)
+
+
+def test_loss_with_alpha_zero_is_cross_entropy_on_the_positive_column():
+    v, t, v_m, t_m, image_keys, text_keys = random_features(4, 9)
+    row_ids = torch.tensor([10, 11, 12, 13])
+    key_ids = torch.tensor([10, 11, 12, 13, 20, 21, 22, 23, 24])  # positives in columns 0..3
+    logit_scale = torch.tensor(math.log(1 / 0.07))
+    loss = msd.msd_loss(v, t, v_m, t_m, image_keys, text_keys, row_ids, key_ids, logit_scale, 0.0)
+    target = torch.arange(4)
+    expected = (F.cross_entropy(v @ text_keys.t() / 0.07, target)
+                + F.cross_entropy(t @ image_keys.t() / 0.07, target)) / 2
+    torch.testing.assert_close(loss, expected)
+
+
+def test_soft_targets_sum_to_one_and_teacher_path_has_no_gradient():
+    v, t, v_m, t_m, image_keys, text_keys = random_features(4, 9, requires_grad=True)
+    row_ids = torch.arange(4)
+    key_ids = torch.tensor([0, 1, 2, 3, 7, 8, 2, 9, 10])  # pair 2 repeats in the "queue"
+    y = msd.positive_targets(row_ids, key_ids)
+    q = msd.soft_targets(torch.randn(4, 9), y, 0.4)
+    torch.testing.assert_close(q.sum(1), torch.ones(4))
+    assert (q > 0).all()
+    logit_scale = torch.tensor(2.0, requires_grad=True)
+    loss = msd.msd_loss(v, t, v_m, t_m, image_keys, text_keys, row_ids, key_ids, logit_scale, 0.4)
+    loss.backward()
+    assert v.grad is not None and t.grad is not None and logit_scale.grad is not None
+    for teacher_side in (v_m, t_m, image_keys, text_keys):
+        assert teacher_side.grad is None  # stop-gradient: nothing flows into the teacher or keys
+
+
+def test_repeated_pair_id_is_a_positive():
+    row_ids = torch.tensor([0, 1])
+    key_ids = torch.tensor([0, 1, 5, 0])  # pair 0 also sits in the queue (column 3)
+    y = msd.positive_targets(row_ids, key_ids)
+    torch.testing.assert_close(y, torch.tensor([[0.5, 0, 0, 0.5], [0, 1.0, 0, 0]]))
+    v, t, v_m, t_m, image_keys, text_keys = random_features(2, 4, seed=3)
+    s = torch.tensor(0.0)  # tau = 1
+    loss = msd.msd_loss(v, t, v_m, t_m, image_keys, text_keys, row_ids, key_ids, s, 0.0)
+    log_p = F.log_softmax(v @ text_keys.t(), 1)
+    i2t = -(0.5 * (log_p[0, 0] + log_p[0, 3]) + log_p[1, 1]) / 2
+    log_p = F.log_softmax(t @ image_keys.t(), 1)
+    t2i = -(0.5 * (log_p[0, 0] + log_p[0, 3]) + log_p[1, 1]) / 2
+    torch.testing.assert_close(loss, (i2t + t2i) / 2)
+
+
+# ---------------------------------------------------------------- the training step
+
+
+def assert_models_close(a, b, tol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=tol, rtol=tol, msg=f"weights differ: {name}")
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=tol, rtol=tol, msg=f"grads differ: {name}")
+    for (name, x), y in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(x, y, atol=tol, rtol=tol, msg=f"buffers differ: {name}")
+
+
+def test_accumulation_is_exact():
+    """N micro-batches of b == one batch of N*b: gradients, weights after the step, teacher after
+    the EMA, queue contents and pointer. Run twice, so the second step uses a non-empty queue."""
+    big = tiny_cfg(batch_size=8, accum_steps=1)
+    small = replace(big, batch_size=2, accum_steps=4)
+    # float64, so that "equal" can mean 1e-10 and not float32 summation-order noise
+    m_big, m_small = msd.build_model(big, VOCAB).double(), msd.build_model(small, VOCAB).double()
+    opt_big, opt_small = msd.configure_optimizer(m_big, big), msd.configure_optimizer(m_small, small)
+    m_big.train(), m_small.train()
+    for step in range(2):
+        batch = fake_batch(8, big, seed=step)
+        batch = (batch[0].double(),) + batch[1:]
+        out_big = msd.train_step(m_big, opt_big, batch, big, 1e-3, 0.4, no_autocast)
+        out_small = msd.train_step(m_small, opt_small, batch, small, 1e-3, 0.4, no_autocast)
+        assert math.isclose(out_big["loss"], out_small["loss"], rel_tol=1e-12)
+        assert_models_close(m_big, m_small, tol=1e-10)
+    assert int(m_small.image_queue.filled) == 12 and int(m_small.image_queue.ptr) == 16 % 12
+
+
+def test_naive_clip_accumulation_is_not_exact():
+    """The contrast that motivates the method: end-to-end CLIP couples rows through in-batch
+    negatives, so N x b naive accumulation is a different (smaller-batch) objective."""
+    big = tiny_cfg(method="clip", batch_size=8, accum_steps=1)
+    small = replace(big, batch_size=2, accum_steps=4)
+    batch = fake_batch(8, big)
+    m_big, m_small = one_step(big, batch), one_step(small, batch)
+    grads_big = torch.cat([p.grad.flatten() for p in m_big.student.parameters()])
+    grads_small = torch.cat([p.grad.flatten() for p in m_small.student.parameters()])
+    assert not torch.allclose(grads_big, grads_small, rtol=1e-3, atol=1e-6)
+
+
+def test_ema_runs_once_per_optimizer_step():
+    cfg = tiny_cfg(batch_size=2, accum_steps=4, momentum=0.9)
+    model = msd.build_model(cfg, VOCAB)
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    model = one_step(cfg, fake_batch(8, cfg), model)
+    for q0, q, p in zip(teacher_before, model.teacher.parameters(), model.student.parameters()):
+        # once: m * theta'_0 + (1 - m) * theta_after_step (four times would be m^4)
+        torch.testing.assert_close(q, 0.9 * q0 + 0.1 * p.detach())
+
+
+def test_ema_per_micro_batch_bug_gives_momentum_m_to_the_N():
+    cfg = tiny_cfg(batch_size=2, accum_steps=4, momentum=0.9, ema_per_micro_batch=True)
+    model = msd.build_model(cfg, VOCAB)
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    student_before = [p.clone() for p in model.student.parameters()]
+    one_step(cfg, fake_batch(8, cfg), model)
+    m4 = 0.9 ** 4
+    for q0, q, p0 in zip(teacher_before, model.teacher.parameters(), student_before):
+        torch.testing.assert_close(q, m4 * q0 + (1 - m4) * p0)
+
+
+def test_enqueue_happens_after_the_loss():
+    """The first step must see an empty queue: the batch's own features are enqueued only after
+    the loss. With K = B, after one step the queue holds exactly this batch's teacher features."""
+    cfg = tiny_cfg(batch_size=2, accum_steps=4, queue_size=8)
+    model = msd.build_model(cfg, VOCAB).train()
+    batch = fake_batch(8, cfg)
+    with torch.no_grad():
+        expected = model.teacher.encode_image(batch[0])
+    model_keys_seen = []
+    real_loss = msd.msd_loss
+
+    def spy(*args):
+        model_keys_seen.append(args[4].shape[0])
+        return real_loss(*args)
+
+    msd.msd_loss = spy
+    try:
+        one_step(cfg, batch, model)
+    finally:
+        msd.msd_loss = real_loss
+    assert model_keys_seen == [8] * 4  # B batch keys, no queue keys yet, the same for every micro-batch
+    feats, ids = model.image_queue.keys()
+    torch.testing.assert_close(feats, expected)
+    assert ids.tolist() == batch[3].tolist()
+
+
+def test_temperature_is_clamped_and_not_weight_decayed():
+    cfg = tiny_cfg(weight_decay=0.5)
+    model = msd.build_model(cfg, VOCAB)
+    opt = msd.configure_optimizer(model, cfg)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.logit_scale) not in decayed
+    assert all(p.dim() >= 2 for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
+    assert not any(id(p) in {id(q) for g in opt.param_groups for q in g["params"]}
+                   for p in model.teacher.parameters())
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # tau far below 0.01
+    one_step(cfg, fake_batch(8, cfg), model)
+    assert model.logit_scale.item() <= math.log(100.0) + 1e-6
+
+
+def test_schedules():
+    cfg = tiny_cfg(lr=1.0, min_lr=0.1, warmup_steps=10)
+    lrs = [msd.get_lr(s, cfg, 110) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:110]))  # cosine: non-increasing
+    assert lrs[110] == pytest.approx(0.1) and lrs[60] == pytest.approx(0.55)
+    assert msd.get_alpha(0, cfg, 50) == 0.0
+    assert msd.get_alpha(25, cfg, 50) == pytest.approx(0.2)
+    assert msd.get_alpha(500, cfg, 50) == pytest.approx(0.4)
+
+
+def test_data_order_depends_on_the_effective_batch_only():
+    a = msd.epoch_batches(50, 8, seed=1, epoch=2)
+    assert a == msd.epoch_batches(50, 8, seed=1, epoch=2)
+    assert a != msd.epoch_batches(50, 8, seed=1, epoch=3)
+    assert len(a) == 6 and all(len(x) == 8 for x in a)
+    assert len({i for batch in a for i in batch}) == 48  # no pair twice in an epoch
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_overrides_are_type_checked(tmp_path):
+    cfg = msd.load_config(None, ["--accum_steps=8", "--alpha=0.2", "--amp=false", "--method=clip"])
+    assert cfg.accum_steps == 8 and cfg.alpha == 0.2 and cfg.amp is False and cfg.method == "clip"
+    with pytest.raises(KeyError, match="unknown config key 'acum_steps'.*accum_steps"):
+        msd.load_config(None, ["--acum_steps=8"])
+    with pytest.raises(ValueError, match="'batch_size': expected int"):
+        msd.load_config(None, ["--batch_size=big"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"lr": "fast"}))
+    with pytest.raises(TypeError, match="'lr': expected float"):
+        msd.load_config(bad)
+    bad.write_text(json.dumps({"queue": 5}))
+    with pytest.raises(KeyError, match=f"unknown config key 'queue' in {bad}"):
+        msd.load_config(bad)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        msd.load_config(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="method"):
+        msd.load_config(None, ["--method=moco"])
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "mimic"])
+def test_shipped_configs_load(name):
+    path = ROOT / "configs" / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"{path.name} not written yet")
+    msd.load_config(path)
