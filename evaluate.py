@@ -1,0 +1,802 @@
+"""
+Evaluation of an MSD (or CLIP) checkpoint: zero-shot classification, few-shot / linear probe,
+image-text retrieval. The protocols are those of /work/shared/PROTOCOLS.md §2; every metric is
+hand-written below (no scikit-learn) and checked against scikit-learn values in the tests.
+
+    python evaluate.py --task all                          # the run of configs/small.json
+    python evaluate.py --task zeroshot --checkpoint random # same config, untrained: chance level
+    python evaluate.py --task fewshot --checkpoint runs/x/ckpt.pt --data manifest.csv --out r.json
+
+Reads top to bottom:
+    (1) metrics            auroc, macro_f1, confusion_matrix, retrieval_ranks, recall_at_k, ...
+    (2) features           one batched no-grad pass per split, eval mode; probe features cached
+    (3) zero-shot          prompt sets, classifier = normalise(mean(normalise(prompt embeddings)))
+    (4) linear probe       frozen features + logistic regression; k shots / label fractions; seeds
+    (5) retrieval          one image per study, de-duplicated texts, pessimistic ranks, chunked
+    (6) CLI                tasks are a dict of functions; a table is printed and JSON written
+
+Label conventions (the same for every task): a manifest label is 1, 0, -1 (uncertain) or blank.
+For scoring, blank counts as negative and -1 is excluded; a finding whose test labels hold only
+one class gets AUROC NaN and is left out of the mean (with a note in the results).
+
+Any manifest with labels works: the synthetic set (prompt set "synth"), CheXpert / CheXpert 5x200
+("chexpert": GLoRIA's grid), RSNA ("pneumonia"), or prompts of your own (--prompts FILE.json).
+Labels-only manifests (no report texts) skip retrieval. The JSON holds the checkpoint step, the
+config, the split sizes and, per task, its numbers and protocol settings (NaN is written as null).
+"""
+import argparse
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import msd
+
+# -----------------------------------------------------------------------------------------------
+# (1) Metrics. Plain numpy; inputs may be lists, numpy arrays or torch tensors.
+
+
+def _np(x):
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def _midranks(x):
+    """1-based ranks of x where tied values all get the mean of the ranks they span."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)                     # rank of the last member of each tie group
+    return (last - (counts - 1) / 2.0)[inverse]
+
+
+def auroc(labels, scores):
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties count 1/2.
+    Mann-Whitney form: (R+ - n+(n+ + 1)/2) / (n+ n-), R+ = sum of the positives' midranks.
+    NaN when one class is absent."""
+    y, s = _np(labels).astype(float).ravel(), _np(scores).astype(float).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"auroc: {y.shape[0]} labels but {s.shape[0]} scores")
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r_pos = _midranks(s)[pos].sum()
+    return float((r_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def auroc_per_label(labels, scores):
+    """(N, L) binary labels (NaN = excluded) and scores -> list of L AUROCs (NaN where undefined)."""
+    y, s = _np(labels).astype(float), _np(scores).astype(float)
+    out = []
+    for j in range(y.shape[1]):
+        keep = ~np.isnan(y[:, j])
+        out.append(auroc(y[keep, j], s[keep, j]))
+    return out
+
+
+def nanmean(values):
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def confusion_matrix(y_true, y_pred, num_classes):
+    """C[i, j] = number of samples of true class i predicted as class j."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (_np(y_true).astype(int), _np(y_pred).astype(int)), 1)
+    return cm
+
+
+def macro_f1(y_true, y_pred, num_classes):
+    """Mean over ALL num_classes classes of F1 = 2TP / (2TP + FP + FN); 0 when the denominator is 0
+    (a class never present and never predicted still counts, as in sklearn with labels=...)."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    tp = np.diag(cm).astype(float)
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    denom = 2 * tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return float(f1.mean())
+
+
+def accuracy(y_true, y_pred):
+    return float((_np(y_true) == _np(y_pred)).mean())
+
+
+def _as_ids(targets, n_cand, cand_ids):
+    targets = _np(targets).astype(np.int64)
+    cand_ids = np.arange(n_cand) if cand_ids is None else _np(cand_ids).astype(np.int64)
+    return targets, cand_ids
+
+
+def retrieval_ranks(sim, targets, cand_ids=None):
+    """Pessimistic 1-based rank of the first correct candidate of every query (row of sim).
+    A candidate j is correct for query i when cand_ids[j] == targets[i] (default cand_ids =
+    column index, i.e. targets[i] is the column of the positive). Ties count against the model:
+    rank = 1 + #(wrong candidates scoring >= the best correct one), so a constant similarity
+    gets the worst rank, never rank 1."""
+    sim = torch.as_tensor(_np(sim), dtype=torch.float32)
+    targets, cand_ids = _as_ids(targets, sim.shape[1], cand_ids)
+    correct = torch.as_tensor(cand_ids[None, :] == targets[:, None])            # (Q, C)
+    if not bool(correct.any(1).all()):
+        raise ValueError("retrieval_ranks: a query has no correct candidate in the pool")
+    best = sim.masked_fill(~correct, float("-inf")).amax(1, keepdim=True)       # (Q, 1)
+    beaten_or_tied = (sim >= best) & ~correct
+    return (1 + beaten_or_tied.sum(1)).numpy()
+
+
+def rank_metrics(ranks, ks=(1, 5, 10)):
+    """Recall@K (fraction of queries whose first correct candidate has rank <= K), MRR, median rank."""
+    ranks = np.asarray(ranks)
+    out = {f"R@{k}": float((ranks <= k).mean()) for k in ks}
+    out["MRR"] = float((1.0 / ranks).mean())
+    out["median_rank"] = float(np.median(ranks))
+    return out
+
+
+def recall_at_k(sim, targets, ks=(1, 5, 10), cand_ids=None):
+    """{"R@K": ...} for each K, from the pessimistic ranks of retrieval_ranks()."""
+    ranks = retrieval_ranks(sim, targets, cand_ids)
+    return {f"R@{k}": float((ranks <= k).mean()) for k in ks}
+
+
+def class_precision_at_k(sim, query_labels, cand_labels, ks=(1, 5, 10)):
+    """Class-level Precision@K: the fraction of the top K candidates whose class equals the
+    query's class, averaged over queries. Among tied scores the wrong-class candidates are
+    ranked first (pessimistic, as for the ranks)."""
+    sim = _np(sim).astype(np.float64)
+    q, c = _np(query_labels), _np(cand_labels)
+    match = (c[None, :] == q[:, None])                                          # (Q, C)
+    order = np.lexsort((match, -sim), axis=1)      # sort by score desc, then wrong class first
+    top_match = np.take_along_axis(match, order[:, :max(ks)], axis=1)
+    return {f"P@{k}": float(top_match[:, :k].mean()) for k in ks}
+
+
+def retrieval_metrics(query_emb, cand_emb, targets, cand_ids=None, ks=(1, 5, 10),
+                      query_labels=None, cand_labels=None, chunk_size=256):
+    """All retrieval metrics of queries against the FULL candidate pool, computed chunk by chunk
+    (chunk_size queries at a time) so memory grows with chunk_size x pool, not pool squared."""
+    targets, cand_ids = _as_ids(targets, len(cand_emb), cand_ids)
+    ranks, precisions = [], []
+    for start in range(0, len(query_emb), chunk_size):
+        sl = slice(start, start + chunk_size)
+        sim = query_emb[sl] @ cand_emb.T                                        # (chunk, C)
+        ranks.append(retrieval_ranks(sim, targets[sl], cand_ids))
+        if query_labels is not None:
+            p = class_precision_at_k(sim, _np(query_labels)[sl], cand_labels, ks)
+            precisions.append((len(ranks[-1]), p))
+    out = rank_metrics(np.concatenate(ranks), ks)
+    if query_labels is not None:                   # chunk means -> mean over all queries
+        n = sum(m for m, _ in precisions)
+        out.update({key: sum(m * p[key] for m, p in precisions) / n for key in precisions[0][1]})
+    return out
+
+
+def score_labels(raw):
+    """Manifest labels (1, 0, -1, NaN = blank) -> scoring labels: blank counts as negative (0),
+    uncertain (-1) is excluded (NaN). Used for every test-set metric and for probe training."""
+    y = _np(raw).astype(np.float64).copy()
+    y[np.isnan(y)] = 0.0
+    y[y == -1] = np.nan
+    return y
+
+
+# -----------------------------------------------------------------------------------------------
+# (2) Features: the student encoders in eval mode (no dropout), no gradients, one pass per split.
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts, batch_size=256):
+    """list of N strings -> (N, embed_dim) L2-normalised student text embeddings."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = tokenizer(list(texts[start:start + batch_size]))
+        out.append(model.student.encode_text(ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_images(model, dataset, batch_size=64, num_workers=0):
+    """Every image of `dataset` (a data.PairDataset with an eval transform) in ONE pass ->
+    {"features": (N, vision_width) class tokens for the probe,
+     "embed": (N, embed_dim) normalised g_v(features), identical to student.encode_image,
+     "labels": (N, L) manifest labels (1, 0, -1, NaN = blank)}."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    feats, embeds, labels = [], [], []
+    for images, _, _, _, y in loader:
+        f = model.student.image_features(images.to(device))                    # (B, width)
+        feats.append(f.float().cpu())
+        # g_v on the same class token: encode_image without a second ViT pass
+        embeds.append(F.normalize(model.student.vision_proj(f), dim=-1).float().cpu())  # (B, d)
+        labels.append(y)
+    return {"features": torch.cat(feats), "embed": torch.cat(embeds), "labels": torch.cat(labels)}
+
+
+# -----------------------------------------------------------------------------------------------
+# (3) Zero-shot classification. Prompt sets are fixed lists (never sampled); a prompt set is
+# {"positive": {class: [prompts]}, "negative": {class: [prompts]}} ("negative" optional).
+
+
+def grid(*slots):
+    """All combinations of the word slots (e.g. severity x subtype x location), in a fixed order,
+    joined by spaces; an empty word "" leaves its slot out."""
+    return [" ".join(w for w in words if w) for words in itertools.product(*slots)]
+
+
+# GLoRIA's CheXpert grid (Huang et al. 2021; their constants file), the words as they published
+# them, misspellings included ("apperance", "presistent", "uppper"), so that results stay
+# comparable: 210 / 15 / 192 / 18 / 54 prompts. Slots: severity, subtype, location, except for
+# Pleural Effusion where GLoRIA joins severity, location, subtype ("small left subpulmonic ...").
+CHEXPERT_GRID = {
+    "Atelectasis": (
+        ["", "mild", "minimal"],
+        ["subsegmental atelectasis", "linear atelectasis", "trace atelectasis",
+         "bibasilar atelectasis", "retrocardiac atelectasis", "bandlike atelectasis",
+         "residual atelectasis"],
+        ["at the mid lung zone", "at the upper lung zone", "at the right lung zone",
+         "at the left lung zone", "at the lung bases", "at the right lung base",
+         "at the left lung base", "at the bilateral lung bases", "at the left lower lobe",
+         "at the right lower lobe"]),
+    "Cardiomegaly": (
+        [""],
+        ["cardiac silhouette size is upper limits of normal", "cardiomegaly which is unchanged",
+         "mildly prominent cardiac silhouette",
+         "portable view of the chest demonstrates stable cardiomegaly",
+         "portable view of the chest demonstrates mild cardiomegaly",
+         "persistent severe cardiomegaly", "heart size is borderline enlarged",
+         "cardiomegaly unchanged", "heart size is at the upper limits of normal",
+         "redemonstration of cardiomegaly",
+         "ap erect chest radiograph demonstrates the heart size is the upper limits of normal",
+         "cardiac silhouette size is mildly enlarged",
+         "mildly enlarged cardiac silhouette, likely left ventricular enlargement. "
+         "other chambers are less prominent",
+         "heart size remains at mildly enlarged",
+         "persistent cardiomegaly with prominent upper lobe vessels"],
+        [""]),
+    "Consolidation": (
+        ["", "increased", "improved", "apperance of"],
+        ["bilateral consolidation", "reticular consolidation", "retrocardiac consolidation",
+         "patchy consolidation", "airspace consolidation", "partial consolidation"],
+        ["at the lower lung zone", "at the upper lung zone", "at the left lower lobe",
+         "at the right lower lobe", "at the left upper lobe", "at the right uppper lobe",
+         "at the right lung base", "at the left lung base"]),
+    "Edema": (
+        ["", "mild", "improvement in", "presistent", "moderate", "decreased"],
+        ["pulmonary edema", "trace interstitial edema", "pulmonary interstitial edema"],
+        [""]),
+    "Pleural Effusion": (
+        ["", "small", "stable", "large", "decreased", "increased"],
+        ["left", "right", "tiny"],
+        ["bilateral pleural effusion", "subpulmonic pleural effusion", "bilateral pleural effusion"]),
+}
+
+# RSNA Pneumonia: one finding, positive vs negative prompts (ours).
+PNEUMONIA_PROMPTS = {
+    "positive": {"Pneumonia": [
+        "pneumonia", "findings consistent with pneumonia", "right lower lobe pneumonia",
+        "left lower lobe pneumonia", "multifocal pneumonia", "bilateral pneumonia",
+        "focal consolidation concerning for pneumonia",
+        "patchy airspace opacity compatible with pneumonia"]},
+    "negative": {"Pneumonia": [
+        "no pneumonia", "no evidence of pneumonia", "no focal consolidation to suggest pneumonia",
+        "the lungs are clear", "no acute cardiopulmonary process"]},
+}
+
+
+def synth_prompts():
+    """Prompts in the words of the synthetic reports (data.BANK's sentences, filled with the
+    severities, sides and lobes that data.py's report writer uses), as fixed grids."""
+    sev = {k: ("",) + v for k, v in data.SEVERITY.items()}
+    lobes = [f"{lobe} lobe." for lobe in data.LOBES]
+    positive = {
+        "Atelectasis": grid(sev["atelectasis"], ["left basilar", "right basilar", "bibasilar"],
+                            ["atelectasis.", "linear atelectasis."]),
+        "Cardiomegaly": grid(sev["cardiomegaly"],
+                             ["cardiomegaly.", "enlargement of the cardiac silhouette."]),
+        "Consolidation": grid(["consolidation in the"], lobes),
+        "Edema": grid(sev["edema"], ["pulmonary edema.", "interstitial edema with perihilar haziness."]),
+        "Lung Lesion": grid(["nodule in the", "pulmonary nodule projecting over the"], lobes),
+        "Lung Opacity": grid(["patchy opacity in the"], lobes),
+        "Pleural Effusion": grid(sev["effusion"], ["left pleural effusion.", "right pleural effusion.",
+                                                   "bilateral pleural effusions."]),
+        "Pneumonia": grid([lobe[:-1] for lobe in lobes], ["pneumonia."]),
+        "Pneumothorax": grid(sev["pneumothorax"], ["left", "right"],
+                             ["pneumothorax.", "apical pneumothorax."]),
+        "Support Devices": ["endotracheal tube terminates above the carina.",
+                            "nasogastric tube courses below the diaphragm into the stomach.",
+                            "right internal jugular central venous catheter terminates in the svc.",
+                            "left-sided pacemaker with a lead in the right ventricle.",
+                            "lines and tubes in standard position."],
+        "No Finding": ["no acute cardiopulmonary process.", "no acute intrathoracic process.",
+                       "normal chest radiograph."],
+    }
+    negative = {  # the banks' negated sentences; "No Finding" has none (no double negation)
+        "Atelectasis": ["no atelectasis."],
+        "Cardiomegaly": ["heart size is normal.", "normal heart size.", "no cardiomegaly."],
+        "Consolidation": ["no focal consolidation."],
+        "Edema": ["no pulmonary edema.", "there is no pulmonary edema."],
+        "Lung Lesion": ["no suspicious pulmonary nodules."],
+        "Lung Opacity": ["the lungs are clear."],
+        "Pleural Effusion": ["no pleural effusion.", "there is no pleural effusion."],
+        "Pneumonia": ["no consolidation to suggest pneumonia."],
+        "Pneumothorax": ["no pneumothorax.", "there is no pneumothorax."],
+    }
+    return {"positive": positive, "negative": negative}
+
+
+PROMPT_SETS = {
+    "synth": synth_prompts,
+    "chexpert": lambda: {"positive": {c: grid(*slots) for c, slots in CHEXPERT_GRID.items()},
+                         "negative": {}},
+    "pneumonia": lambda: PNEUMONIA_PROMPTS,
+}
+
+
+def load_prompt_set(name_or_path):
+    """A built-in set by name, or a JSON file: {class: [prompts]} or
+    {"positive": {class: [prompts]}, "negative": {class: [prompts]}}."""
+    if name_or_path in PROMPT_SETS:
+        return PROMPT_SETS[name_or_path]()
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt set {name_or_path!r}: neither a built-in set "
+                                f"({', '.join(PROMPT_SETS)}) nor a JSON file")
+    raw = json.loads(path.read_text())
+    prompts = raw if "positive" in raw else {"positive": raw, "negative": {}}
+    for part in ("positive", "negative"):
+        for cls, lst in prompts.get(part, {}).items():
+            if not (isinstance(lst, list) and lst and all(isinstance(p, str) and p for p in lst)):
+                raise ValueError(f"{path}: {part} prompts of {cls!r}: expected a non-empty list "
+                                 f"of non-empty strings, got {lst!r}")
+    return {"positive": prompts["positive"], "negative": prompts.get("negative", {})}
+
+
+def negative_prompts(prompt_set, finding):
+    """The negative prompts of a finding: given ones, else "no <finding>" (CheXzero). None for
+    "No Finding" without given negatives ("no no finding" is a double negation)."""
+    if finding in prompt_set.get("negative", {}):
+        return prompt_set["negative"][finding]
+    return None if finding == "No Finding" else [f"no {finding.lower()}"]
+
+
+def class_embeddings(encode, prompts_by_class):
+    """One row per class (dict order): c_k = normalise(mean_p normalise(t_p)) over ALL its prompts.
+    `encode` maps a list of strings to (n, d) text embeddings. A mean: prompt order is irrelevant."""
+    rows = []
+    for name, prompts in prompts_by_class.items():
+        t = F.normalize(encode(list(prompts)), dim=-1)                          # (n_prompts, d)
+        rows.append(F.normalize(t.mean(0), dim=-1))
+    return torch.stack(rows)                                                    # (C, d)
+
+
+def zeroshot_multiclass(image_emb, y_true, class_emb, class_names):
+    """5xN style: predict argmax_k cos(v, c_k) for each image independently (no test-set
+    statistics, no z-scoring) -> accuracy, macro-F1, per-class recall, confusion matrix."""
+    pred = (image_emb @ class_emb.T).argmax(1).numpy()                         # (N,)
+    y_true = _np(y_true).astype(int)
+    cm = confusion_matrix(y_true, pred, len(class_names))
+    recall = {c: float(cm[i, i] / cm[i].sum()) if cm[i].sum() else float("nan")
+              for i, c in enumerate(class_names)}
+    return {"n": int(len(y_true)), "classes": list(class_names),
+            "accuracy": accuracy(y_true, pred), "macro_f1": macro_f1(y_true, pred, len(class_names)),
+            "chance_accuracy": 1.0 / len(class_names), "per_class_recall": recall,
+            "confusion_matrix": cm.tolist(), "predictions": pred}
+
+
+def zeroshot_binary(image_emb, labels, pos_emb, neg_emb, findings):
+    """CheXzero style: p = softmax(v.c+ / tau, v.c- / tau)[0] per finding. p is monotone in
+    v.c+ - v.c-, so that difference is the score (AUROC does not depend on tau).
+    labels: (N, F) scoring labels (score_labels: NaN excluded)."""
+    score = (image_emb @ pos_emb.T - image_emb @ neg_emb.T).numpy()             # (N, F)
+    per = dict(zip(findings, auroc_per_label(labels, score)))
+    notes = [f"{f}: only one class present in the labels, AUROC NaN, left out of the mean"
+             for f, a in per.items() if math.isnan(a)]
+    return {"auroc": per, "mean_auroc": nanmean(per.values()), "notes": notes,
+            "n_positive": {f: int((_np(labels)[:, j] == 1).sum()) for j, f in enumerate(findings)}}
+
+
+# -----------------------------------------------------------------------------------------------
+# (4) Linear probe / few-shot: frozen features, one linear layer trained with L-BFGS.
+
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def sample_shots(labels, k, seed):
+    """k-shot multi-label sampling: for each label in turn, add random rows until k positives
+    and k negatives of it are in the set (rows drawn for earlier labels count; all of them when
+    fewer exist). labels: (N, L) of the TRAIN split only, NaN = unknown. Seeded: the same seed
+    always gives the same rows. Returns sorted row indices (at most 2 k L of them)."""
+    y = _np(labels)
+    rng = np.random.default_rng([seed, k])
+    chosen = np.zeros(len(y), dtype=bool)
+    for j in range(y.shape[1]):
+        for value in (1.0, 0.0):
+            missing = k - int((y[chosen, j] == value).sum())
+            pool = np.flatnonzero((y[:, j] == value) & ~chosen)
+            chosen[rng.permutation(pool)[:max(missing, 0)]] = True
+    return np.flatnonzero(chosen)
+
+
+def sample_fraction(n, fraction, seed):
+    """A seeded random `fraction` of n training rows (at least one), sorted."""
+    m = max(1, int(round(fraction * n)))
+    rng = np.random.default_rng([seed, int(fraction * 1e6)])
+    return np.sort(rng.permutation(n)[:m])
+
+
+def train_logistic_regression(x, y, weight_decay, max_iter=100):
+    """One sigmoid per label: minimise mean over known (i, j) of BCE(w_j . x_i + b_j, y_ij)
+    + weight_decay / 2 * |W|^2 (bias not decayed). Convex, so L-BFGS from zero is deterministic."""
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    known = ~torch.isnan(y)
+    target = torch.nan_to_num(y)
+    head = torch.nn.Linear(x.shape[1], y.shape[1])
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=10,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        bce = F.binary_cross_entropy_with_logits(head(x), target, reduction="none")
+        loss = bce[known].sum() / known.sum().clamp(min=1) + 0.5 * weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head
+
+
+@torch.no_grad()
+def probe_scores(head, x):
+    return head(torch.as_tensor(x, dtype=torch.float32)).numpy()
+
+
+def linear_probe(train, valid, test, label_names, shots=(1, 2, 4, 8, 16),
+                 fractions=(0.01, 0.1, 1.0), seeds=range(5), weight_decays=WEIGHT_DECAYS):
+    """train / valid / test: (features (N, D), scoring labels (N, L)). For every setting (k shots,
+    or a fraction of the training labels) and seed: draw training rows from `train` only, fit one
+    head per weight decay, keep the one with the best mean AUROC on `valid`, score it on `test`.
+    Features are standardised with the mean / std of all training-split features (no labels).
+    100 % uses every training row, so its seeds agree (std 0)."""
+    xs = {name: torch.as_tensor(s[0], dtype=torch.float32) for name, s in
+          (("train", train), ("valid", valid), ("test", test))}
+    mu, sd = xs["train"].mean(0), xs["train"].std(0) + 1e-6
+    xs = {name: (x - mu) / sd for name, x in xs.items()}
+    settings = [(f"{k}-shot", lambda seed, k=k: sample_shots(train[1], k, seed)) for k in shots]
+    settings += [(f"{f:.0%}", lambda seed, f=f: sample_fraction(len(train[1]), f, seed))
+                 for f in fractions]
+    results = {}
+    for name, draw in settings:
+        per_seed, per_label, chosen_wd, n_rows = [], [], [], []
+        for seed in seeds:
+            rows = draw(seed)                                   # indices into the TRAIN split
+            best = None
+            for wd in weight_decays:
+                head = train_logistic_regression(xs["train"][rows], train[1][rows], wd)
+                val = nanmean(auroc_per_label(valid[1], probe_scores(head, xs["valid"])))
+                val = -1.0 if math.isnan(val) else val
+                if best is None or val > best[0]:              # ties: the first (smaller) decay
+                    best = (val, wd, head)
+            test_auc = auroc_per_label(test[1], probe_scores(best[2], xs["test"]))
+            per_seed.append(nanmean(test_auc))
+            per_label.append(test_auc)
+            chosen_wd.append(best[1])
+            n_rows.append(int(len(rows)))
+        results[name] = {
+            "auroc_mean": float(np.mean(per_seed)),
+            "auroc_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+            "auroc_per_seed": per_seed,
+            "auroc_per_label": {l: nanmean([a[j] for a in per_label]) for j, l in enumerate(label_names)},
+            "weight_decay_per_seed": chosen_wd, "train_rows_per_seed": n_rows}
+    return results
+
+
+# -----------------------------------------------------------------------------------------------
+# (5) Retrieval over the full pool: one image per study, identical texts collapsed.
+
+
+def retrieval_pool(rows):
+    """rows (one split, dataset order) -> (image_rows: the first row of each study,
+    texts: the distinct report texts, text_of_image: for each kept image its text's index)."""
+    seen, image_rows = set(), []
+    for i, r in enumerate(rows):
+        if r["study_id"] not in seen:
+            seen.add(r["study_id"])
+            image_rows.append(i)
+    index, texts, text_of_image = {}, [], []
+    for i in image_rows:
+        t = rows[i]["text"]
+        if t not in index:
+            index[t] = len(texts)
+            texts.append(t)
+        text_of_image.append(index[t])
+    return np.array(image_rows), texts, np.array(text_of_image)
+
+
+def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
+                       ks=(1, 5, 10), chunk_size=256):
+    """image->text: each image's one correct candidate is its text's index. text->image: the
+    queries are the distinct texts, correct = every image carrying that text. With image_classes,
+    class-level Precision@K too (a text's class = the class of its first image)."""
+    text_classes = None
+    if image_classes is not None:
+        image_classes = _np(image_classes)
+        text_classes = np.full(len(text_emb), -1, dtype=np.int64)
+        for t, c in zip(text_of_image, image_classes):
+            if text_classes[t] == -1:                          # the first image's class
+                text_classes[t] = c
+    i2t = retrieval_metrics(image_emb, text_emb, text_of_image, None, ks,
+                            image_classes, text_classes, chunk_size)
+    t2i = retrieval_metrics(text_emb, image_emb, np.arange(len(text_emb)), text_of_image, ks,
+                            text_classes, image_classes, chunk_size)
+    return {"n_images": int(len(image_emb)), "n_texts": int(len(text_emb)), "i2t": i2t, "t2i": t2i}
+
+
+# -----------------------------------------------------------------------------------------------
+# (6) Command line: load a checkpoint (or an untrained model), run tasks, print, write JSON.
+
+
+class Evaluation:
+    """What every task needs: model, tokenizer, manifest, and each split's image features,
+    computed in one pass per split and cached (in memory; on disk next to a saved checkpoint,
+    keyed by checkpoint step / file, manifest contents, split and image size)."""
+
+    def __init__(self, model, tokenizer, cfg, manifest, step, checkpoint=None, batch_size=64):
+        self.model, self.tokenizer, self.cfg, self.step = model, tokenizer, cfg, step
+        self.manifest, self.checkpoint, self.batch_size = Path(manifest), checkpoint, batch_size
+        self.rows = data.read_manifest(self.manifest)
+        self.label_names = [c for c in data.LABELS if c in self.rows[0]]  # those the CSV has
+        self.split_sizes = {}
+        for r in self.rows:
+            self.split_sizes[r["split"]] = self.split_sizes.get(r["split"], 0) + 1
+        self._images = {}
+
+    def dataset(self, split):
+        if not self.split_sizes.get(split):
+            raise ValueError(f"{self.manifest}: no rows with split {split!r} "
+                             f"(splits: {self.split_sizes})")
+        return data.PairDataset(self.manifest, split, self.tokenizer,
+                                data.ImageTransform(self.cfg.image_size, train=False),
+                                label_names=self.label_names)
+
+    def _cache_path(self, split):
+        if self.checkpoint is None:                             # untrained model: nothing to key
+            return None
+        ckpt, stat = Path(self.checkpoint), Path(self.checkpoint).stat()
+        key = "|".join(map(str, [  # mtime + size: a checkpoint retrained to the same step differs
+            self.step, ckpt.resolve(), stat.st_mtime_ns, stat.st_size, self.manifest.resolve(),
+            hashlib.sha1(self.manifest.read_bytes()).hexdigest(), split, self.cfg.image_size]))
+        return ckpt.parent / f"features_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+
+    def images(self, split):
+        """{"features", "embed", "labels" (manifest values), "rows"} of one split."""
+        if split not in self._images:
+            dataset, path = self.dataset(split), self._cache_path(split)
+            if path is not None and path.is_file():
+                feats = torch.load(path)
+            else:
+                feats = encode_images(self.model, dataset, self.batch_size, self.cfg.num_workers)
+                if path is not None:
+                    torch.save(feats, path)
+            self._images[split] = {**feats, "rows": dataset.rows}
+        return self._images[split]
+
+    def encode_texts(self, texts):
+        return encode_texts(self.model, self.tokenizer, texts)
+
+
+def five_way_labels(labels, label_names, rows):
+    """The 5xN set: the label columns positive somewhere (No Finding aside), and for each image
+    the index of its one positive column among them."""
+    y = _np(labels) == 1
+    cols = [j for j in range(y.shape[1]) if y[:, j].any() and label_names[j] != "No Finding"]
+    y = y[:, cols]
+    bad = np.flatnonzero(y.sum(1) != 1)
+    if len(bad):
+        raise ValueError(f"manifest row {rows[bad[0]]['_row']} (split {rows[bad[0]]['split']!r}): "
+                         f"expected exactly one positive among {[label_names[j] for j in cols]}")
+    return [label_names[j] for j in cols], y.argmax(1)
+
+
+def run_zeroshot(ev, args):
+    name = args.prompts or args.prompt_set
+    if name is None:        # data.generate_synthetic writes meta.json beside the manifest
+        name = "synth" if (ev.manifest.parent / "meta.json").is_file() else "chexpert"
+    prompt_set = load_prompt_set(name)
+    out = {"prompt_set": name}
+    if ev.split_sizes.get("test_5x"):
+        feats = ev.images("test_5x")
+        classes, y = five_way_labels(feats["labels"], ev.label_names, feats["rows"])
+        missing = [c for c in classes if c not in prompt_set["positive"]]
+        if missing:
+            raise ValueError(f"prompt set {out['prompt_set']!r} has no prompts for {missing}")
+        class_emb = class_embeddings(ev.encode_texts, {c: prompt_set["positive"][c] for c in classes})
+        mc = zeroshot_multiclass(feats["embed"], y, class_emb, classes)
+        mc.pop("predictions")
+        mc["split"], mc["n_prompts"] = "test_5x", {c: len(prompt_set["positive"][c]) for c in classes}
+        out["multiclass"] = mc
+    else:
+        out["multiclass"] = None
+        out["note"] = "no test_5x split in the manifest: multi-class zero-shot skipped"
+    findings = [f for f in ev.label_names
+                if f in prompt_set["positive"] and negative_prompts(prompt_set, f) is not None]
+    if findings:
+        feats = ev.images(args.split)
+        cols = [ev.label_names.index(f) for f in findings]
+        pos = class_embeddings(ev.encode_texts, {f: prompt_set["positive"][f] for f in findings})
+        neg = class_embeddings(ev.encode_texts, {f: negative_prompts(prompt_set, f) for f in findings})
+        out["binary"] = zeroshot_binary(feats["embed"], score_labels(feats["labels"])[:, cols],
+                                        pos, neg, findings)
+        out["binary"]["split"] = args.split
+    return out
+
+
+def run_fewshot(ev, args):
+    splits = {s: ev.images(s) for s in ("train", "valid", args.split)}
+    y = {s: score_labels(f["labels"]) for s, f in splits.items()}
+
+    def both_classes(s, j):
+        return (y[s][:, j] == 1).any() and (y[s][:, j] == 0).any()
+
+    if args.labels:
+        names = [n.strip() for n in args.labels.split(",")]
+        unknown = [n for n in names if n not in ev.label_names]
+        if unknown:
+            raise ValueError(f"--labels: {unknown} not among the manifest's labels {ev.label_names}")
+    else:
+        names = [n for j, n in enumerate(ev.label_names)
+                 if both_classes("train", j) and both_classes(args.split, j)]
+    if not names:
+        raise ValueError(f"no label has both classes in train and {args.split}")
+    cols = [ev.label_names.index(n) for n in names]
+    part = {s: (splits[s]["features"], y[s][:, cols]) for s in splits}
+    results = linear_probe(part["train"], part["valid"], part[args.split], names, args.shots,
+                           args.fractions, range(args.seeds), args.weight_decays)
+    return {"labels": names, "split": args.split, "shots": list(args.shots),
+            "fractions": list(args.fractions), "seeds": list(range(args.seeds)),
+            "weight_decays": list(args.weight_decays), "selection": "best mean AUROC on valid",
+            "uncertain": "excluded (-1); blank = negative", "results": results}
+
+
+def run_retrieval(ev, args):
+    out = {}
+    for split in dict.fromkeys([args.split] + (["test_5x"] if ev.split_sizes.get("test_5x") else [])):
+        if not any(r["text"].strip() for r in ev.rows if r["split"] == split):
+            out[split] = {"note": "labels-only split (no report texts): retrieval skipped"}
+            continue
+        feats = ev.images(split)
+        image_rows, texts, text_of_image = retrieval_pool(feats["rows"])
+        classes = None
+        if split == "test_5x":
+            _, classes = five_way_labels(feats["labels"][image_rows], ev.label_names,
+                                         [feats["rows"][i] for i in image_rows])
+        out[split] = evaluate_retrieval(feats["embed"][image_rows], ev.encode_texts(texts),
+                                        text_of_image, classes, args.ks, args.chunk_size)
+    return out
+
+
+TASKS = {"zeroshot": run_zeroshot, "fewshot": run_fewshot, "retrieval": run_retrieval}
+
+
+def print_results(task, res):
+    """A readable table per task."""
+    def f(v):
+        return "  nan" if v is None or math.isnan(v) else f"{v:.3f}"
+
+    if task == "zeroshot":
+        mc = res["multiclass"]
+        if mc:
+            print(f"zero-shot {len(mc['classes'])}-way on {mc['split']} (n={mc['n']}, prompts "
+                  f"{res['prompt_set']}): accuracy {f(mc['accuracy'])}  macro-F1 {f(mc['macro_f1'])}"
+                  f"  (chance {f(mc['chance_accuracy'])})")
+            for c in mc["classes"]:
+                print(f"  {c:<28} recall {f(mc['per_class_recall'][c])}  prompts {mc['n_prompts'][c]}")
+        if res.get("binary"):
+            b = res["binary"]
+            print(f"zero-shot binary on {b['split']}: mean AUROC {f(b['mean_auroc'])}")
+            for name, a in b["auroc"].items():
+                print(f"  {name:<28} AUROC {f(a)}  positives {b['n_positive'][name]}")
+            for note in b["notes"]:
+                print(f"  note: {note}")
+    elif task == "fewshot":
+        print(f"linear probe on {res['split']} (labels: {', '.join(res['labels'])}; "
+              f"{len(res['seeds'])} seeds)")
+        for name, r in res["results"].items():
+            print(f"  {name:<9} AUROC {f(r['auroc_mean'])} ± {f(r['auroc_std'])}  "
+                  f"train rows {r['train_rows_per_seed'][0]}")
+    elif task == "retrieval":
+        for split, r in res.items():
+            if "note" in r:
+                print(f"retrieval on {split}: {r['note']}")
+                continue
+            print(f"retrieval on {split}: {r['n_images']} images, {r['n_texts']} distinct texts")
+            for d in ("i2t", "t2i"):
+                print(f"  {d}  " + "  ".join(f"{k} {f(v) if k != 'median_rank' else v}"
+                                             for k, v in r[d].items()))
+    else:                                        # a task without its own table yet
+        print(json.dumps(to_json(res), indent=1))
+
+
+def load_for_eval(args):
+    """-> (model, tokenizer, cfg, manifest, step, checkpoint path or None)."""
+    device = msd.pick_device(args.device)
+    if args.checkpoint == "random":
+        cfg = msd.load_config(args.config)
+        manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
+        tokenizer = msd.build_tokenizer(cfg, manifest)
+        model = msd.build_model(cfg, tokenizer.vocab_size).to(device).eval()
+        return model, tokenizer, cfg, manifest, 0, None
+    path = args.checkpoint or Path(msd.load_config(args.config).out_dir) / "ckpt.pt"
+    model, tokenizer, cfg, ckpt = msd.load_checkpoint(path, map_location=device)
+    manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
+    return model, tokenizer, cfg, manifest, ckpt["step"], path
+
+
+def to_json(obj):
+    """numpy / torch values -> plain Python; NaN -> null (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else float(obj)
+    return obj
+
+
+def _floats(text):
+    return tuple(float(v) for v in text.split(","))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate an MSD checkpoint (PROTOCOLS.md §2).")
+    p.add_argument("--task", default="all", choices=[*TASKS, "all"])
+    p.add_argument("--checkpoint", help="ckpt.pt, or 'random' for an untrained model of --config "
+                                        "(default: the run of --config)")
+    p.add_argument("--config", default="configs/small.json")
+    p.add_argument("--data", help="manifest CSV (default: the run's own dataset)")
+    p.add_argument("--split", default="test", help="the test split (binary zero-shot, probe, retrieval)")
+    p.add_argument("--out", default="results.json")
+    p.add_argument("--prompt-set", dest="prompt_set", choices=list(PROMPT_SETS),
+                   help="built-in prompts (default: synth for a synthetic manifest, else chexpert; "
+                        "use pneumonia for RSNA)")
+    p.add_argument("--prompts", help="JSON prompt file; overrides --prompt-set")
+    p.add_argument("--labels", help="comma-separated labels to probe (default: both classes "
+                                    "present in train and test)")
+    p.add_argument("--shots", type=lambda s: tuple(int(v) for v in s.split(",")), default=(1, 2, 4, 8, 16))
+    p.add_argument("--fractions", type=_floats, default=(0.01, 0.1, 1.0))
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--weight-decays", dest="weight_decays", type=_floats, default=WEIGHT_DECAYS)
+    p.add_argument("--ks", type=lambda s: tuple(int(v) for v in s.split(",")), default=(1, 5, 10))
+    p.add_argument("--chunk-size", dest="chunk_size", type=int, default=256)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    args = p.parse_args(argv)
+
+    model, tokenizer, cfg, manifest, step, checkpoint = load_for_eval(args)
+    ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size)
+    print(f"checkpoint {checkpoint or 'random (untrained)'} | step {step} | manifest {manifest} | "
+          f"splits {ev.split_sizes}")
+    results = {"checkpoint": str(checkpoint) if checkpoint else "random", "step": step,
+               "manifest": str(manifest), "split_sizes": ev.split_sizes, "config": asdict(cfg)}
+    for task in (TASKS if args.task == "all" else [args.task]):
+        results[task] = TASKS[task](ev, args)
+        print_results(task, results[task])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(to_json(results), indent=1, allow_nan=False))
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""Tests of evaluate.py: metrics against the scikit-learn reference values of PROTOCOLS §3,
+properties of the zero-shot / probe / retrieval code on feature tensors, and an end-to-end run
+of every task on a tiny trained checkpoint."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import evaluate as ev    # tests/conftest.py puts the repository root on sys.path
+import msd
+
+# --------------------------------------------------------------------------- (1) metrics
+
+AUROC_REFERENCE = [
+    ([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.75),
+    ([0, 0, 1, 1], [0.5, 0.5, 0.5, 0.5], 0.5),
+    ([0, 1, 0, 1, 1], [0.1, 0.4, 0.4, 0.8, 0.4], 0.8333333),
+    ([1, 0, 1, 0, 1, 0], [0.9, 0.8, 0.7, 0.6, 0.55, 0.54], 0.6666667),
+    ([0, 1, 1, 0, 1, 0, 0, 1], [0.3, 0.3, 0.7, 0.7, 0.1, 0.2, 0.9, 0.6], 0.375),
+]
+
+
+@pytest.mark.parametrize("y,s,expected", AUROC_REFERENCE)
+def test_auroc_reference_values(y, s, expected):
+    assert ev.auroc(y, s) == pytest.approx(expected, abs=1e-6)
+    assert ev.auroc(torch.tensor(y), torch.tensor(s)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_auroc_multilabel_reference():
+    Y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1]])
+    S = np.array([[.8, .2, .6], [.3, .7, .5], [.6, .4, .2], [.2, .1, .5], [.4, .3, .1], [.5, .9, .4]])
+    per_label = ev.auroc_per_label(Y, S)
+    assert per_label == pytest.approx([0.888889, 1.0, 0.833333], abs=1e-6)
+    assert ev.nanmean(per_label) == pytest.approx(0.907407, abs=1e-6)
+
+
+def brute_force_auroc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_equals_pairwise_count_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 200))
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    s = rng.integers(0, 6, n) / 5.0                       # few distinct values -> many ties
+    assert ev.auroc(y, s) == pytest.approx(brute_force_auroc(y, s), abs=1e-12)
+
+
+def test_auroc_nan_when_one_class_absent_and_nan_excluded_from_mean():
+    assert math.isnan(ev.auroc([1, 1, 1], [0.1, 0.2, 0.3]))
+    assert math.isnan(ev.auroc([0, 0], [0.1, 0.2]))
+    assert ev.nanmean([0.5, float("nan"), 1.0]) == pytest.approx(0.75)
+    # NaN labels (uncertain, excluded) are dropped per label
+    Y = np.array([[1, 0], [0, np.nan], [1, 1], [0, 1]], dtype=float)
+    S = np.array([[.9, .1], [.1, .99], [.8, .7], [.2, .6]])
+    assert ev.auroc_per_label(Y, S) == [1.0, 1.0]     # 0.0 if the NaN row counted as negative
+
+
+@pytest.mark.parametrize("y,p,n,f1,acc", [
+    ([0, 1, 2, 0, 1, 2], [0, 2, 1, 0, 0, 1], 3, 0.266667, 0.333333),
+    ([0, 0, 1, 1, 2, 2, 3, 3, 4, 4], [0, 1, 1, 1, 2, 0, 3, 4, 4, 4], 5, 0.686667, 0.7),
+    ([0, 0, 1, 1], [0, 1, 1, 1], 3, 0.488889, 0.75),
+])
+def test_macro_f1_and_accuracy_reference(y, p, n, f1, acc):
+    assert ev.macro_f1(y, p, n) == pytest.approx(f1, abs=1e-6)
+    assert ev.accuracy(y, p) == pytest.approx(acc, abs=1e-6)
+
+
+def test_confusion_matrix():
+    cm = ev.confusion_matrix([0, 1, 2, 0, 1, 2], [0, 2, 1, 0, 0, 1], 3)
+    assert cm.tolist() == [[2, 0, 0], [1, 0, 1], [0, 2, 0]]
+
+
+RETRIEVAL_SIM = [[.9, .1, .3, .2], [.8, .7, .1, .0], [.1, .2, .3, .9], [.4, .5, .6, .35]]
+
+
+def test_retrieval_reference_values():
+    ranks = ev.retrieval_ranks(RETRIEVAL_SIM, [0, 1, 2, 3])
+    assert ranks.tolist() == [1, 2, 2, 4]
+    r = ev.recall_at_k(RETRIEVAL_SIM, [0, 1, 2, 3], ks=(1, 2))
+    assert r["R@1"] == pytest.approx(0.25) and r["R@2"] == pytest.approx(0.75)
+    assert ev.rank_metrics(ranks, ks=(1, 2))["MRR"] == pytest.approx(0.5625)
+    p = ev.class_precision_at_k(RETRIEVAL_SIM, [0, 0, 1, 1], [0, 1, 0, 1], ks=(1, 2))
+    assert p["P@1"] == pytest.approx(0.75) and p["P@2"] == pytest.approx(0.625)
+
+
+def test_retrieval_ranks_with_shared_candidate_ids():
+    # candidates 0 and 2 both belong to group 0: the best of them counts
+    sim = [[0.1, 0.5, 0.7], [0.9, 0.8, 0.2]]
+    ranks = ev.retrieval_ranks(sim, targets=[0, 1], cand_ids=[0, 1, 0])
+    assert ranks.tolist() == [1, 2]
+
+
+def test_chunked_retrieval_equals_full_matrix():
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(37, 8, generator=g), dim=-1)
+    c = F.normalize(torch.randn(23, 8, generator=g), dim=-1)
+    q = torch.round(q * 4) / 4                                 # coarse values -> ties
+    c = torch.round(c * 4) / 4
+    targets = torch.randint(0, 23, (37,), generator=g)
+    ql, cl = torch.randint(0, 3, (37,), generator=g), torch.randint(0, 3, (23,), generator=g)
+    full_sim = q @ c.T
+    full = ev.rank_metrics(ev.retrieval_ranks(full_sim, targets))
+    full.update(ev.class_precision_at_k(full_sim, ql, cl))
+    for chunk in (1, 5, 37, 1000):
+        chunked = ev.retrieval_metrics(q, c, targets, query_labels=ql, cand_labels=cl, chunk_size=chunk)
+        assert chunked == pytest.approx(full, abs=1e-12)
+
+
+def test_constant_embedding_gets_no_better_than_chance():
+    n = 50
+    emb = torch.ones(n, 4) / 2.0
+    m = ev.retrieval_metrics(emb, emb, torch.arange(n), query_labels=torch.arange(n) % 5,
+                             cand_labels=torch.arange(n) % 5)
+    for k in (1, 5, 10):
+        assert m[f"R@{k}"] <= k / n            # chance is K / n; pessimistic ties give 0
+        assert m[f"P@{k}"] <= 0.2              # chance is 1/5
+    assert m["R@1"] < 1.0 and m["median_rank"] == n
+    assert m["MRR"] <= sum(1 / r for r in range(1, n + 1)) / n
+
+
+# --------------------------------------------------------------------------- (3) zero-shot
+
+def fake_encoder(dim=16):
+    """A deterministic 'text encoder': each string -> a fixed random unit vector."""
+    import zlib
+
+    def encode(texts):
+        rows = [torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
+                for t in texts]
+        return F.normalize(torch.stack(rows), dim=-1)
+    return encode
+
+
+def test_chexpert_grid_has_glorias_prompt_counts():
+    prompts = ev.load_prompt_set("chexpert")["positive"]
+    assert {c: len(p) for c, p in prompts.items()} == {
+        "Atelectasis": 210, "Cardiomegaly": 15, "Consolidation": 192, "Edema": 18,
+        "Pleural Effusion": 54}
+    assert "mild subsegmental atelectasis at the mid lung zone" in prompts["Atelectasis"]
+    assert "small left subpulmonic pleural effusion" in prompts["Pleural Effusion"]
+    assert all(p == p.strip() and "  " not in p for ps in prompts.values() for p in ps)
+    assert ev.load_prompt_set("chexpert") == ev.load_prompt_set("chexpert")   # fixed, not sampled
+
+
+def test_zeroshot_classifier_is_invariant_to_prompt_order():
+    encode = fake_encoder()
+    prompts = ev.load_prompt_set("chexpert")["positive"]
+    rng = np.random.default_rng(0)
+    shuffled = {c: list(rng.permutation(p)) for c, p in reversed(list(prompts.items()))}
+    shuffled = {c: shuffled[c] for c in prompts}                     # same class order
+    a, b = ev.class_embeddings(encode, prompts), ev.class_embeddings(encode, shuffled)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(5), atol=1e-6)
+    # normalise(mean(normalise(t))): prompt embeddings of any norm give the same class vector
+    scaled = ev.class_embeddings(lambda t: 3.0 * encode(t), prompts)
+    assert torch.allclose(a, scaled, atol=1e-6)
+
+
+def test_zeroshot_multiclass_uses_no_test_set_statistics():
+    g = torch.Generator().manual_seed(0)
+    class_emb = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    y = torch.arange(100) % 5
+    images = F.normalize(class_emb[y] + 0.8 * torch.randn(100, 16, generator=g), dim=-1)
+    names = [f"c{i}" for i in range(5)]
+    full = ev.zeroshot_multiclass(images, y, class_emb, names)
+    # each image's prediction is the same whatever else is in the test set
+    part = ev.zeroshot_multiclass(images[:7], y[:7], class_emb, names)
+    assert (part["predictions"] == full["predictions"][:7]).all()
+    shifted = ev.zeroshot_multiclass(torch.cat([images, images[:1].repeat(50, 1)]),   # 50 extra copies
+                                     torch.cat([y, y[:1].repeat(50)]), class_emb, names)
+    assert (shifted["predictions"][:100] == full["predictions"]).all()
+    assert 0.2 < full["accuracy"] <= 1.0
+    cm = np.array(full["confusion_matrix"])
+    assert cm.shape == (5, 5) and cm.sum() == 100
+    assert full["per_class_recall"]["c0"] == pytest.approx(cm[0, 0] / cm[0].sum())
+    assert full["macro_f1"] == pytest.approx(ev.macro_f1(y, full["predictions"], 5))
+
+
+def test_zeroshot_binary_auroc_and_single_class_finding():
+    g = torch.Generator().manual_seed(1)
+    pos = F.normalize(torch.randn(2, 16, generator=g), dim=-1)
+    neg = F.normalize(torch.randn(2, 16, generator=g), dim=-1)
+    images = F.normalize(torch.randn(60, 16, generator=g), dim=-1)
+    labels = np.zeros((60, 2))
+    labels[:, 0] = (images @ (pos[0] - neg[0]) > 0).numpy()      # perfectly separable finding
+    labels[5, 0] = np.nan                                         # uncertain: excluded
+    out = ev.zeroshot_binary(images, labels, pos, neg, ["A", "B"])  # B: only negatives
+    assert out["auroc"]["A"] == pytest.approx(1.0)
+    assert math.isnan(out["auroc"]["B"]) and out["mean_auroc"] == pytest.approx(1.0)
+    assert len(out["notes"]) == 1 and "B" in out["notes"][0]
+
+
+def test_score_labels_blank_negative_uncertain_excluded():
+    y = ev.score_labels(np.array([[1, 0, -1, np.nan]]))
+    assert y[0, :2].tolist() == [1, 0] and math.isnan(y[0, 2]) and y[0, 3] == 0
+
+
+def test_prompt_sets_negatives_and_json(tmp_path):
+    s = ev.load_prompt_set("pneumonia")
+    assert ev.negative_prompts(s, "Pneumonia")[0] == "no pneumonia"
+    assert ev.negative_prompts({"negative": {}}, "Edema") == ["no edema"]
+    assert ev.negative_prompts({"negative": {}}, "No Finding") is None   # no "no no finding"
+    plain = tmp_path / "p.json"
+    plain.write_text(json.dumps({"Edema": ["edema"], "Cardiomegaly": ["big heart"]}))
+    assert ev.load_prompt_set(str(plain))["positive"]["Cardiomegaly"] == ["big heart"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"positive": {"Edema": []}}))
+    with pytest.raises(ValueError, match="bad.json.*Edema"):
+        ev.load_prompt_set(str(bad))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        ev.load_prompt_set("nope")
+
+
+# --------------------------------------------------------------------------- (4) probe
+
+def test_few_shot_sampling_is_seeded_and_balanced():
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 3)) < 0.3).astype(float)
+    y[rng.random((200, 3)) < 0.1] = np.nan
+    a, b, c = ev.sample_shots(y, 4, 0), ev.sample_shots(y, 4, 0), ev.sample_shots(y, 4, 1)
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+    assert len(a) <= 2 * 4 * 3 and a.max() < 200
+    for j in range(3):
+        assert (y[a, j] == 1).sum() >= 4 and (y[a, j] == 0).sum() >= 4
+    f = ev.sample_fraction(200, 0.1, 3)
+    assert len(f) == 20 and f.tolist() == ev.sample_fraction(200, 0.1, 3).tolist()
+    assert f.tolist() != ev.sample_fraction(200, 0.1, 4).tolist()
+    assert len(ev.sample_fraction(50, 0.01, 0)) == 1
+
+
+def make_probe_data(seed=0, n=(120, 40, 60), dim=12):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, 2, generator=g)
+    splits = []
+    for m in n:
+        x = torch.randn(m, dim, generator=g)
+        y = ((x @ w) > 0).double().numpy()
+        splits.append((x, y))
+    return splits
+
+
+def test_linear_probe_learns_and_never_uses_the_test_split():
+    train, valid, test = make_probe_data()
+    kw = dict(label_names=["a", "b"], shots=(4,), fractions=(1.0,), seeds=range(2),
+              weight_decays=(1e-3, 1.0))
+    out = ev.linear_probe(train, valid, test, **kw)
+    assert set(out) == {"4-shot", "100%"}
+    assert out["100%"]["auroc_mean"] > 0.95 and out["4-shot"]["auroc_mean"] > 0.6
+    assert len(out["4-shot"]["auroc_per_seed"]) == 2
+    # a different test set changes nothing about training: same rows, same chosen weight decay
+    other_test = (torch.randn(60, 12), np.random.default_rng(5).integers(0, 2, (60, 2)).astype(float))
+    out2 = ev.linear_probe(train, valid, other_test, **kw)
+    for key in out:
+        assert out2[key]["weight_decay_per_seed"] == out[key]["weight_decay_per_seed"]
+        assert out2[key]["train_rows_per_seed"] == out[key]["train_rows_per_seed"]
+
+
+def test_logistic_regression_ignores_unknown_labels():
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    y = (x[:, :1] > 0).double().numpy()
+    y_nan = y.copy()
+    y_nan[:10] = np.nan
+    a = ev.train_logistic_regression(x, y_nan, 0.01)
+    b = ev.train_logistic_regression(x[10:], y[10:], 0.01)
+    assert torch.allclose(a.weight, b.weight, atol=2e-3)     # same optimum, up to L-BFGS tolerance
+
+
+# --------------------------------------------------------------------------- (5) retrieval
+
+def test_retrieval_pool_one_image_per_study_and_distinct_texts():
+    rows = [{"study_id": "s1", "text": "normal."}, {"study_id": "s1", "text": "normal."},
+            {"study_id": "s2", "text": "effusion."}, {"study_id": "s3", "text": "normal."}]
+    image_rows, texts, text_of_image = ev.retrieval_pool(rows)
+    assert image_rows.tolist() == [0, 2, 3]
+    assert texts == ["normal.", "effusion."] and text_of_image.tolist() == [0, 1, 0]
+
+
+def test_identical_texts_are_not_punished_as_negatives():
+    g = torch.Generator().manual_seed(0)
+    text_emb = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    text_of_image = np.array([0, 0, 1, 2, 2, 2])
+    image_emb = text_emb[text_of_image]                   # each image = its own text exactly
+    out = ev.evaluate_retrieval(image_emb, text_emb, text_of_image,
+                                image_classes=np.array([0, 0, 1, 2, 2, 2]), ks=(1,))
+    assert out["i2t"]["R@1"] == 1.0 and out["t2i"]["R@1"] == 1.0
+    assert out["i2t"]["P@1"] == 1.0 and out["n_texts"] == 3 and out["n_images"] == 6
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained checkpoint, once per session, and a config file for --checkpoint random."""
+    root = tmp_path_factory.mktemp("tiny")
+    overrides = {"out_dir": str(root / "run"), "synth_dir": str(root / "synth"),
+                 "max_steps": 12, "progress": False}
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "tiny.json").read_text())
+    config.update(overrides)
+    (root / "tiny.json").write_text(json.dumps(config))
+    cfg = msd.load_config(root / "tiny.json")
+    msd.train(cfg)
+    return {"root": root, "ckpt": root / "run" / "ckpt.pt", "config": root / "tiny.json", "cfg": cfg}
+
+
+FAST = ["--shots", "1,4", "--fractions", "1", "--seeds", "2", "--weight-decays", "0.01,1"]
+
+
+def strict_json(path):
+    def no_nan(x):
+        raise AssertionError(f"{path}: non-standard JSON constant {x}")
+    return json.loads(Path(path).read_text(), parse_constant=no_nan)
+
+
+def test_end_to_end_all_tasks_write_expected_json(trained, tmp_path):
+    out = tmp_path / "results.json"
+    ev.main(["--task", "all", "--checkpoint", str(trained["ckpt"]), "--out", str(out), *FAST])
+    r = strict_json(out)
+    assert r["step"] == 12 and r["checkpoint"] == str(trained["ckpt"])
+    assert r["config"]["image_size"] == trained["cfg"].image_size
+    assert {"train", "valid", "test", "test_5x"} <= set(r["split_sizes"])
+    zs = r["zeroshot"]
+    assert zs["prompt_set"] == "synth"
+    mc = zs["multiclass"]
+    assert mc["classes"] == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    assert 0 <= mc["accuracy"] <= 1 and 0 <= mc["macro_f1"] <= 1 and mc["chance_accuracy"] == 0.2
+    assert np.array(mc["confusion_matrix"]).sum() == mc["n"] == r["split_sizes"]["test_5x"]
+    assert set(mc["per_class_recall"]) == set(mc["classes"]) and set(mc["n_prompts"]) == set(mc["classes"])
+    b = zs["binary"]
+    assert b["split"] == "test" and "No Finding" not in b["auroc"]
+    assert all(a is None or 0 <= a <= 1 for a in b["auroc"].values())
+    assert len(b["notes"]) == sum(a is None for a in b["auroc"].values())
+    fs = r["fewshot"]
+    assert fs["shots"] == [1, 4] and fs["seeds"] == [0, 1] and fs["labels"]
+    assert set(fs["results"]) == {"1-shot", "4-shot", "100%"}
+    for res in fs["results"].values():
+        assert {"auroc_mean", "auroc_std", "auroc_per_seed", "auroc_per_label",
+                "weight_decay_per_seed", "train_rows_per_seed"} <= set(res)
+        assert max(res["train_rows_per_seed"]) <= r["split_sizes"]["train"]
+    rt = r["retrieval"]
+    assert set(rt) == {"test", "test_5x"}
+    for split, res in rt.items():
+        for d in ("i2t", "t2i"):
+            assert {"R@1", "R@5", "R@10", "MRR", "median_rank"} <= set(res[d])
+        assert res["n_images"] <= r["split_sizes"][split] and res["n_texts"] <= res["n_images"]
+    assert {"P@1", "P@5", "P@10"} <= set(rt["test_5x"]["i2t"])
+    # the probe features were cached next to the checkpoint
+    assert len(list(trained["ckpt"].parent.glob("features_*.pt"))) >= 4   # train valid test test_5x
+
+
+def test_fewshot_draws_only_training_rows(trained, tmp_path, monkeypatch):
+    seen = []
+    original = ev.sample_shots
+
+    def recording(labels, k, seed):
+        rows = original(labels, k, seed)
+        seen.append((len(labels), rows))
+        return rows
+    monkeypatch.setattr(ev, "sample_shots", recording)
+    out = tmp_path / "f.json"
+    ev.main(["--task", "fewshot", "--checkpoint", str(trained["ckpt"]), "--out", str(out), *FAST])
+    n_train = strict_json(out)["split_sizes"]["train"]
+    assert len(seen) == 2 * 2                                # 2 shot settings x 2 seeds
+    assert all(n == n_train and rows.max() < n_train for n, rows in seen)
+
+
+def test_cached_features_are_reused(trained, tmp_path, monkeypatch):
+    ev.main(["--task", "retrieval", "--checkpoint", str(trained["ckpt"]), "--out", str(tmp_path / "a.json")])
+
+    def fail(*a, **k):
+        raise AssertionError("features should have come from the cache")
+    monkeypatch.setattr(ev, "encode_images", fail)
+    # no --checkpoint: the run of --config (its out_dir/ckpt.pt), i.e. the same file
+    ev.main(["--task", "retrieval", "--config", str(trained["config"]), "--out", str(tmp_path / "b.json")])
+    a, b = strict_json(tmp_path / "a.json"), strict_json(tmp_path / "b.json")
+    assert b["checkpoint"] == str(trained["ckpt"]) and a["retrieval"] == b["retrieval"]
+
+
+def test_random_checkpoint_gives_chance_level_table(trained, tmp_path):
+    out = tmp_path / "random.json"
+    cached = sorted(Path(trained["cfg"].out_dir).glob("features_*.pt"))
+    ev.main(["--task", "zeroshot", "--checkpoint", "random", "--config", str(trained["config"]),
+             "--out", str(out)])
+    r = strict_json(out)
+    assert r["checkpoint"] == "random" and r["step"] == 0
+    assert sorted(Path(trained["cfg"].out_dir).glob("features_*.pt")) == cached   # nothing cached
+    assert 0 <= r["zeroshot"]["multiclass"]["accuracy"] <= 1
+
+
+def test_one_pass_embedding_equals_encode_image(trained):
+    model, tokenizer, cfg, _ = msd.load_checkpoint(trained["ckpt"])
+    manifest = msd.prepare_data(cfg)
+    ds = data.PairDataset(manifest, "test", tokenizer, data.ImageTransform(cfg.image_size, train=False))
+    feats = ev.encode_images(model, ds, batch_size=4)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        assert torch.allclose(feats["embed"], model.student.encode_image(images), atol=1e-5)
+        assert torch.allclose(feats["features"], model.student.image_features(images), atol=1e-5)
+    assert feats["labels"].shape == (len(ds), len(data.LABELS))
+
+
+def test_prompt_file_and_labels_options(trained, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"positive": {c: [c.lower()] for c in
+                                                ["Atelectasis", "Cardiomegaly", "Consolidation",
+                                                 "Edema", "Pleural Effusion"]}}))
+    out = tmp_path / "r.json"
+    ev.main(["--task", "zeroshot", "--checkpoint", str(trained["ckpt"]), "--prompts", str(prompts),
+             "--out", str(out)])
+    r = strict_json(out)["zeroshot"]
+    assert r["multiclass"]["n_prompts"] == {c: 1 for c in r["multiclass"]["classes"]}
+    assert set(r["binary"]["auroc"]) <= {"Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
+                                         "Pleural Effusion"}
+    with pytest.raises(ValueError, match="Nonexistent"):
+        ev.main(["--task", "fewshot", "--checkpoint", str(trained["ckpt"]), "--labels",
+                 "Edema,Nonexistent", "--out", str(out), *FAST])
+
+
+def test_rsna_like_labels_only_manifest_without_5x_split(trained, tmp_path):
+    """RSNA's layout: no report texts, one label ('Pneumonia'), the other labels blank."""
+    rows = []
+    for r in data.read_manifest(msd.prepare_data(trained["cfg"])):
+        if r["split"] == "test_5x":
+            continue
+        positive = any(r[c] == "1" for c in ("Pneumonia", "Consolidation", "Lung Opacity"))
+        rows.append({**{c: r[c] for c in data.REQUIRED_COLUMNS}, "image": r["_path"], "text": "",
+                     "Pneumonia": 1 if positive else 0})
+    manifest = tmp_path / "rsna" / "manifest.csv"
+    data.write_manifest(manifest, rows)                          # all 14 columns, 13 blank
+    out = tmp_path / "rsna.json"
+    ev.main(["--task", "all", "--checkpoint", str(trained["ckpt"]), "--data", str(manifest),
+             "--prompt-set", "pneumonia", "--out", str(out), *FAST])
+    r = strict_json(out)
+    assert r["zeroshot"]["multiclass"] is None and "test_5x" in r["zeroshot"]["note"]
+    assert list(r["zeroshot"]["binary"]["auroc"]) == ["Pneumonia"]
+    assert r["fewshot"]["labels"] == ["Pneumonia"]
+    assert list(r["retrieval"]) == ["test"] and "skipped" in r["retrieval"]["test"]["note"]
