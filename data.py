@@ -3,33 +3,41 @@ Dataset, and SynthCXR, a procedurally drawn chest X-ray dataset with MIMIC-like 
 
 Every dataset, synthetic or real, becomes one CSV manifest with one row per image:
     image, text, split, study_id, patient_id, view, [extra columns], <14 CheXpert labels>
-`image` is relative to the CSV's folder, `text` is extract_report_text(full report), labels are
+`image` is relative to the CSV's folder, `text` is extract_report_text(full report) (or empty in
+EVERY row: a labels-only manifest for evaluation, e.g. CheXpert, which has no reports), labels are
 1 / 0 / -1 (uncertain) / empty (not mentioned). PairDataset reads a manifest for training.
 
     python data.py synth --out data/synth [--n 4000] [--size 128] [--seed 0]   # write SynthCXR
     python data.py preview data/synth                                           # contact sheet PNG
     python data.py probe data/synth        # small supervised CNN: are the findings in the pixels?
+    python data.py prepare mimic-cxr --root DIR --out mimic.csv [--cache DIR]   # a real dataset
 
 Sections: 1 labels, manifest, report sections, images · 2 tokenizer · 3 image transforms ·
 4 PairDataset · 5 SynthCXR · 6 real datasets · 7 command line.
-Only the standard library, numpy, Pillow and torch are used.
+Only the standard library, numpy, Pillow, torch and tqdm are used (pydicom, optional, for DICOM).
 """
 import argparse
 import collections
+import contextlib
 import csv
+import gzip
+import inspect
 import json
 import math
+import multiprocessing
 import os
 import re
 import sys
 import textwrap
 import time
 import types
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 1. Labels, manifest format, report sections, image loading
@@ -70,7 +78,11 @@ def read_manifest(path, skip_bad=False):
         if missing:
             raise ManifestError(f"{path}: missing required column(s) {missing}; header is {columns}")
         label_columns = [c for c in LABELS if c in columns]  # real datasets may carry only some labels
-        for i, row in enumerate(reader, start=1):
+        records = list(reader)
+        # No text in any row = a labels-only manifest (CheXpert, RSNA have no reports), fine for
+        # image-label evaluation; one empty text among reports is a broken row.
+        labels_only = bool(records) and not any((r.get("text") or "").strip() for r in records)
+        for i, row in enumerate(records, start=1):
             try:
                 if None in row or None in row.values():
                     raise ManifestError(f"{path}, row {i}: has {len(row)} fields, header has "
@@ -81,7 +93,7 @@ def read_manifest(path, skip_bad=False):
                                             f"{row[c]!r}; expected 1, 0, -1 (or 1.0, 0.0, -1.0) "
                                             "or empty", "bad label value")
                     row[c] = LABEL_VALUES[row[c].strip()]
-                if not row["text"].strip():
+                if not row["text"].strip() and not labels_only:
                     raise ManifestError(f"{path}, row {i}, column 'text': empty report text "
                                         f"(image {row['image']!r})", "empty text")
                 row["_row"], row["_path"] = i, str(root / row["image"])
@@ -149,22 +161,69 @@ def extract_report_text(report):
     return " ".join(found[k] for k in ("findings", "impression") if found.get(k))
 
 
-def load_image(path):
-    """Open an image as 8-bit grayscale (mode "L"). 16-bit images are min-max scaled to 0..255.
+MAX_IMAGE_SIDE = 1024  # larger images are downscaled once, at load (JPEGs decoded at 1/2..1/8 scale)
+
+
+def _to_uint8(a):
+    """16-bit / float / DICOM pixels -> 8-bit grey, min-max scaled (12-bit data stored in 16 bits
+    would otherwise come out nearly black)."""
+    a = np.asarray(a, dtype=np.float32)
+    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
+    return Image.fromarray((a * 255).round().astype(np.uint8), "L")
+
+
+def _is_dicom(path):
+    """By suffix, or for an unknown suffix by the DICOM magic (RSNA and PACS exports vary)."""
+    if path.suffix.lower() in (".dcm", ".dicom", ".png", ".jpg", ".jpeg"):
+        return path.suffix.lower() in (".dcm", ".dicom")
+    with open(path, "rb") as f:  # DICOM part 10: a 128-byte preamble, then b"DICM"
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def _read_dicom(path):
+    """DICOM through the optional pydicom; MONOCHROME1 (air bright) is inverted to MONOCHROME2."""
+    try:
+        import pydicom
+    except ImportError:
+        raise ImportError(f"{path}: reading DICOM needs the optional package pydicom "
+                          "(pip install pydicom), or convert the images to PNG first") from None
+    try:
+        ds = pydicom.dcmread(str(path))
+        a = np.asarray(ds.pixel_array)  # compressed transfer syntaxes may need pylibjpeg / gdcm
+    except Exception as e:  # pydicom's errors do not derive from OSError / ValueError
+        raise ValueError(f"cannot read DICOM {path}: {e}") from e
+    if a.ndim == 3:  # colour (rows, cols, 3) or multi-frame (frames, rows, cols)
+        a = a.mean(-1) if a.shape[-1] in (3, 4) else a[0]
+    img = _to_uint8(a)
+    if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        img = ImageOps.invert(img)
+    return img
+
+
+def load_image(path, max_side=None):
+    """Open an image as 8-bit grayscale (mode "L"): 8/16-bit PNG (16-bit min-max scaled to 0..255),
+    JPEG, DICOM (needs pydicom). An image whose longer side exceeds max_side (default
+    MAX_IMAGE_SIDE; 0 = never) is downscaled here, once, not by every epoch's transform.
     Raises FileNotFoundError (missing) or ValueError (unreadable, truncated), naming the path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    max_side = MAX_IMAGE_SIDE if max_side is None else max_side
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so that a truncated file fails here and not later
-            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                a = np.asarray(img, dtype=np.float32)
-                a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
-                return Image.fromarray((a * 255).round().astype(np.uint8))
-            return img.convert("L")
+        if _is_dicom(path):
+            img = _read_dicom(path)
+        else:
+            with Image.open(path) as f:
+                if max_side:
+                    f.draft("L", (max_side, max_side))  # JPEG only: decode at a reduced scale
+                f.load()  # decode now, so that a truncated file fails here and not later
+                img = _to_uint8(f) if f.mode in ("I", "I;16", "I;16B", "I;16L", "F") else f.convert("L")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+    if max_side and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return img
 
 
 # -----------------------------------------------------------------------------
@@ -947,7 +1006,433 @@ def probe(data_dir, epochs=8, image_size=64, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# 6. Real datasets (MIMIC-CXR, CheXpert, RSNA, IU X-Ray, ROCO)
+# 6. Real datasets (MIMIC-CXR, CheXpert, RSNA, IU X-Ray, ROCO) -> the common manifest
+# One small function per public release turns its files into manifest rows and counts what it
+# skipped and why; `prepare` then (optionally) writes resized PNG copies, the manifest and a
+# summary. Training and evaluation never special-case a dataset. Layouts: PROTOCOLS.md §1.
+
+FRONTAL = ("PA", "AP")
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones", "chexpert")
+# GLoRIA / MGCA per-label map for uncertain (-1) CheXpert labels; other labels are masked.
+CHEXPERT_UNCERTAIN = {"Atelectasis": "1", "Edema": "1", "Pleural Effusion": "1",
+                      "Cardiomegaly": "0", "Consolidation": "0"}
+
+
+def _expect(root, dataset, *names):
+    """The first of root/names that exists, else an error naming what a DATASET root holds."""
+    for name in names:
+        if (root / name).exists():
+            return root / name
+    raise FileNotFoundError(f"{root} does not look like a {dataset} folder: expected "
+                            f"{' or '.join(repr(n) for n in names)} in it (not found)")
+
+
+def _read_csv(path, columns=()):
+    """Rows of a CSV (plain or gzipped) as dicts; errors name the file and the missing column."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="",
+                                                      encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        return list(reader)
+
+
+def _labels(src, uncertain=None):
+    """Manifest label values of one source row, or None if any value is unreadable.
+
+    uncertain=None keeps the release's 1 / 0 / -1 / blank. Any policy maps blank (= not
+    mentioned) to 0 and -1 to: '' (ignore: masked), 0 (zeros), 1 (ones) or CHEXPERT_UNCERTAIN
+    (chexpert: GLoRIA/MGCA's map for its five labels, the other labels masked)."""
+    out = {}
+    for name in LABELS:
+        v = LABEL_VALUES.get((src.get(name) or "").strip())
+        if v is None:
+            return None
+        if uncertain and v == "":
+            v = "0"
+        elif uncertain and v == "-1":
+            v = (CHEXPERT_UNCERTAIN.get(name, "") if uncertain == "chexpert"
+                 else {"ignore": "", "zeros": "0", "ones": "1"}[uncertain])
+        out[name] = v
+    return out
+
+
+def _row(image, text, split, study_id, patient_id, view, labels=None):
+    return {"image": str(image), "text": text, "split": split, "study_id": str(study_id),
+            "patient_id": str(patient_id), "view": view, **(labels or {})}
+
+
+def _view_reason(view):
+    return "lateral view" if "LAT" in view or view in ("LL", "RL") else "other view"
+
+
+def _deid(text, remove):
+    """MIMIC writes de-identified spans as '___', OpenI as 'XXXX': keep them or drop them."""
+    return " ".join(re.sub(r"_{2,}|\bX{2,}\b", " ", text).split()) if remove else text
+
+
+def _split_patients(patients, valid_frac, test_frac, seed):
+    """Patient -> 'train' / 'valid' / 'test', disjoint by patient, reproducible by seed."""
+    ids = sorted(set(patients))
+    ids = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    n_test, n_valid = round(test_frac * len(ids)), round(valid_frac * len(ids))
+    return {p: "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
+            for i, p in enumerate(ids)}
+
+
+def _five_by_n(rows, n, seed):
+    """The 5xN rule: exactly one of FIVE_CLASSES is 1 and all 12 other observations (not
+    No Finding) are exactly 0; n images per class drawn with a seed, as split 'test_5x'."""
+    others = [name for name in LABELS if name != "No Finding"]
+    pools = {c: [] for c in FIVE_CLASSES}
+    for r in rows:
+        r = {**r, **{name: r.get(name) or "0" for name in LABELS}}   # blank -> 0; -1 stays -1
+        positive = [name for name in others if r[name] == "1"]
+        if (len(positive) == 1 and positive[0] in pools
+                and all(r[name] == "0" for name in others if name != positive[0])):
+            pools[positive[0]].append(r)
+    rng, chosen = np.random.default_rng(seed), []
+    for c in FIVE_CLASSES:
+        pool = sorted(pools[c], key=lambda r: r["image"])
+        if len(pool) < n:
+            print(f"warning: only {len(pool)} images qualify for {c} (asked {n}): taking all",
+                  file=sys.stderr)
+        picked = np.sort(rng.choice(len(pool), size=min(n, len(pool)), replace=False))
+        chosen += [{**pool[i], "split": "test_5x"} for i in picked]
+    return chosen
+
+
+def prepare_mimic_cxr(root, reports=None, all_views=False, one_per_study="valid,test",
+                      deid="keep", uncertain=None, five_x=0, seed=0):
+    """MIMIC-CXR-JPG 2.0.0 + the MIMIC-CXR reports.
+
+    root: mimic-cxr-2.0.0-{split,metadata,chexpert}.csv.gz and files/pXX/pSSSSSSSS/sTTTTTTTT/
+    <dicom_id>.jpg; reports (default root): files/pXX/pSSSSSSSS/sTTTTTTTT.txt, one per study.
+    Keeps PA/AP views (all_views=False); text = findings + impression of the study's report
+    (extract_report_text), '___' kept or removed (deid); labels per study from the CheXpert CSV
+    (a study absent from it gets blank labels); official splits, 'validate' -> 'valid'; in the
+    splits named by one_per_study only one image per study (PA before AP, then dicom_id), so
+    retrieval targets are not duplicated; five_x > 0 adds a MIMIC 5 x five_x set from 'test'."""
+    files = [_expect(root, "MIMIC-CXR-JPG", f"mimic-cxr-2.0.0-{k}.csv.gz", f"mimic-cxr-2.0.0-{k}.csv")
+             for k in ("split", "metadata", "chexpert")]   # as downloaded (gzipped) or unpacked
+    reports = Path(reports) if reports else root
+    view_of = {r["dicom_id"]: r["ViewPosition"].strip().upper()
+               for r in _read_csv(files[1], ("dicom_id", "ViewPosition"))}
+    labels_of = {r["study_id"]: r for r in _read_csv(files[2], ("study_id", *LABELS))}
+    texts, rows, skipped = {}, [], collections.Counter()
+    for r in tqdm(_read_csv(files[0], ("dicom_id", "study_id", "subject_id", "split")),
+                  desc="mimic-cxr", disable=None):
+        subject, study, view = r["subject_id"], r["study_id"], view_of.get(r["dicom_id"], "")
+        labels = _labels(labels_of[study], uncertain) if study in labels_of else {}
+        rel = Path("files", f"p{subject[:2]}", f"p{subject}", f"s{study}")
+        if view not in FRONTAL and not all_views:
+            skipped[_view_reason(view)] += 1
+        elif labels is None:
+            skipped["unreadable label"] += 1
+        elif study not in texts and not (reports / rel.with_suffix(".txt")).is_file():
+            skipped["missing report"] += 1
+        else:
+            if study not in texts:
+                report = (reports / rel.with_suffix(".txt")).read_text(encoding="utf-8")
+                texts[study] = _deid(extract_report_text(report), deid == "remove")
+            image = root / rel / f"{r['dicom_id']}.jpg"
+            if not texts[study]:
+                skipped["no findings/impression"] += 1
+            elif not image.is_file():
+                skipped["missing image"] += 1
+            else:
+                split = {"validate": "valid"}.get(r["split"], r["split"])
+                rows.append(_row(image, texts[study], split, study, subject, view or "UNKNOWN", labels))
+    # one image per study where a report is a retrieval target (PA before AP, then file name)
+    keep_one, best = {s.strip() for s in one_per_study.split(",")} - {""}, {}
+    rank = {view: i for i, view in enumerate(FRONTAL)}
+    for r in sorted(rows, key=lambda r: (rank.get(r["view"], 2), r["image"])):
+        best.setdefault((r["split"], r["study_id"]), r)
+    kept = [r for r in rows if r["split"] not in keep_one or best[(r["split"], r["study_id"])] is r]
+    skipped["extra image of a study (one per study)"] += len(rows) - len(kept)
+    if five_x:
+        kept += _five_by_n([r for r in kept if r["split"] == "test"], five_x, seed)
+    return kept, skipped
+
+
+def _chexpert_rows(root, csv_name, uncertain, all_views, skipped):
+    """Rows of CheXpert's train.csv / valid.csv; Path's first folder (CheXpert-v1.0[-small]) is
+    replaced by root. Study = patientNNNNN/studyN, patient = patientNNNNN, empty text."""
+    columns = ("Path", "Frontal/Lateral", "AP/PA", *LABELS)
+    rows, patients = [], set()
+    for r in tqdm(_read_csv(_expect(root, "CheXpert", csv_name), columns), desc=csv_name, disable=None):
+        rel = Path(r["Path"])
+        rel = rel if rel.parts[0] in ("train", "valid", "test") else Path(*rel.parts[1:])
+        labels = _labels(r, uncertain)
+        patients.add(rel.parts[1])
+        if r["Frontal/Lateral"].strip() != "Frontal" and not all_views:
+            skipped["lateral view"] += 1
+        elif labels is None:
+            skipped["unreadable label"] += 1
+        elif not (root / rel).is_file():
+            skipped["missing image"] += 1
+        else:
+            view = r["AP/PA"].strip().upper() or r["Frontal/Lateral"].strip().upper()
+            rows.append(_row(root / rel, "", "", "/".join(rel.parts[1:3]), rel.parts[1], view, labels))
+    return rows, patients
+
+
+def prepare_chexpert(root, uncertain=None, valid_frac=0.05, seed=0, all_views=False, exclude=None):
+    """CheXpert v1.0 (or -small), for linear probing: root holds train.csv, valid.csv, train/,
+    valid/. Frontal only (all_views=False). uncertain (required): how -1 labels become labels,
+    see _labels. The small official valid.csv becomes 'test'; 'valid' is valid_frac of the
+    train.csv patients (patient-disjoint, seeded). exclude: a file of patient ids (one a line,
+    e.g. the one written by chexpert-5x200) dropped from train/valid.
+
+    CheXpert has no reports: `text` is left EMPTY (never a caption made from the labels, which
+    would leak the labels into any text task); read_manifest accepts a manifest whose text
+    column is empty throughout, as one meant only for image-label evaluation."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"chexpert needs an explicit --uncertain policy: one of {UNCERTAIN_POLICIES}")
+    skipped = collections.Counter()
+    excluded = set(Path(exclude).read_text().split()) if exclude else set()
+    train, patients = _chexpert_rows(root, "train.csv", uncertain, all_views, skipped)
+    test, _ = _chexpert_rows(root, "valid.csv", uncertain, all_views, skipped)
+    skipped["patient in the exclude list"] += sum(r["patient_id"] in excluded for r in train)
+    train = [r for r in train if r["patient_id"] not in excluded]
+    split_of = _split_patients(patients, valid_frac, 0.0, seed)  # over ALL listed patients: stable
+    rows = [{**r, "split": split_of[r["patient_id"]]} for r in train]
+    return rows + [{**r, "split": "test"} for r in test], skipped
+
+
+def prepare_chexpert_5x200(root, per_class=200, seed=0):
+    """CheXpert 5x200 (zero-shot classification set) from train.csv: frontal, blank -> 0, the
+    5xN rule of _five_by_n, per_class images per class with a seed, split 'test_5x', empty
+    text (see prepare_chexpert). prepare also writes <out>_exclude_patients.txt: pass it to
+    `prepare chexpert --exclude` so no 5x200 patient is ever trained on."""
+    skipped = collections.Counter()
+    rows, _ = _chexpert_rows(root, "train.csv", None, False, skipped)
+    chosen = _five_by_n(rows, per_class, seed)
+    skipped["not drawn for 5x200 (rule or sampling)"] += len(rows) - len(chosen)
+    return chosen, skipped
+
+
+def prepare_rsna(root, valid_frac=0.2, test_frac=0.2, seed=0):
+    """RSNA Pneumonia Detection (Kaggle stage 2): stage_2_train_labels.csv (patientId, x, y,
+    width, height, Target; one row per box, one empty row for a negative) and
+    stage_2_train_images/<patientId>.dcm (or a .png / .jpg of the same name). One image per
+    patient; label 'Pneumonia' = 1 if any of its rows has Target 1, other labels blank.
+    Splits by patient, 60/20/20 by default (MGCA). DICOM needs the optional pydicom."""
+    images = _expect(root, "RSNA Pneumonia", "stage_2_train_images")
+    target, skipped, rows = {}, collections.Counter(), []
+    labels_csv = _expect(root, "RSNA Pneumonia", "stage_2_train_labels.csv")
+    for r in _read_csv(labels_csv, ("patientId", "Target")):
+        t, old = LABEL_VALUES.get(r["Target"].strip()), target.get(r["patientId"], "0")
+        # positive if any of the patient's box rows is; one unreadable row spoils the patient
+        target[r["patientId"]] = max(old, t) if t in ("0", "1") and old is not None else None
+    split_of = _split_patients(target, valid_frac, test_frac, seed)  # over ALL listed patients
+    for patient, t in tqdm(sorted(target.items()), desc="rsna", disable=None):
+        image = next((images / f"{patient}{ext}" for ext in (".dcm", ".png", ".jpg")
+                      if (images / f"{patient}{ext}").is_file()), None)
+        if t is None:
+            skipped["unreadable label"] += 1
+        elif image is None:
+            skipped["missing image"] += 1
+        else:
+            rows.append(_row(image, "", split_of[patient], patient, patient, "FRONTAL", {"Pneumonia": t}))
+    return rows, skipped
+
+
+def _first_existing(*folders):
+    return next((f for f in folders if f.is_dir()), folders[-1])
+
+
+def prepare_iu_xray(root, images=None, valid_frac=0.1, test_frac=0.2, seed=0, deid="keep"):
+    """IU X-Ray (OpenI), either release:
+    - XML: ecgen-radiology/<uid>.xml with <AbstractText Label="FINDINGS|IMPRESSION"> and
+      <parentImage id="CXR<uid>_IM-...">, images <id>.png in NLMCXR_png/ (or images/, or root).
+      The XML has no view field: with indiana_projections.csv next to it the first frontal
+      image is used, otherwise the first image (view 'UNKNOWN').
+    - Kaggle: indiana_reports.csv (uid, findings, impression, ...) + indiana_projections.csv
+      (uid, filename, projection), images in images/images_normalized/.
+    One row per report (uid = study = patient: OpenI gives no patient ids); text = findings +
+    impression; 'XXXX' kept or removed (deid); no labels; splits 70/10/20 by uid, seeded."""
+    def key(uid, name):  # XML 'CXR1_1_IM-0001-3001', Kaggle '1_IM-0001-3001.dcm.png': same key
+        return uid, (re.search(r"IM-[\d-]*\d", name) or [name])[0]
+
+    projections = {}
+    if (root / "indiana_projections.csv").is_file():
+        for r in _read_csv(root / "indiana_projections.csv", ("uid", "filename", "projection")):
+            projections[key(r["uid"], r["filename"])] = r["projection"].strip().upper()
+    if (root / "ecgen-radiology").is_dir():
+        folder = Path(images).absolute() if images else _first_existing(
+            root / "NLMCXR_png", root / "images", root)
+        reports = []
+        for path in sorted((root / "ecgen-radiology").glob("*.xml"), key=lambda p: (len(p.stem), p.stem)):
+            tree = ET.parse(path)
+            sections = {a.get("Label", "").upper(): (a.text or "").strip()
+                        for a in tree.iter("AbstractText")}
+            ids = [p.get("id") for p in tree.iter("parentImage")]
+            reports.append((path.stem, sections.get("FINDINGS", ""), sections.get("IMPRESSION", ""),
+                            [(folder / f"{i}.png", projections.get(key(path.stem, i), "UNKNOWN"))
+                             for i in ids]))
+    elif (root / "indiana_reports.csv").is_file():
+        folder = Path(images).absolute() if images else _first_existing(
+            root / "images" / "images_normalized", root / "images", root)
+        by_uid = collections.defaultdict(list)
+        _expect(root, "IU X-Ray (Kaggle)", "indiana_projections.csv")
+        for r in _read_csv(root / "indiana_projections.csv", ("uid", "filename")):
+            by_uid[r["uid"]].append((folder / r["filename"], projections[key(r["uid"], r["filename"])]))
+        reports = [(r["uid"], r["findings"], r["impression"], by_uid[r["uid"]])
+                   for r in _read_csv(root / "indiana_reports.csv", ("uid", "findings", "impression"))]
+    else:
+        raise FileNotFoundError(f"{root} does not look like an IU X-Ray folder: expected 'ecgen-radiology/' "
+                                "(OpenI XML release) or 'indiana_reports.csv' (Kaggle CSV packaging) in it")
+    split_of = _split_patients([uid for uid, *_ in reports], valid_frac, test_frac, seed)
+    rows, skipped = [], collections.Counter()
+    for uid, findings, impression, candidates in tqdm(reports, desc="iu-xray", disable=None):
+        text = extract_report_text(f"FINDINGS: {findings.strip()}\nIMPRESSION: {impression.strip()}")
+        frontal = [(p, v) for p, v in candidates if v in ("FRONTAL", "UNKNOWN")]
+        if not text:
+            skipped["no findings/impression"] += 1
+        elif candidates and not frontal:
+            skipped["lateral view"] += 1
+        elif not any(p.is_file() for p, _ in frontal):
+            skipped["missing image"] += 1
+        else:
+            image, view = next((p, v) for p, v in frontal if p.is_file())
+            rows.append(_row(image, _deid(text, deid == "remove"), split_of[uid], uid, uid, view))
+    return rows, skipped
+
+
+def prepare_roco(root):
+    """ROCO: data/{train,validation,test}/radiology/captions.txt, one 'ROCO_xxxxx<TAB> caption'
+    line per image (the leading space is stripped), images in the same folder's images/
+    ROCO_xxxxx.jpg. All modalities; official splits ('validation' -> 'valid'); no labels."""
+    rows, skipped = [], collections.Counter()
+    for folder, split in (("train", "train"), ("validation", "valid"), ("test", "test")):
+        captions = _expect(root, "ROCO", f"data/{folder}/radiology/captions.txt")
+        lines = captions.read_text(encoding="utf-8").splitlines()
+        for line in tqdm(lines, desc=f"roco {folder}", disable=None):
+            if not line.strip():
+                continue
+            roco_id, _, caption = line.partition("\t")
+            image = captions.parent / "images" / f"{roco_id.strip()}.jpg"
+            if not caption.strip():
+                skipped["empty caption"] += 1
+            elif not image.is_file():
+                skipped["missing image"] += 1
+            else:
+                rows.append(_row(image, caption.strip(), split, roco_id.strip(), roco_id.strip(), ""))
+    return rows, skipped
+
+
+PREPARERS = {"mimic-cxr": prepare_mimic_cxr, "chexpert": prepare_chexpert,
+             "chexpert-5x200": prepare_chexpert_5x200, "rsna": prepare_rsna,
+             "iu-xray": prepare_iu_xray, "roco": prepare_roco}
+
+
+def _cache_one(job):
+    """Write one resized 8-bit PNG copy (once: an existing copy is kept); None or the error."""
+    src, dst, size = job
+    if dst.is_file():
+        return None
+    try:
+        img = load_image(src, max_side=size)
+    except (OSError, ValueError) as e:
+        return str(e)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    img.save(dst.with_suffix(".tmp.png"))
+    os.replace(dst.with_suffix(".tmp.png"), dst)   # a run killed mid-write leaves no half file
+    return None
+
+
+def cache_images(rows, root, cache_dir, size=256, workers=1, skipped=None):
+    """Decode every image once into cache_dir/<its path under root>.png, longest side <= size,
+    so that epochs are not bound by decoding multi-megapixel JPEGs; rows then point at the
+    copies. Unreadable images are dropped and counted in skipped."""
+    jobs = []
+    for r in rows:
+        src = Path(r["image"])
+        rel = src.relative_to(root) if src.is_relative_to(root) else Path(src.name)
+        jobs.append((src, Path(cache_dir) / rel.with_suffix(".png"), size))
+    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        mapper = (lambda f, xs: pool.imap(f, xs, chunksize=16)) if pool else map
+        results = list(tqdm(mapper(_cache_one, jobs), total=len(jobs), desc="cache", disable=None))
+    for e in filter(None, results):
+        print(f"skipped unreadable image: {e}", file=sys.stderr)
+    if skipped is not None:
+        skipped["unreadable image"] += sum(e is not None for e in results)
+    return [{**r, "image": str(dst)} for r, (_, dst, _), e in zip(rows, jobs, results) if e is None]
+
+
+def _summary(dataset, out, rows, skipped):
+    lines = [f"{dataset}: {len(rows)} rows written to {out}"]
+    lines += [f"  skipped {n:7d}  {reason}" for reason, n in skipped.most_common() if n]
+    for split in sorted({r["split"] for r in rows}):
+        part = [r for r in rows if r["split"] == split]
+        counts = [f"{name} {sum(r.get(name) == '1' for r in part)}"
+                  + (f" (-1: {k})" if (k := sum(r.get(name) == "-1" for r in part)) else "")
+                  for name in LABELS if any(r.get(name) in ("1", "-1") for r in part)]
+        patients = len({r["patient_id"] for r in part})
+        lines.append(f"  {split:8s} {len(part):7d} rows, {patients} patients"
+                     + (f"; positives: {', '.join(counts)}" if counts else ""))
+    return "\n".join(lines)
+
+
+def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, **options):
+    """Convert the dataset at root into the manifest out (see PREPARERS); returns a summary
+    dict {"rows", "skipped", "splits"} and prints it. With cache, images are first written as
+    resized PNG copies (cache_images) and the manifest points at those."""
+    if dataset not in PREPARERS:
+        raise ValueError(f"unknown dataset {dataset!r}; one of {sorted(PREPARERS)}")
+    root, out = Path(root).absolute(), Path(out)  # absolute: write_manifest stores paths relative to out
+    if not root.is_dir():
+        raise FileNotFoundError(f"--root {root}: no such folder")
+    rows, skipped = PREPARERS[dataset](root, **options)
+    if cache:
+        rows = cache_images(rows, root, Path(cache).absolute(), cache_size, workers, skipped)
+    if not rows:
+        raise ValueError(f"{dataset}: no rows left from {root}; skipped {dict(skipped)}")
+    write_manifest(out, rows)
+    if any(r["split"] == "test_5x" for r in rows):
+        patients = sorted({r["patient_id"] for r in rows if r["split"] == "test_5x"})
+        out.with_name(out.stem + "_exclude_patients.txt").write_text("\n".join(patients) + "\n")
+    print(_summary(dataset, out, rows, skipped))
+    return {"rows": len(rows), "skipped": {k: n for k, n in skipped.items() if n},
+            "splits": dict(collections.Counter(r["split"] for r in rows))}
+
+
+def add_prepare_parser(subparsers):
+    p = subparsers.add_parser("prepare", help="convert a real dataset into a manifest")
+    p.add_argument("dataset", choices=sorted(PREPARERS))
+    p.add_argument("--root", required=True, help="the dataset's folder, as downloaded")
+    p.add_argument("--out", required=True, help="manifest CSV to write")
+    p.add_argument("--cache", help="write resized PNG copies here; the manifest points at them")
+    p.add_argument("--cache-size", type=int, default=256, help="longest side of cached copies")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding images for --cache")
+    p.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, help="-1 label policy (chexpert: required)")
+    p.add_argument("--seed", type=int, help="seed of patient splits and 5xN sampling")
+    p.add_argument("--valid-frac", type=float, help="fraction of patients for 'valid'")
+    p.add_argument("--test-frac", type=float, help="fraction of patients for 'test'")
+    p.add_argument("--all-views", action="store_true", default=None, help="keep lateral views too")
+    p.add_argument("--deid", choices=("keep", "remove"), help="keep or remove '___' / 'XXXX'")
+    p.add_argument("--one-per-study", help="mimic-cxr: splits with one image per study "
+                                           "(default valid,test; '' for none)")
+    p.add_argument("--five-x", type=int, help="mimic-cxr: also draw a 5xN set from 'test'")
+    p.add_argument("--per-class", type=int, help="chexpert-5x200: images per class (default 200)")
+    p.add_argument("--exclude", help="chexpert: file of patient ids to leave out (from chexpert-5x200)")
+    p.add_argument("--reports", help="mimic-cxr: folder holding files/pXX/.../sNNN.txt (default --root)")
+    p.add_argument("--images", help="iu-xray: image folder (default: searched under --root)")
+
+
+def _prepare_cli(args):
+    common = ("command", "dataset", "root", "out", "cache", "cache_size", "workers")
+    options = {k: v for k, v in vars(args).items() if k not in common and v is not None}
+    accepted = inspect.signature(PREPARERS[args.dataset]).parameters
+    wrong = [f"--{k.replace('_', '-')}" for k in options if k not in accepted]
+    if wrong:
+        raise SystemExit(f"prepare {args.dataset}: {', '.join(wrong)} does not apply to this dataset")
+    try:
+        prepare(args.dataset, args.root, args.out, args.cache, args.cache_size, args.workers, **options)
+    except (OSError, ValueError, ImportError) as e:  # a wrong root, column, option: one clear line
+        raise SystemExit(f"prepare {args.dataset}: {e}") from e
 
 
 # -----------------------------------------------------------------------------
@@ -968,6 +1453,7 @@ def main(argv=None):
     p = sub.add_parser("probe", help="supervised CNN per-label test AUROC: are findings in the pixels?")
     p.add_argument("dir")
     p.add_argument("--epochs", type=int, default=8)
+    add_prepare_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "synth":
         t0 = time.time()
@@ -979,6 +1465,8 @@ def main(argv=None):
         t0 = time.time()
         probe(args.dir, args.epochs)
         print(f"probe took {time.time() - t0:.1f} s")
+    elif args.command == "prepare":
+        _prepare_cli(args)
 
 
 if __name__ == "__main__":
