@@ -29,12 +29,16 @@ import hashlib
 import itertools
 import json
 import math
-from dataclasses import asdict
+import multiprocessing
+import platform
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import msd
@@ -629,7 +633,11 @@ def run_zeroshot(ev, args):
         out["note"] = "no test_5x split in the manifest: multi-class zero-shot skipped"
     findings = [f for f in ev.label_names
                 if f in prompt_set["positive"] and negative_prompts(prompt_set, f) is not None]
-    if findings:
+    if findings and not ev.split_sizes.get(args.split):
+        out["binary"] = None
+        out["note_binary"] = (f"no {args.split!r} split in the manifest: binary zero-shot skipped "
+                              f"(choose another with --split)")
+    elif findings:
         feats = ev.images(args.split)
         cols = [ev.label_names.index(f) for f in findings]
         pos = class_embeddings(ev.encode_texts, {f: prompt_set["positive"][f] for f in findings})
@@ -687,6 +695,185 @@ def run_retrieval(ev, args):
 TASKS = {"zeroshot": run_zeroshot, "fewshot": run_fewshot, "retrieval": run_retrieval}
 
 
+# -----------------------------------------------------------------------------------------------
+# (7) Efficiency: time, peak memory and FLOPs of one optimizer step, MSD vs end-to-end CLIP.
+# Each configuration runs in a fresh process, so that its peak memory is its own. The batches
+# are random tensors of the configured shapes: this times the training step, not the loader.
+
+
+def efficiency_configs(cfg, max_factor=8):
+    """(name, config) rows: the ablation's methods at b = cfg.batch_size, N = cfg.accum_steps,
+    then how memory grows with the effective batch: CLIP end to end at B = k*b against MSD with
+    N = k micro-batches of b, k = 1, 2, 4, ... max_factor."""
+    b, N = cfg.batch_size, cfg.accum_steps
+    rows = [(f"CLIP end-to-end B={b}", replace(cfg, method="clip", accum_steps=1)),
+            (f"CLIP end-to-end B={N * b}", replace(cfg, method="clip", batch_size=N * b, accum_steps=1)),
+            (f"CLIP naive accumulation {N}x{b}", replace(cfg, method="clip")),
+            (f"MSD alpha=0 {N}x{b}", replace(cfg, method="msd", alpha=0.0)),
+            (f"MSD {N}x{b}", replace(cfg, method="msd")),
+            (f"MSD no queue {N}x{b}", replace(cfg, method="msd", queue_size=0)),
+            (f"MSD EMA per micro-batch {N}x{b}", replace(cfg, method="msd", ema_per_micro_batch=True))]
+    k = 1
+    while k <= max_factor:
+        rows.append((f"growth: CLIP end-to-end B={k * b}",
+                     replace(cfg, method="clip", batch_size=k * b, accum_steps=1)))
+        rows.append((f"growth: MSD {k}x{b} (B={k * b})", replace(cfg, method="msd", accum_steps=k)))
+        k *= 2
+    return rows
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device, n=2048, repeats=10):
+    """This machine's measured matmul throughput in TFLOP/s (float32 on CPU, bf16 on CUDA):
+    the denominator of MFU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    _sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def measure_step(cfg, steps, vocab_size=1000):
+    """Seconds per optimizer step, training FLOPs per pair and peak memory for one config."""
+    device = msd.pick_device(cfg.device)
+    B = cfg.batch_size * cfg.accum_steps
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, vocab_size, (B, cfg.max_len), generator=g)
+    input_ids[:, 0] = 1                                           # [CLS]
+    batch = [torch.randn(B, 1, cfg.image_size, cfg.image_size, generator=g), input_ids,
+             torch.ones(B, cfg.max_len, dtype=torch.long), torch.arange(B)]
+    batch = [x.to(device) for x in batch]
+    model = msd.build_model(cfg, vocab_size).to(device).train()
+    optimizer = msd.configure_optimizer(model, cfg)
+    baseline = msd.peak_memory_mb(device)             # model, teacher, queue, inputs: no step yet
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=cfg.amp and device.type == "cuda")
+
+    def step():
+        msd.train_step(model, optimizer, batch, cfg, cfg.lr, cfg.alpha, autocast)
+
+    with FlopCounterMode(display=False) as counter:   # also the warm-up step
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = msd.peak_memory_mb(device)
+    return {"effective_batch": B, "seconds_per_step": seconds, "pairs_per_s": B / seconds,
+            "flops_per_pair": counter.get_total_flops() / B, "peak_memory_mb": peak,
+            "step_memory_mb": peak - baseline}
+
+
+def _measure_child(cfg_dict, steps, queue):
+    queue.put(measure_step(msd.Config(**cfg_dict), steps))
+
+
+def run_efficiency(args):
+    cfg = msd.load_config(args.config, args.overrides + ([f"--data={args.data}"] if args.data else []))
+    device = msd.pick_device(cfg.device)
+    train_pairs = sum(r["split"] == "train" for r in data.read_manifest(msd.prepare_data(cfg)))
+    peak_tflops = matmul_tflops(device)
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    for name, row_cfg in efficiency_configs(cfg):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_measure_child, args=(asdict(row_cfg), args.steps, queue))
+        proc.start()
+        r = queue.get()                              # a fresh process: its peak memory is its own
+        proc.join()
+        r["name"] = name
+        r["epoch_minutes"] = train_pairs / r["pairs_per_s"] / 60
+        r["mfu"] = r["flops_per_pair"] * r["pairs_per_s"] / (peak_tflops * 1e12)
+        rows.append(r)
+        print(f"  measured {name}: {r['seconds_per_step']:.3f} s/step", flush=True)
+    base = rows[0]
+    for r in rows:
+        r["time_ratio"] = r["seconds_per_step"] / base["seconds_per_step"] * (
+            base["effective_batch"] / r["effective_batch"])    # per pair, relative to CLIP-b
+        r["memory_ratio"] = r["step_memory_mb"] / base["step_memory_mb"]
+    return {"device": str(device), "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "config": args.config, "steps_timed": args.steps,
+            "train_pairs": train_pairs, "matmul_tflops": peak_tflops,
+            "memory": ("CUDA max_memory_allocated" if device.type == "cuda" else
+                       "process peak RSS (ru_maxrss); step memory = peak minus the RSS before the "
+                       "first step (model, teacher, queue and inputs already allocated)"),
+            "rows": rows}
+
+
+# -----------------------------------------------------------------------------------------------
+# (8) Ablation: train every configuration of an ablation file for several seeds, evaluate each
+# checkpoint with the protocols above, and tabulate mean +- std. Finished runs are reused.
+
+
+def ablation_metrics(ev, args):
+    """The few numbers of the quality table, from the three tasks above."""
+    zs, fs, rt = run_zeroshot(ev, args), run_fewshot(ev, args), run_retrieval(ev, args)
+    m = {"zs_acc": zs["multiclass"]["accuracy"], "zs_f1": zs["multiclass"]["macro_f1"],
+         "zs_auroc": zs["binary"]["mean_auroc"]}
+    m.update({f"probe_{name}": r["auroc_mean"] for name, r in fs["results"].items()})
+    for d in ("i2t", "t2i"):
+        m.update({f"{d}_{k}": v for k, v in rt[args.split][d].items() if k.startswith("R@")})
+    return m
+
+
+def run_ablation(args):
+    spec_path = Path(args.ablation)
+    spec = json.loads(spec_path.read_text())
+    unknown = set(spec) - {"base", "shared", "seeds", "runs", "eval"}
+    if unknown:
+        raise KeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected base, shared, "
+                       f"seeds, runs, eval")
+    for key, value in spec.get("eval", {}).items():         # the evaluation protocol of the table
+        setattr(args, key, tuple(value) if isinstance(value, list) else value)
+    shared = [f"--{k}={v}" for k, v in spec.get("shared", {}).items()]
+    table = {}
+    for name, overrides in {"random": None, **spec["runs"]}.items():
+        per_seed = []
+        for seed in spec["seeds"]:
+            run_dir = Path(args.ablation_dir) / name / f"seed{seed}"
+            cfg = msd.load_config(spec["base"], shared + [f"--seed={seed}", f"--out_dir={run_dir}"]
+                                  + [f"--{k}={v}" for k, v in (overrides or {}).items()])
+            ckpt_path, seconds = run_dir / "ckpt.pt", None
+            if overrides is None:                                # the untrained floor
+                manifest = msd.prepare_data(cfg)
+                tokenizer = msd.build_tokenizer(cfg, manifest)
+                model, step, ckpt_path = msd.build_model(cfg, tokenizer.vocab_size).eval(), 0, None
+            else:
+                done = ckpt_path.is_file() and torch.load(ckpt_path, weights_only=False)["config"] == asdict(cfg)
+                if not done:
+                    print(f"== training {name} seed {seed} -> {run_dir}", flush=True)
+                    seconds = msd.train(cfg)["seconds"]
+                model, tokenizer, cfg, ckpt = msd.load_checkpoint(ckpt_path)
+                step, manifest = ckpt["step"], msd.prepare_data(cfg)
+            ev = Evaluation(model, tokenizer, cfg, manifest, step, ckpt_path, args.batch_size)
+            metrics = ablation_metrics(ev, args)
+            metrics["train_seconds"] = seconds
+            per_seed.append(metrics)
+            print(f"   {name} seed {seed}: " + "  ".join(
+                f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+        keys = [k for k in per_seed[0] if k != "train_seconds"]
+        table[name] = {"overrides": overrides, "seeds": spec["seeds"], "per_seed": per_seed,
+                       **{k: (float(np.nanmean([r[k] for r in per_seed])),
+                              float(np.nanstd([r[k] for r in per_seed]))) for k in keys}}
+    return {"ablation": str(spec_path), "base": spec["base"], "shared": spec.get("shared", {}),
+            "eval": spec.get("eval", {}), "table": table}
+
+
+BENCHMARKS = {"efficiency": run_efficiency, "ablation": run_ablation}
+
+
 def print_results(task, res):
     """A readable table per task."""
     def f(v):
@@ -722,6 +909,24 @@ def print_results(task, res):
             for d in ("i2t", "t2i"):
                 print(f"  {d}  " + "  ".join(f"{k} {f(v) if k != 'median_rank' else v}"
                                              for k, v in r[d].items()))
+    elif task == "efficiency":
+        print(f"efficiency on {res['device']} ({res['machine']}, {res['threads']} threads), "
+              f"{res['config']}; measured matmul peak {res['matmul_tflops']:.3f} TFLOP/s; "
+              f"memory = {res['memory']}")
+        print(f"  {'configuration':<40} {'B':>4} {'s/step':>7} {'pairs/s':>8} {'epoch min':>9} "
+              f"{'x time/pair':>11} {'peak MB':>8} {'step MB':>8} {'x step mem':>10} "
+              f"{'GFLOP/pair':>10} {'MFU':>6}")
+        for r in res["rows"]:
+            print(f"  {r['name']:<40} {r['effective_batch']:>4} {r['seconds_per_step']:>7.3f} "
+                  f"{r['pairs_per_s']:>8.0f} {r['epoch_minutes']:>9.2f} {r['time_ratio']:>11.2f} "
+                  f"{r['peak_memory_mb']:>8.0f} {r['step_memory_mb']:>8.0f} {r['memory_ratio']:>10.2f} "
+                  f"{r['flops_per_pair'] / 1e9:>10.3f} {r['mfu']:>6.1%}")
+    elif task == "ablation":
+        cols = [k for k in next(iter(res["table"].values())) if k.startswith(("zs_", "probe_", "i2t", "t2i"))]
+        print(f"ablation {res['ablation']} (base {res['base']}): mean ± std over seeds")
+        print(f"  {'run':<26}" + "".join(f"{c:>15}" for c in cols))
+        for name, r in res["table"].items():
+            print(f"  {name:<26}" + "".join(f"{r[c][0]:>8.3f}±{r[c][1]:<6.3f}" for c in cols))
     else:                                        # a task without its own table yet
         print(json.dumps(to_json(res), indent=1))
 
@@ -760,7 +965,8 @@ def _floats(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an MSD checkpoint (PROTOCOLS.md §2).")
-    p.add_argument("--task", default="all", choices=[*TASKS, "all"])
+    p.add_argument("--task", default="all", choices=[*TASKS, "all", *BENCHMARKS],
+                   help="efficiency and ablation train or time models themselves (no checkpoint)")
     p.add_argument("--checkpoint", help="ckpt.pt, or 'random' for an untrained model of --config "
                                         "(default: the run of --config)")
     p.add_argument("--config", default="configs/small.json")
@@ -781,7 +987,22 @@ def main(argv=None):
     p.add_argument("--chunk-size", dest="chunk_size", type=int, default=256)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    args = p.parse_args(argv)
+    p.add_argument("--steps", type=int, default=5, help="efficiency: optimizer steps timed per row")
+    p.add_argument("--ablation", default="configs/ablation.json", help="ablation: the run list")
+    p.add_argument("--ablation-dir", dest="ablation_dir", default="runs/ablation",
+                   help="ablation: where runs are trained (finished runs are reused)")
+    args, overrides = p.parse_known_args(argv)
+    args.overrides = overrides  # efficiency: --key=value config overrides, as for msd.py
+    if overrides and args.task != "efficiency":
+        p.error(f"unrecognized arguments: {' '.join(overrides)}")
+
+    if args.task in BENCHMARKS:
+        results = BENCHMARKS[args.task](args)
+        print_results(args.task, results)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(to_json(results), indent=1, allow_nan=False))
+        print(f"wrote {args.out}")
+        return results
 
     model, tokenizer, cfg, manifest, step, checkpoint = load_for_eval(args)
     ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size)

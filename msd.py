@@ -301,18 +301,37 @@ class DualEncoder(nn.Module):
         self._init_weights(cfg)
 
     def _init_weights(self, cfg):
-        # BERT/GPT-2 style: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * layers)
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "ln_" in name:
-                nn.init.ones_(p)
-            else:
-                std = 0.02
-                if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                    layers = cfg.vision_layers if name.startswith("visual") else cfg.text_layers
-                    std = 0.02 / math.sqrt(2 * layers)
-                nn.init.normal_(p, std=std)
+        """openai/CLIP's explicit formulas, with w = width and L = layers of each encoder:
+        attention in-projection N(0, w^-1/2); residual out-projections N(0, w^-1/2 (2L)^-1/2);
+        MLP in N(0, (2w)^-1/2); class token N(0, w^-1/2); positions N(0, 0.01); token and patch
+        embeddings N(0, 0.02); projections g N(0, w^-1/2); LayerNorm 1 and 0; biases 0.
+        These keep features of different inputs far apart at step 0. With the GPT-2 style
+        N(0, 0.02) everywhere, every [CLS] output starts as nearly the same vector (cosine 0.99),
+        a drifting common direction that a queue of older teacher features turns into a
+        shortcut ("fresh keys score higher") instead of a signal."""
+        for prefix, w, layers in (("visual.", cfg.vision_width, cfg.vision_layers),
+                                  ("text.", cfg.text_width, cfg.text_layers)):
+            for name, p in self.named_parameters():
+                if not name.startswith(prefix):
+                    continue
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                elif "ln_" in name:
+                    nn.init.ones_(p)
+                elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                    nn.init.normal_(p, std=w ** -0.5 * (2 * layers) ** -0.5)
+                elif name.endswith("attn.qkv.weight"):
+                    nn.init.normal_(p, std=w ** -0.5)
+                elif name.endswith("mlp.fc.weight"):
+                    nn.init.normal_(p, std=(2 * w) ** -0.5)
+                elif name.endswith("class_embedding"):
+                    nn.init.normal_(p, std=w ** -0.5)
+                elif name.endswith("positional_embedding"):
+                    nn.init.normal_(p, std=0.01)
+                else:  # token_embedding, patch_embed
+                    nn.init.normal_(p, std=0.02)
+        nn.init.normal_(self.vision_proj.weight, std=cfg.vision_width ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=cfg.text_width ** -0.5)
 
     def image_features(self, images):
         """(B, 1, H, W) -> (B, vision_width): the class token before projection (for linear probes)."""
@@ -620,6 +639,9 @@ def build_tokenizer(cfg, manifest):
     train_texts = [row["text"] for row in data.read_manifest(manifest) if row["split"] == "train"]
     if not train_texts:
         raise ValueError(f"{manifest}: no rows with split 'train'")
+    if not any(text.strip() for text in train_texts):
+        raise ValueError(f"{manifest}: the training split has no report text (a labels-only "
+                         f"manifest such as CheXpert or RSNA is for evaluation, not pretraining)")
     return data.Tokenizer.build(train_texts, min_freq=cfg.min_freq, max_len=cfg.max_len)
 
 
@@ -691,7 +713,7 @@ def train(cfg, resume=False, stop_after=None):
                               enabled=cfg.amp and device.type == "cuda")
 
     # the derived quantities a reader should know before the first step
-    print(json.dumps(asdict(cfg), indent=1))
+    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     print(f"device {device} | manifest {manifest} | {len(train_set)} training pairs | "
           f"vocabulary {tokenizer.vocab_size} | valid unknown-token rate "
           f"{tokenizer.unk_rate(valid_texts) if valid_texts else float('nan'):.2%}")
@@ -724,6 +746,10 @@ def train(cfg, resume=False, stop_after=None):
                                              generator=torch.Generator().manual_seed(cfg.seed))
         for batch in loader:
             batch = [x.to(device, non_blocking=True) for x in batch]
+            # drop the padding columns that no report of this batch reaches: padding never
+            # changes a feature (tests/test_msd.py), so this only saves time
+            L = int(batch[2].sum(dim=1).max())
+            batch[1], batch[2] = batch[1][:, :L], batch[2][:, :L]
             last = train_step(model, optimizer, batch, cfg, get_lr(step, cfg, total_steps),
                               get_alpha(step, cfg, steps_per_epoch), autocast)
             step += 1
@@ -734,8 +760,11 @@ def train(cfg, resume=False, stop_after=None):
                             alpha=f"{last['alpha']:.2f}", tau=f"{last['tau']:.3f}",
                             pairs_s=f"{last['pairs_per_s']:.0f}")
             if step % cfg.log_every == 0 or step == total_steps:
-                log_file.write(json.dumps({"step": step, "epoch": epoch, **last}) + "\n")
+                record = json.dumps({"step": step, "epoch": epoch, **last})
+                log_file.write(record + "\n")
                 log_file.flush()
+                if not cfg.progress:
+                    print(record, flush=True)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 save_checkpoint(ckpt_path, model, optimizer, step, cfg, tokenizer)
             if step >= total_steps or (stop_after is not None and step >= stop_after):

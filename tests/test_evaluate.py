@@ -3,6 +3,7 @@ properties of the zero-shot / probe / retrieval code on feature tensors, and an 
 of every task on a tiny trained checkpoint."""
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +447,55 @@ def test_rsna_like_labels_only_manifest_without_5x_split(trained, tmp_path):
     assert list(r["zeroshot"]["binary"]["auroc"]) == ["Pneumonia"]
     assert r["fewshot"]["labels"] == ["Pneumonia"]
     assert list(r["retrieval"]) == ["test"] and "skipped" in r["retrieval"]["test"]["note"]
+
+
+# ---------------------------------------------------------------- efficiency and ablation
+
+
+def test_efficiency_rows_cover_the_ablation_and_the_growth_curve():
+    cfg = msd.Config(batch_size=8, accum_steps=4)
+    rows = dict(ev.efficiency_configs(cfg, max_factor=8))
+    clip_B = rows["CLIP end-to-end B=32"]
+    assert clip_B.method == "clip" and clip_B.batch_size * clip_B.accum_steps == 32
+    assert rows["CLIP naive accumulation 4x8"].accum_steps == 4
+    assert rows["MSD EMA per micro-batch 4x8"].ema_per_micro_batch
+    assert rows["MSD no queue 4x8"].queue_size == 0 and rows["MSD alpha=0 4x8"].alpha == 0
+    growth = [(c.method, c.batch_size, c.accum_steps) for n, c in rows.items() if n.startswith("growth")]
+    assert growth == [("clip", 8, 1), ("msd", 8, 1), ("clip", 16, 1), ("msd", 8, 2),
+                      ("clip", 32, 1), ("msd", 8, 4), ("clip", 64, 1), ("msd", 8, 8)]
+
+
+def test_measure_step_counts_the_teacher_in_the_flops():
+    """MSD's step runs the teacher forward on top of the student's forward and backward; the
+    FLOP count (torch's FlopCounterMode, not a timing) must show it."""
+    cfg = msd.load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.json")
+    msd_row = ev.measure_step(replace(cfg, method="msd"), steps=1, vocab_size=50)
+    clip_row = ev.measure_step(replace(cfg, method="clip"), steps=1, vocab_size=50)
+    assert msd_row["effective_batch"] == clip_row["effective_batch"] == 16
+    ratio = msd_row["flops_per_pair"] / clip_row["flops_per_pair"]
+    assert 1.2 < ratio < 1.45          # forward ~ 1/3 of forward + backward
+    assert msd_row["seconds_per_step"] > 0 and msd_row["peak_memory_mb"] > 0
+
+
+def test_ablation_trains_evaluates_and_reuses_finished_runs(tmp_path, monkeypatch):
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
+    spec = {"base": str(tiny), "shared": {"progress": False, "max_steps": 3,
+                                          "synth_dir": str(tmp_path / "synth")},
+            "seeds": [0, 1], "eval": {"shots": [1], "fractions": [1.0], "seeds": 2},
+            "runs": {"clip_b": {"method": "clip", "batch_size": 8, "accum_steps": 1}, "msd": {}}}
+    (tmp_path / "abl.json").write_text(json.dumps(spec))
+    args = ["--task", "ablation", "--ablation", str(tmp_path / "abl.json"),
+            "--ablation-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "abl_out.json")]
+    ev.main(args)
+    r = strict_json(tmp_path / "abl_out.json")
+    assert list(r["table"]) == ["random", "clip_b", "msd"]
+    for name, row in r["table"].items():
+        assert len(row["per_seed"]) == 2 and row["seeds"] == [0, 1]
+        for key in ("zs_acc", "zs_f1", "zs_auroc", "probe_1-shot", "probe_100%", "i2t_R@1", "t2i_R@10"):
+            mean, std = row[key]
+            assert 0 <= mean <= 1 and std >= 0
+    ckpt = torch.load(tmp_path / "runs" / "msd" / "seed1" / "ckpt.pt", weights_only=False)
+    assert ckpt["config"]["seed"] == 1 and ckpt["config"]["method"] == "msd"
+    # a second call finds every run finished and trains nothing
+    monkeypatch.setattr(msd, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
+    ev.main(args)

@@ -4,6 +4,7 @@ column names, gzipped CSVs, a lateral view, a report without findings, a -1 labe
 image, ...) and checks the manifest that `prepare` produces: rows, texts, labels, splits and
 the skip counts of its summary."""
 import csv
+import math
 import gzip
 import os
 import sys
@@ -12,6 +13,7 @@ import types
 import numpy as np
 import pytest
 from PIL import Image
+from pathlib import Path
 
 import data
 
@@ -683,3 +685,21 @@ def test_load_image_corrupt_dicom_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pydicom", types.SimpleNamespace(dcmread=dcmread))
     with pytest.raises(ValueError, match="bad.dcm"):
         data.load_image(tmp_path / "bad.dcm")
+
+
+def test_mimic_config_trains_a_few_steps_on_the_prepared_miniature(tmp_path):
+    """configs/mimic.json end to end on CPU: prepare the miniature MIMIC layout, train 2 optimizer
+    steps. Overridden for CI time only: image size, depth and the micro-batch (the miniature has 3
+    training pairs); the paper-scale widths, heads, embed_dim, queue, momentum and alpha stay."""
+    import msd
+    root = make_mimic(tmp_path / "mimic")
+    data.prepare("mimic-cxr", root, tmp_path / "mimic.csv")
+    cfg = msd.load_config(Path(__file__).resolve().parent.parent / "configs" / "mimic.json", [
+        f"--data={tmp_path / 'mimic.csv'}", f"--out_dir={tmp_path / 'run'}", "--image_size=32",
+        "--vision_layers=1", "--text_layers=1", "--batch_size=1", "--accum_steps=2",
+        "--max_steps=2", "--warmup_steps=1", "--num_workers=0", "--min_freq=1", "--progress=false"])
+    assert (cfg.vision_width, cfg.embed_dim, cfg.queue_size) == (768, 256, 65536)
+    summary = msd.train(cfg)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    model, tokenizer, loaded, ckpt = msd.load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert ckpt["step"] == 2 and int(model.image_queue.filled) == 4
