@@ -617,7 +617,7 @@ def run_zeroshot(ev, args):
         name = "synth" if (ev.manifest.parent / "meta.json").is_file() else "chexpert"
     prompt_set = load_prompt_set(name)
     out = {"prompt_set": name}
-    if ev.split_sizes.get("test_5x"):
+    if args.with_5x and ev.split_sizes.get("test_5x"):
         feats = ev.images("test_5x")
         classes, y = five_way_labels(feats["labels"], ev.label_names, feats["rows"])
         missing = [c for c in classes if c not in prompt_set["positive"]]
@@ -630,7 +630,7 @@ def run_zeroshot(ev, args):
         out["multiclass"] = mc
     else:
         out["multiclass"] = None
-        out["note"] = "no test_5x split in the manifest: multi-class zero-shot skipped"
+        out["note"] = "no test_5x split (or --no-5x): multi-class zero-shot skipped"
     findings = [f for f in ev.label_names
                 if f in prompt_set["positive"] and negative_prompts(prompt_set, f) is not None]
     if findings and not ev.split_sizes.get(args.split):
@@ -677,7 +677,8 @@ def run_fewshot(ev, args):
 
 def run_retrieval(ev, args):
     out = {}
-    for split in dict.fromkeys([args.split] + (["test_5x"] if ev.split_sizes.get("test_5x") else [])):
+    with_5x = args.with_5x and ev.split_sizes.get("test_5x")
+    for split in dict.fromkeys([args.split] + (["test_5x"] if with_5x else [])):
         if not any(r["text"].strip() for r in ev.rows if r["split"] == split):
             out[split] = {"note": "labels-only split (no report texts): retrieval skipped"}
             continue
@@ -818,11 +819,17 @@ def run_efficiency(args):
 
 
 def ablation_metrics(ev, args):
-    """The few numbers of the quality table, from the three tasks above."""
-    zs, fs, rt = run_zeroshot(ev, args), run_fewshot(ev, args), run_retrieval(ev, args)
-    m = {"zs_acc": zs["multiclass"]["accuracy"], "zs_f1": zs["multiclass"]["macro_f1"],
-         "zs_auroc": zs["binary"]["mean_auroc"]}
-    m.update({f"probe_{name}": r["auroc_mean"] for name, r in fs["results"].items()})
+    """The few numbers of the quality table, from the three tasks above. For tuning on the valid
+    split ("eval": {"split": "valid", "with_5x": false, "probe": false}) nothing is read from a
+    test split: no 5xN zero-shot, no probe (it would choose and report on one split)."""
+    zs, rt = run_zeroshot(ev, args), run_retrieval(ev, args)
+    m = {}
+    if zs["multiclass"]:
+        m.update(zs_acc=zs["multiclass"]["accuracy"], zs_f1=zs["multiclass"]["macro_f1"])
+    m["zs_auroc"] = zs["binary"]["mean_auroc"]
+    if args.probe:
+        fs = run_fewshot(ev, args)
+        m.update({f"probe_{name}": r["auroc_mean"] for name, r in fs["results"].items()})
     for d in ("i2t", "t2i"):
         m.update({f"{d}_{k}": v for k, v in rt[args.split][d].items() if k.startswith("R@")})
     return m
@@ -987,6 +994,9 @@ def main(argv=None):
     p.add_argument("--chunk-size", dest="chunk_size", type=int, default=256)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--no-5x", dest="with_5x", action="store_false",
+                   help="skip everything on the test_5x split (e.g. when tuning on --split valid)")
+    p.add_argument("--no-probe", dest="probe", action="store_false", help="ablation: skip the probe")
     p.add_argument("--steps", type=int, default=5, help="efficiency: optimizer steps timed per row")
     p.add_argument("--ablation", default="configs/ablation.json", help="ablation: the run list")
     p.add_argument("--ablation-dir", dest="ablation_dir", default="runs/ablation",

@@ -30,14 +30,11 @@ import copy
 import json
 import math
 import os
-import random
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -655,10 +652,16 @@ def epoch_batches(n, B, seed, epoch):
 
 
 def peak_memory_mb(device):
-    """CUDA: max_memory_allocated. Elsewhere: the process's peak resident set size (ru_maxrss)."""
+    """CUDA: max_memory_allocated. Elsewhere: the process's peak resident set size (ru_maxrss;
+    NaN where the `resource` module does not exist, i.e. on Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / (2**20 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
 
 
 def count_params(module):
@@ -673,8 +676,6 @@ def train(cfg, resume=False, stop_after=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
     device = pick_device(cfg.device)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
 
     manifest = prepare_data(cfg)
     ckpt = None
@@ -682,6 +683,10 @@ def train(cfg, resume=False, stop_after=None):
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items() if getattr(cfg, k) != v}
+        if changed:
+            print(f"warning: resuming with config keys changed since the checkpoint "
+                  f"(saved -> now): {changed}")
         tokenizer = data.Tokenizer.from_dict(ckpt["tokenizer"])
     else:
         tokenizer = build_tokenizer(cfg, manifest)

@@ -499,3 +499,22 @@ def test_ablation_trains_evaluates_and_reuses_finished_runs(tmp_path, monkeypatc
     # a second call finds every run finished and trains nothing
     monkeypatch.setattr(msd, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
     ev.main(args)
+
+
+def test_tuning_mode_reads_no_test_split(trained, tmp_path, monkeypatch):
+    """--split valid --no-5x (the tuning protocol of configs/tuning.json) touches only valid."""
+    seen = []
+    original = ev.Evaluation.images
+
+    def recording(self, split):
+        seen.append(split)
+        return original(self, split)
+    monkeypatch.setattr(ev.Evaluation, "images", recording)
+    out = tmp_path / "t.json"
+    ev.main(["--task", "zeroshot", "--checkpoint", str(trained["ckpt"]), "--split", "valid",
+             "--no-5x", "--out", str(out)])
+    ev.main(["--task", "retrieval", "--checkpoint", str(trained["ckpt"]), "--split", "valid",
+             "--no-5x", "--out", str(out)])
+    assert set(seen) == {"valid"}
+    r = strict_json(out)
+    assert list(r["retrieval"]) == ["valid"]
