@@ -756,12 +756,8 @@ def measure_step(cfg, steps, vocab_size=1000):
     optimizer = msd.configure_optimizer(model, cfg)
     baseline = msd.peak_memory_mb(device)             # model, teacher, queue, inputs: no step yet
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=cfg.amp and device.type == "cuda")
-
     def step():
-        msd.train_step(model, optimizer, batch, cfg, cfg.lr, cfg.alpha, autocast)
+        msd.train_step(model, optimizer, batch, cfg, cfg.lr, cfg.alpha, msd.autocast_for(cfg, device))
 
     with FlopCounterMode(display=False) as counter:   # also the warm-up step
         step()

@@ -521,9 +521,14 @@ def get_lr(step, cfg, total_steps):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+def alpha_ramp_steps(cfg, steps_per_epoch):
+    """Optimizer steps over which alpha ramps up: one epoch unless the config says otherwise."""
+    return steps_per_epoch if cfg.alpha_ramp_steps < 0 else cfg.alpha_ramp_steps
+
+
 def get_alpha(step, cfg, steps_per_epoch):
     """alpha ramps linearly from 0 to cfg.alpha over the first epoch's optimizer steps (ALBEF)."""
-    ramp = steps_per_epoch if cfg.alpha_ramp_steps < 0 else cfg.alpha_ramp_steps
+    ramp = alpha_ramp_steps(cfg, steps_per_epoch)
     return cfg.alpha if ramp == 0 else cfg.alpha * min(1.0, step / ramp)
 
 
@@ -607,6 +612,12 @@ def train_step(model, optimizer, batch, cfg, lr, alpha, autocast):
         model.dequeue_and_enqueue(image_feat_m, text_feat_m, pair_ids)
     return {"loss": total_loss, "grad_norm": float(grad_norm), "lr": lr, "alpha": alpha,
             "tau": 1.0 / model.logit_scale.exp().item()}
+
+
+def autocast_for(cfg, device):
+    """A zero-argument factory of the autocast context: bf16 on CUDA when cfg.amp, else a no-op."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                                  enabled=cfg.amp and device.type == "cuda")
 
 
 def pick_device(name):
@@ -713,9 +724,7 @@ def train(cfg, resume=False, stop_after=None):
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=cfg.amp and device.type == "cuda")
+    autocast = autocast_for(cfg, device)
 
     # the derived quantities a reader should know before the first step
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
@@ -729,7 +738,7 @@ def train(cfg, resume=False, stop_after=None):
         half_life = math.log(0.5) / math.log(cfg.momentum) if 0 < cfg.momentum < 1 else float("inf")
         print(f"teacher half-life {half_life:.0f} optimizer steps (m = {cfg.momentum}) | queue "
               f"K = {cfg.queue_size} fills in {math.ceil(cfg.queue_size / B)} steps | alpha "
-              f"{cfg.alpha} reached after {steps_per_epoch if cfg.alpha_ramp_steps < 0 else cfg.alpha_ramp_steps} steps")
+              f"{cfg.alpha} reached after {alpha_ramp_steps(cfg, steps_per_epoch)} steps")
         if cfg.queue_size > len(train_set) - B:
             print(f"warning: queue_size {cfg.queue_size} > training pairs - B = "
                   f"{len(train_set) - B}: a pair's own older copy will often sit in the queue")
