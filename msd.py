@@ -26,7 +26,10 @@ Read top to bottom, with the paper (and ../shared/PAPER.md) beside it:
 """
 
 import argparse
+import contextlib
 import copy
+import errno
+import hashlib
 import json
 import math
 import os
@@ -34,6 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -81,6 +85,7 @@ class Config:
     queue_size: int = 1024            # K teacher features per modality (0 = no queue)
     temperature: float = 0.07         # initial tau; learnable, stored as log(1/tau)
     ema_per_micro_batch: bool = False  # reproduce the common bug (EMA per micro-batch = momentum m^N)
+    init_from: str = ""               # start from this checkpoint's student (a NEW run; not --resume)
     # optimisation
     batch_size: int = 32              # micro-batch b: pairs per forward/backward
     accum_steps: int = 4              # N micro-batches per optimizer step; effective batch B = N * b
@@ -91,11 +96,13 @@ class Config:
     warmup_steps: int = 50            # linear warm-up, in optimizer steps
     weight_decay: float = 0.02        # on weight matrices only (not biases, norms, temperature)
     grad_clip: float = 1.0            # max gradient norm (0 = no clipping)
+    teacher_batch: int = 256          # pairs per teacher forward chunk (it keeps no activations)
     # run
     seed: int = 0                     # model init, data order, augmentation, dropout
     out_dir: str = "runs/small"       # ckpt.pt and log.jsonl go here
     device: str = "auto"              # "auto" (cuda > mps > cpu), "cuda", "mps" or "cpu"
     amp: bool = True                  # bf16 autocast on CUDA (ignored elsewhere)
+    compile: str = "auto"             # torch.compile the encoders: "auto" (CUDA only), "on", "off", "reduce-overhead"
     log_every: int = 10               # optimizer steps between log.jsonl records
     ckpt_every: int = 0               # optimizer steps between checkpoints (0 = only at the end)
     progress: bool = True             # show the tqdm progress bar
@@ -127,48 +134,82 @@ def load_config(path=None, overrides=()):
     """Defaults, then the JSON file at `path`, then `--key=value` overrides; every key type-checked."""
     defaults = Config()
     valid = {f.name for f in fields(Config)}
-    values, sources = {}, {}
+    values, where = {}, {}  # key -> value, and where the value came from (for error messages)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            from_file = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            from_file = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-        values.update(from_file)
-        sources.update({key: f" in {path}" for key in from_file})
+        if not isinstance(from_file, dict):
+            raise ValueError(f"{path}: expected a JSON object of config keys, got {type(from_file).__name__}")
+        for key, value in from_file.items():
+            values[key], where[key] = value, f"in {path}"
+    from_cli = set()
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
             raise ValueError(f"override {item!r}: expected --key=value")
         key, value = item[2:].split("=", 1)
-        values[key], sources[key] = value, " on the command line"
+        values[key], where[key] = value, "on the command line"
+        from_cli.add(key)
     for key, value in values.items():
         if key not in valid:
-            raise KeyError(f"unknown config key '{key}'{sources[key]}; "
+            raise KeyError(f"unknown config key '{key}' {where[key]}; "
                            f"valid keys: {', '.join(sorted(valid))}")
-        values[key] = _coerce(key, value, getattr(defaults, key),
-                              from_cli=sources[key] == " on the command line")
+        values[key] = _coerce(key, value, getattr(defaults, key), from_cli=key in from_cli)
     cfg = Config(**values)
     check_config(cfg)
     return cfg
 
 
+def config_from_dict(saved, source):
+    """The Config stored in a checkpoint (`source` names the file for error messages)."""
+    valid = {f.name for f in fields(Config)}
+    unknown = sorted(set(saved) - valid)
+    if unknown:
+        raise CheckpointError(f"{source}: config keys {unknown} are unknown to this version of msd.py")
+    cfg = Config(**{k: _coerce(k, v, getattr(Config(), k), from_cli=False) for k, v in saved.items()})
+    check_config(cfg)
+    return cfg
+
+
+COMPILE_MODES = ("auto", "on", "off", "reduce-overhead")
+
+
 def check_config(cfg):
-    """Values that are the right type but make no sense."""
-    if cfg.method not in ("msd", "clip"):
-        raise ValueError(f"config key 'method': expected 'msd' or 'clip', got {cfg.method!r}")
-    if cfg.attn_impl not in ("sdpa", "manual"):
-        raise ValueError(f"config key 'attn_impl': expected 'sdpa' or 'manual', got {cfg.attn_impl!r}")
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-    for key in ("batch_size", "accum_steps", "embed_dim", "max_len"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
-    if not 0.0 <= cfg.momentum <= 1.0 or not 0.0 <= cfg.alpha <= 1.0:
-        raise ValueError("config keys 'momentum' and 'alpha' must lie in [0, 1]")
-    if cfg.queue_size < 0 or cfg.temperature <= 0:
-        raise ValueError("config keys 'queue_size' >= 0 and 'temperature' > 0 are required")
+    """Values that are the right type but make no sense; each error names the key."""
+    def need(ok, key, what):
+        if not ok:
+            raise ValueError(f"config key '{key}': expected {what}, got {getattr(cfg, key)!r}")
+
+    for f in fields(Config):  # nan and inf are floats too: a run that starts with one ends in NaN
+        if f.type in (float, "float"):
+            need(math.isfinite(getattr(cfg, f.name)), f.name, "a finite number")
+    need(cfg.method in ("msd", "clip"), "method", "'msd' or 'clip'")
+    need(cfg.attn_impl in ("sdpa", "manual"), "attn_impl", "'sdpa' or 'manual'")
+    need(cfg.compile in COMPILE_MODES, "compile", " or ".join(map(repr, COMPILE_MODES)))
+    for key in ("batch_size", "accum_steps", "embed_dim", "max_len", "epochs", "log_every",
+                "teacher_batch", "image_size", "patch_size", "mlp_ratio", "synth_n", "synth_size",
+                "vision_width", "vision_layers", "vision_heads", "text_width", "text_layers",
+                "text_heads", "min_freq"):
+        need(getattr(cfg, key) >= 1, key, "an integer >= 1")
+    for key in ("max_steps", "ckpt_every", "warmup_steps", "num_workers", "queue_size",
+                "synth_per_class_5x", "weight_decay", "grad_clip", "min_lr"):
+        need(getattr(cfg, key) >= 0, key, "a value >= 0")
+    need(cfg.max_len >= 3, "max_len", "at least 3 ([CLS], one token, [SEP])")
+    need(cfg.lr > 0, "lr", "a learning rate > 0")
+    need(cfg.temperature > 0, "temperature", "a temperature > 0")
+    need(0.0 <= cfg.momentum <= 1.0, "momentum", "a value in [0, 1]")
+    need(0.0 <= cfg.alpha <= 1.0, "alpha", "a value in [0, 1]")
+    need(0.0 <= cfg.dropout < 1.0, "dropout", "a value in [0, 1)")
+    need(cfg.alpha_ramp_steps >= -1, "alpha_ramp_steps", "-1 (one epoch) or a number of steps >= 0")
+    need(cfg.image_size % cfg.patch_size == 0, "image_size", f"a multiple of patch_size {cfg.patch_size}")
+    need(cfg.vision_width % cfg.vision_heads == 0, "vision_width", f"a multiple of vision_heads {cfg.vision_heads}")
+    need(cfg.text_width % cfg.text_heads == 0, "text_width", f"a multiple of text_heads {cfg.text_heads}")
+    need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+         "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
 # -----------------------------------------------------------------------------
@@ -342,6 +383,11 @@ class DualEncoder(nn.Module):
         """(B, L), (B, L) -> (B, embed_dim), L2-normalised: t = g_t(f_t(w)) / |.|."""
         return F.normalize(self.text_proj(self.text(input_ids, attention_mask)), dim=-1)
 
+    def forward(self, images, input_ids, attention_mask):
+        """Both features of a batch of pairs: (v, t). The training step calls the student through
+        forward(), because DistributedDataParallel all-reduces gradients only for what runs there."""
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask)
+
 
 # -----------------------------------------------------------------------------
 # 3. Momentum teacher (ALBEF's copy_params / momentum_update)
@@ -377,6 +423,8 @@ class FeatureQueue(nn.Module):
       ptr ()        the next slot to write;  filled ()  how many slots hold a real feature.
     Slots never written are not keys: `keys()` returns only the first `filled` slots (writes start
     at slot 0, so until the buffer is full the written slots are exactly 0 .. filled-1).
+    The pointer and the fill level are also kept as Python ints (n_ptr, n_filled): reading a
+    buffer that lives on a GPU would make the host wait for the GPU at every step.
     """
 
     def __init__(self, size, dim):
@@ -386,11 +434,17 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.n_ptr = self.n_filled = 0
+        self.register_load_state_dict_post_hook(FeatureQueue._read_counters)
+
+    @staticmethod
+    def _read_counters(queue, incompatible_keys):
+        """After load_state_dict (resume): the host copies come from the loaded buffers, once."""
+        queue.n_ptr, queue.n_filled = int(queue.ptr), int(queue.filled)
 
     def keys(self):
         """(filled, d) features and (filled,) ids of the written slots."""
-        n = int(self.filled)
-        return self.feats[:n], self.ids[:n]
+        return self.feats[:self.n_filled], self.ids[:self.n_filled]
 
     @torch.no_grad()
     def enqueue(self, feats, ids):
@@ -398,12 +452,14 @@ class FeatureQueue(nn.Module):
         if self.size == 0:
             return
         feats, ids = feats[-self.size:], ids[-self.size:]  # a batch larger than K keeps its last K
-        n = feats.size(0)
-        slots = (int(self.ptr) + torch.arange(n, device=self.ids.device)) % self.size  # wraps
-        self.feats[slots] = feats.detach().to(self.feats.dtype)
-        self.ids[slots] = ids
-        self.ptr.fill_((int(self.ptr) + n) % self.size)
-        self.filled.fill_(min(int(self.filled) + n, self.size))
+        n, p = feats.size(0), self.n_ptr
+        head = min(n, self.size - p)                       # slots left before the end of the buffer
+        self.feats[p:p + head], self.ids[p:p + head] = feats[:head], ids[:head]
+        self.feats[:n - head], self.ids[:n - head] = feats[head:], ids[head:]  # the rest wraps to 0
+        self.n_ptr = (p + n) % self.size
+        self.n_filled = min(self.n_filled + n, self.size)
+        self.ptr.fill_(self.n_ptr)
+        self.filled.fill_(self.n_filled)
 
 
 # -----------------------------------------------------------------------------
@@ -480,6 +536,7 @@ class MSD(nn.Module):
         # tau is stored as log(1/tau), CLIP's logit_scale; clamped after each optimizer step
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         self.teacher = None
+        self.text_pad_multiple = 1  # compile_towers raises it: a compiled encoder wants few shapes
         if cfg.method == "msd":
             self.teacher = copy_params(self.student)
             self.image_queue = FeatureQueue(cfg.queue_size, cfg.embed_dim)  # Q_v
@@ -491,15 +548,14 @@ class MSD(nn.Module):
             self.teacher.eval()  # the teacher never uses dropout, even while the student trains
         return self
 
-    def momentum_update(self, m):
-        momentum_update(self.teacher, self.student, m)
-
     def dequeue_and_enqueue(self, image_feat_m, text_feat_m, pair_ids):
         self.image_queue.enqueue(image_feat_m, pair_ids)
         self.text_queue.enqueue(text_feat_m, pair_ids)
 
 
 def build_model(cfg, vocab_size):
+    """The initial model of a run. It seeds the global RNG with cfg.seed first, so that a seed
+    names one set of initial weights; dropout then draws from where the initialisation stopped."""
     torch.manual_seed(cfg.seed)
     return MSD(cfg, vocab_size)
 
@@ -543,58 +599,107 @@ def configure_optimizer(model, cfg):
 
 
 def to_fp32(x):
-    """Features leave bf16 autocast as float32 for the loss (float64, used by tests, stays)."""
+    """Features leave bf16 autocast as float32 for the loss; float32 and float64 stay as they are."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
-def train_step(model, optimizer, batch, cfg, lr, alpha, autocast):
-    """One optimizer step on an effective batch of B = N * b pairs (PAPER.md section 5).
+class Batch(NamedTuple):
+    """One effective batch as the loop hands it to train_step (with several processes, this
+    process's share of the global batch: section 8)."""
+    images: torch.Tensor          # (B, 1, H, W)
+    input_ids: torch.Tensor       # (B, L): [CLS] tokens [SEP] [PAD] ...
+    attention_mask: torch.Tensor  # (B, L): 1 = token, 0 = padding
+    pair_ids: torch.Tensor        # (B,): the study each pair comes from
+    text_lengths: list = None     # B Python ints, tokens per report, counted on the host (or None)
 
-    batch: (images (B, 1, H, W), input_ids (B, L), attention_mask (B, L), pair_ids (B,), ...)
-    Returns a dict of scalars for the log. Gradients stay in .grad after the step (the tests read them).
-    """
-    images, input_ids, attention_mask, pair_ids = batch[:4]
+
+def chunks(n, size):
+    """Slices of at most `size` rows that cover 0 .. n-1 in order."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def trim_padding(input_ids, attention_mask, lengths, multiple=1):
+    """Cut the padding columns that no report of this chunk reaches; padding never changes a
+    feature (tests/test_msd.py), so this only saves time. `multiple` rounds the length up, so
+    that a compiled encoder sees few distinct shapes. The mask becomes None when no report of
+    the chunk is padded: attention then runs on its fastest, mask-free kernel."""
+    L = min(-(-max(lengths) // multiple) * multiple, input_ids.size(1))
+    return input_ids[:, :L], (None if min(lengths) >= L else attention_mask[:, :L])
+
+
+def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
+    """One optimizer step on an effective batch of B = N * b pairs: the six steps of README.md,
+    "One optimizer step". With W processes (section 8), `batch` holds this process's N * b pairs
+    of a global batch of W * N * b, and the keys are the teacher features of the global batch.
+
+    Returns "loss", "grad_norm" and "tau" as 0-d tensors on the device, plus "lr" and "alpha".
+    Nothing here waits for the GPU (no .item(), no int(tensor)): the loop reads the numbers once
+    per log interval. Gradients stay in .grad after the step (the tests read them)."""
+    ddp = dist is not None and dist.world_size > 1            # several processes: section 8
+    student = dist.ddp_student if ddp else model.student     # called through forward(): v, t
     N = cfg.accum_steps
-    B = images.size(0)
-    assert B % N == 0, f"effective batch {B} is not a multiple of accum_steps {N}"
+    B = batch.images.size(0)
+    assert B % N == 0, f"batch of {B} pairs is not a multiple of accum_steps {N}"
     b = B // N  # micro-batch
     micro = [slice(j * b, (j + 1) * b) for j in range(N)]
+    lengths = batch.text_lengths or batch.attention_mask.sum(1).tolist()
 
-    # 2. the teacher encodes ALL N micro-batches first, without gradient: V', T' (B, d).
-    #    Keys K_v = [V'; Q_v], K_t = [T'; Q_t] are now fixed for the whole step, so every row of
-    #    every micro-batch sees the same key set.
+    def reports(rows):  # input_ids, attention_mask of these rows, without unreached padding
+        return trim_padding(batch.input_ids[rows], batch.attention_mask[rows], lengths[rows],
+                            model.text_pad_multiple)
+
+    # 1. the loop has taken an effective batch of B = N * b pairs: `batch`
+    # 2. the teacher encodes ALL of it first, without gradient: V', T' (B, d). It keeps no
+    #    activations for a backward pass, so it runs in chunks of teacher_batch rows, not of b.
+    #    The keys K_v = [V'; Q_v], K_t = [T'; Q_t] are then fixed for the whole step: every row
+    #    of every micro-batch sees the same key set.
     if cfg.method == "msd":
         with torch.no_grad(), autocast():
-            image_feat_m = torch.cat([model.teacher.encode_image(images[s]) for s in micro])
-            text_feat_m = torch.cat([model.teacher.encode_text(input_ids[s], attention_mask[s])
-                                     for s in micro])
-        image_feat_m, text_feat_m = to_fp32(image_feat_m), to_fp32(text_feat_m)  # (B, d) each
+            feats_m = [(model.teacher.encode_image(batch.images[rows]),
+                        model.teacher.encode_text(*reports(rows)))
+                       for rows in chunks(B, cfg.teacher_batch)]
+        image_feat_m = to_fp32(torch.cat([v for v, _ in feats_m]))  # (B, d): V'
+        text_feat_m = to_fp32(torch.cat([t for _, t in feats_m]))   # (B, d): T'
+        # W processes: every process contrasts its rows with the teacher features of the
+        # GLOBAL batch, gathered in rank order (no gradient flows through them anyway)
+        image_all, text_all, ids_all = (all_gather(x, dist) if ddp else x
+                                        for x in (image_feat_m, text_feat_m, batch.pair_ids))
         queue_image, queue_ids = model.image_queue.keys()
         queue_text, _ = model.text_queue.keys()
-        image_keys = torch.cat([image_feat_m, queue_image])  # (B + filled, d)
-        text_keys = torch.cat([text_feat_m, queue_text])     # (B + filled, d)
-        key_ids = torch.cat([pair_ids, queue_ids])           # (B + filled,)
+        image_keys = torch.cat([image_all, queue_image])  # K_v = [V'; Q_v]   (W*B + filled, d)
+        text_keys = torch.cat([text_all, queue_text])     # K_t = [T'; Q_t]   (W*B + filled, d)
+        key_ids = torch.cat([ids_all, queue_ids])         # their pair ids    (W*B + filled,)
 
     # 3. the student encodes one micro-batch at a time; only b pairs of activations live at once
     optimizer.zero_grad(set_to_none=True)
-    total_loss = 0.0
-    for s in micro:
-        with autocast():
-            image_feat = to_fp32(model.student.encode_image(images[s]))  # (b, d)
-            text_feat = to_fp32(model.student.encode_text(input_ids[s], attention_mask[s]))
-        if cfg.method == "msd":
-            loss = msd_loss(image_feat, text_feat, image_feat_m[s], text_feat_m[s],
-                            image_keys, text_keys, pair_ids[s], key_ids, model.logit_scale, alpha)
-        else:
-            # naive accumulation: each micro-batch only sees its own b - 1 negatives, so this is
-            # an average of N small-batch losses, NOT the loss of one batch of B
-            loss = clip_loss(image_feat, text_feat, pair_ids[s], model.logit_scale)
-        # divide by N: the loss of B rows is the mean of N equal-sized micro-batch means. Keys are
-        # stop-gradient, so the summed gradients equal the gradient of one batch of B exactly.
-        (loss / N).backward()
-        total_loss += loss.item() / N
+    total_loss = 0.0  # becomes a tensor on the device: summed without reading it back
+    for j, rows in enumerate(micro):
+        # W processes: DDP all-reduces the gradients in backward(); inside no_sync() they only
+        # accumulate, so the all-reduce happens once per optimizer step, on the last micro-batch
+        sync = student.no_sync() if ddp and j < N - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                image_feat, text_feat = student(batch.images[rows], *reports(rows))  # (b, d) each
+            image_feat, text_feat = to_fp32(image_feat), to_fp32(text_feat)
+            if cfg.method == "msd":
+                loss = msd_loss(image_feat, text_feat, image_feat_m[rows], text_feat_m[rows],
+                                image_keys, text_keys, batch.pair_ids[rows], key_ids,
+                                model.logit_scale, alpha)
+            else:
+                # naive accumulation: each micro-batch only sees its own b - 1 negatives, so this
+                # is an average of N small-batch losses, NOT the loss of one batch of B
+                loss = clip_loss(image_feat, text_feat, batch.pair_ids[rows], model.logit_scale)
+            # divide by N: the loss of B rows is the mean of N equal-sized micro-batch means. Keys
+            # are stop-gradient, so the summed gradients equal the gradient of one batch of B
+            # exactly (and DDP's average over W processes makes it the mean over W * B rows).
+            (loss / N).backward()
+        total_loss = total_loss + loss.detach() / N
         if cfg.method == "msd" and cfg.ema_per_micro_batch:
-            model.momentum_update(cfg.momentum)  # THE COMMON BUG, kept for the ablation: momentum m^N
+            momentum_update(model.teacher, model.student, cfg.momentum)  # THE COMMON BUG, kept
+            # for the ablation: N EMA updates per optimizer step = momentum m^N
+    if ddp:  # tau lives outside the DDP-wrapped student: average its gradient by hand
+        torch.distributed.all_reduce(model.logit_scale.grad)
+        model.logit_scale.grad /= dist.world_size
 
     # 4. clip, one optimizer step, keep the temperature in a sane range (tau in [0.01, 1])
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -607,11 +712,92 @@ def train_step(model, optimizer, batch, cfg, lr, alpha, autocast):
     if cfg.method == "msd":
         # 5. EMA of the teacher once per optimizer step, after optimizer.step()
         if not cfg.ema_per_micro_batch:
-            model.momentum_update(cfg.momentum)
-        # 6. enqueue this step's teacher features and pair ids, after the loss, never before
-        model.dequeue_and_enqueue(image_feat_m, text_feat_m, pair_ids)
-    return {"loss": total_loss, "grad_norm": float(grad_norm), "lr": lr, "alpha": alpha,
-            "tau": 1.0 / model.logit_scale.exp().item()}
+            momentum_update(model.teacher, model.student, cfg.momentum)
+        # 6. enqueue this step's teacher features and pair ids (of the global batch), after the
+        #    loss, never before; every process enqueues the same, so the queues stay identical
+        model.dequeue_and_enqueue(image_all, text_all, ids_all)
+    return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "alpha": alpha,
+            "tau": model.logit_scale.detach().exp().reciprocal()}
+
+
+# -----------------------------------------------------------------------------
+# 8. More than one process: torchrun, DistributedDataParallel (an aside; a single process
+# never enters this section). The accumulation argument extends to W processes: the keys are
+# stop-gradient teacher features, so when every process contrasts its rows with the teacher
+# features of the WHOLE global batch (all-gathered) and the same queue, DDP's gradient average
+# over W processes x N micro-batches x b pairs equals the gradient of one batch of W * N * b.
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """This process's place among the W processes that torchrun started (W = 1 without it)."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = None
+    ddp_student: nn.Module = None  # DistributedDataParallel(model.student), set by train()
+
+    @property
+    def is_main(self):  # rank 0 alone logs, shows progress and writes checkpoints
+        return self.rank == 0
+
+
+def init_distributed(cfg):
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: one process per GPU (NCCL), or per CPU
+    process (gloo). Without torchrun, W = 1 and nothing is initialised."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"torchrun: device {cfg.device!r} is not supported; use cuda or cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, device)
+
+
+@torch.no_grad()
+def all_gather(x, dist):
+    """(n, ...) on every process -> (W * n, ...): all of them, in rank order (MoCo's
+    concat_all_gather). Used for teacher features and pair ids only, which carry no gradient."""
+    parts = [torch.empty_like(x) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def check_replicas_agree(model, dist, step):
+    """Every process applies the same averaged gradient, EMA and enqueue, so student, teacher
+    and queues must stay identical without ever being sent; one all-reduce of their sums checks it."""
+    parts = [model.student.parameters()]
+    if model.teacher is not None:
+        parts += [model.teacher.parameters(), model.image_queue.buffers(), model.text_queue.buffers()]
+    sums = torch.stack([torch.stack([t.double().sum() for t in part]).sum() for part in parts])
+    low, high = sums.clone(), sums.clone()
+    torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"step {step}: the processes' copies of the student / teacher / queues "
+                           f"differ (sums {low.tolist()} .. {high.tolist()}); stopping")
+
+
+def rng_states(dist):
+    """The RNG state of every process (a collective: all processes call it), for the checkpoint."""
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if dist.world_size == 1:
+        return [mine]
+    states = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+# -----------------------------------------------------------------------------
+# 9. A training run: data, model, a fresh start / resume / warm start, the loop
+# -----------------------------------------------------------------------------
 
 
 def autocast_for(cfg, device):
@@ -628,6 +814,21 @@ def pick_device(name):
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def compile_towers(model, cfg, device):
+    """With cfg.compile (default: on CUDA only), torch.compile the four encoders in place
+    (nn.Module.compile: parameters and checkpoint keys stay those of the eager modules).
+    Report lengths are then rounded up to a multiple of 16: few shapes, few compilations."""
+    mode = ("on" if device.type == "cuda" else "off") if cfg.compile == "auto" else cfg.compile
+    if mode == "off":
+        return "off"
+    for encoder in (model.student, model.teacher):
+        if encoder is not None:
+            for tower in (encoder.visual, encoder.text):
+                tower.compile(**({} if mode == "on" else {"mode": mode}))
+    model.text_pad_multiple = 16
+    return mode
 
 
 def prepare_data(cfg):
@@ -656,7 +857,7 @@ def build_tokenizer(cfg, manifest):
 def epoch_batches(n, B, seed, epoch):
     """The effective batches of one epoch: a permutation seeded by (seed, epoch), cut into full
     batches of B (the last partial batch is dropped). It depends on B only, never on how each
-    batch is later split into micro-batches."""
+    batch is later split into micro-batches or processes."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g)
     return perm[: n // B * B].view(-1, B).tolist()  # (steps_per_epoch, B)
@@ -679,61 +880,104 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def train(cfg, resume=False, stop_after=None):
-    """Train for cfg.max_steps optimizer steps (or cfg.epochs), checkpointing into cfg.out_dir.
-    `stop_after` ends the run early after that many steps, as an interruption would (for tests).
-    Returns a summary dict."""
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "ckpt.pt"
-    device = pick_device(cfg.device)
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm became NaN or inf: the run stops, nothing more is written."""
 
-    manifest = prepare_data(cfg)
-    ckpt = None
-    if resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items() if getattr(cfg, k) != v}
-        if changed:
-            print(f"warning: resuming with config keys changed since the checkpoint "
-                  f"(saved -> now): {changed}")
-        tokenizer = data.Tokenizer.from_dict(ckpt["tokenizer"])
-    else:
-        tokenizer = build_tokenizer(cfg, manifest)
-    train_set = data.PairDataset(manifest, "train", tokenizer,
-                                 data.ImageTransform(cfg.image_size, train=True),
-                                 seed=cfg.seed, cache_images=cfg.cache_images)
+
+# Keys a resumed run may change: none of them alters the model, the optimizer state or the order
+# in which pairs are seen. epochs / max_steps may grow (the cosine schedule then stretches).
+RESUME_SAFE_KEYS = ("epochs", "max_steps", "log_every", "ckpt_every", "num_workers", "progress",
+                    "device", "compile", "teacher_batch", "attn_impl", "cache_images", "out_dir",
+                    "init_from")
+# Keys that must match the checkpoint named by init_from: its weights must fit the model.
+ARCHITECTURE_KEYS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
+                     "text_width", "text_layers", "text_heads", "mlp_ratio", "embed_dim", "max_len")
+
+
+def config_changes(saved, cfg, keys):
+    """{key: (value in the checkpoint, value now)} for the keys that differ."""
+    default = Config()
+    return {k: (saved.get(k, getattr(default, k)), getattr(cfg, k))
+            for k in keys if saved.get(k, getattr(default, k)) != getattr(cfg, k)}
+
+
+def check_resumable(ckpt, cfg, dist, path):
+    """A resumed run must continue the same run: same model, optimizer and data order."""
+    unsafe = [f.name for f in fields(Config) if f.name not in RESUME_SAFE_KEYS]
+    changed = config_changes(ckpt["config"], cfg, unsafe)
+    if changed:
+        raise CheckpointError(
+            f"--resume: {path} was trained with another config: "
+            + "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            + ". These keys change the model, the optimizer state or the data order. A resumed "
+            f"run may change only {', '.join(RESUME_SAFE_KEYS)}; to change the others start a "
+            f"new run (another out_dir, or --overwrite).")
+    if ckpt.get("world_size", 1) != dist.world_size:
+        raise CheckpointError(
+            f"--resume: {path} was written by {ckpt.get('world_size', 1)} process(es), this run "
+            f"has {dist.world_size}: each process's share of every batch, and so the data order, "
+            f"would change. Resume with the same number of processes.")
+    for k, (old, new) in config_changes(ckpt["config"], cfg, RESUME_SAFE_KEYS).items():
+        if dist.is_main and k not in ("out_dir", "progress"):
+            print(f"resume: {k} {old!r} -> {new!r}")
+
+
+def restore(model, optimizer, ckpt, dist, device):
+    """--resume: weights, teacher, queues, temperature, optimizer, step and this process's RNG
+    state, exactly as they were when the checkpoint was written."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    rng = ckpt["rng"][dist.rank]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return ckpt["step"]
+
+
+def warm_start(model, source, cfg, path):
+    """init_from: a NEW run whose student starts as the student of another run's checkpoint
+    (e.g. a pretraining run). The teacher is an exact copy of that student (copy_params on the
+    loaded weights), the queues start empty, the optimizer and the step start fresh. The
+    temperature is the checkpoint's: its features were trained with it."""
+    changed = config_changes(source["config"], cfg, ARCHITECTURE_KEYS)
+    if changed:
+        raise CheckpointError(
+            f"init_from {path}: the architecture differs from the checkpoint's: "
+            + "; ".join(f"{k} {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items())
+            + ". Set these keys as in the checkpoint.")
+    student = {k[len("student."):]: v for k, v in source["model"].items() if k.startswith("student.")}
+    model.student.load_state_dict(student)
+    if model.teacher is not None:
+        model.teacher.load_state_dict(model.student.state_dict())
+    with torch.no_grad():
+        model.logit_scale.copy_(source["model"]["logit_scale"])
+
+
+def truncate_log(path, step):
+    """On resume, keep the log records of steps <= step: the run continues from there, so the
+    later records (written after the checkpoint) would otherwise appear twice."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def print_run_summary(cfg, device, manifest, train_set, tokenizer, model, B, steps_per_epoch,
+                      total_steps, dist, compiled):
+    """The derived quantities a reader should know before the first step."""
     valid_texts = [r["text"] for r in data.read_manifest(manifest) if r["split"] == "valid"]
-
-    B = cfg.batch_size * cfg.accum_steps  # the effective batch
-    steps_per_epoch = len(train_set) // B
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training split has {len(train_set)} pairs, fewer than one "
-                         f"effective batch of {B}")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-
-    model = build_model(cfg, tokenizer.vocab_size).to(device)
-    optimizer = configure_optimizer(model, cfg)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-
-    autocast = autocast_for(cfg, device)
-
-    # the derived quantities a reader should know before the first step
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     print(f"device {device} | manifest {manifest} | {len(train_set)} training pairs | "
-          f"vocabulary {tokenizer.vocab_size} | valid unknown-token rate "
+          f"vocabulary {tokenizer.vocab_size} | unknown-token rate: train "
+          f"{tokenizer.unk_rate(train_set.texts):.2%}, valid "
           f"{tokenizer.unk_rate(valid_texts) if valid_texts else float('nan'):.2%}")
-    print(f"effective batch B = {cfg.accum_steps} x {cfg.batch_size} = {B} pairs | "
+    W = f"{dist.world_size} processes x " if dist.world_size > 1 else ""
+    print(f"effective batch B = {W}{cfg.accum_steps} x {cfg.batch_size} = {B} pairs | "
           f"{steps_per_epoch} optimizer steps per epoch | {total_steps} steps in all")
-    print(f"student {count_params(model.student) / 1e6:.2f} M parameters | method {cfg.method}")
+    print(f"student {count_params(model.student) / 1e6:.2f} M parameters | method {cfg.method} | "
+          f"torch.compile {compiled}")
     if cfg.method == "msd":
         half_life = math.log(0.5) / math.log(cfg.momentum) if 0 < cfg.momentum < 1 else float("inf")
         print(f"teacher half-life {half_life:.0f} optimizer steps (m = {cfg.momentum}) | queue "
@@ -742,89 +986,275 @@ def train(cfg, resume=False, stop_after=None):
         if cfg.queue_size > len(train_set) - B:
             print(f"warning: queue_size {cfg.queue_size} > training pairs - B = "
                   f"{len(train_set) - B}: a pair's own older copy will often sit in the queue")
-    if step:
-        print(f"resuming from {ckpt_path} at step {step}")
 
-    log_file = open(out_dir / "log.jsonl", "a" if resume else "w")
+
+def train(cfg, resume=False, overwrite=False, stop_after=None):
+    """Train for cfg.max_steps optimizer steps (or cfg.epochs), checkpointing into cfg.out_dir.
+    resume: continue the run in out_dir. overwrite: start over in an out_dir that holds a run.
+    cfg.init_from: a new run that starts from another run's student. `stop_after` ends the run
+    early after that many steps, as an interruption would (for tests). Returns a summary dict."""
+    dist = init_distributed(cfg)
+    device = dist.device or pick_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if not resume and ckpt_path.is_file() and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds a run ({ckpt_path}). Continue it with --resume, start over "
+            f"there with --overwrite (its checkpoint and log are replaced), or choose another "
+            f"--out_dir.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # where the weights and the vocabulary come from: the checkpoint to resume, the checkpoint
+    # to start from (init_from), or nowhere (a fresh start: the vocabulary of the training split)
+    ckpt = read_checkpoint(ckpt_path) if resume else None
+    source = read_checkpoint(cfg.init_from) if cfg.init_from and not resume else None
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, dist, ckpt_path)
+
+    # the data (several processes: rank 0 generates the synthetic set while the others wait)
+    if dist.world_size > 1 and not dist.is_main:
+        torch.distributed.barrier()
+    manifest = prepare_data(cfg)
+    if dist.world_size > 1 and dist.is_main:
+        torch.distributed.barrier()
+    if ckpt is not None or source is not None:  # the embedding rows follow that vocabulary
+        tokenizer = data.Tokenizer.from_dict((ckpt or source)["tokenizer"])
+    else:
+        tokenizer = build_tokenizer(cfg, manifest)
+    train_set = data.PairDataset(manifest, "train", tokenizer,
+                                 data.ImageTransform(cfg.image_size, train=True),
+                                 seed=cfg.seed, cache_images=cfg.cache_images)
+
+    B = cfg.batch_size * cfg.accum_steps * dist.world_size  # the (global) effective batch
+    share = slice(dist.rank * B // dist.world_size, (dist.rank + 1) * B // dist.world_size)
+    steps_per_epoch = len(train_set) // B
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training split has {len(train_set)} pairs, fewer than one "
+                         f"effective batch of {B}")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    model = build_model(cfg, tokenizer.vocab_size)  # seeds the RNG with cfg.seed, then initialises
+    if source is not None:
+        warm_start(model, source, cfg, cfg.init_from)
+    model.to(device)
+    optimizer = configure_optimizer(model, cfg)
+    step = restore(model, optimizer, ckpt, dist, device) if ckpt is not None else 0
+    if dist.world_size > 1 and ckpt is None:
+        torch.manual_seed(cfg.seed * 1000 + 1 + dist.rank)  # dropout: other masks in each process
+    compiled = compile_towers(model, cfg, device)
+    if dist.world_size > 1:
+        dist.ddp_student = torch.nn.parallel.DistributedDataParallel(
+            model.student, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = autocast_for(cfg, device)
+    end = total_steps if stop_after is None else min(total_steps, stop_after)
+
+    if dist.is_main:
+        print_run_summary(cfg, device, manifest, train_set, tokenizer, model, B, steps_per_epoch,
+                          total_steps, dist, compiled)
+        if source is not None:
+            print(f"init_from {cfg.init_from}: student, teacher and tau from its step "
+                  f"{source['step']}; queues empty, optimizer and step fresh")
+        if step:
+            print(f"resuming from {ckpt_path} at step {step}")
+    if step >= end:
+        if dist.is_main:
+            print(f"nothing to do: {ckpt_path} is at step {step}, the run ends at step {end} "
+                  f"(raise max_steps or epochs to train longer)")
+        return {"steps": step, "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
+                "peak_memory_mb": peak_memory_mb(device), "checkpoint": str(ckpt_path)}
+    if dist.is_main:
+        if resume:
+            truncate_log(log_path, step)
+        log_file = open(log_path, "a" if resume else "w")
+
+    def stop_if_not_finite():
+        """One read of the device per log interval: was any step since the start not finite?"""
+        bad = first_bad.clone()
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+        if int(bad) >= 0:
+            raise NonFiniteError(
+                f"step {int(bad)}: the loss or the gradient norm is not finite (NaN or inf). "
+                f"Training stopped; nothing was written after step {int(bad) - 1}, and the last "
+                f"good checkpoint {ckpt_path} (if any) is kept. Lower lr, or check the data.")
+
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=end, initial=step, disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
     start, pairs_done, last = time.perf_counter(), 0, {}
-    while step < total_steps and (stop_after is None or step < stop_after):
+    first_bad = torch.full((), -1, device=device)  # the first step whose loss / grad norm was not finite
+    pin = device.type == "cuda"
+    while step < end:
         epoch, first = divmod(step, steps_per_epoch)
         train_set.set_epoch(epoch)
-        batches = epoch_batches(len(train_set), B, cfg.seed, epoch)[first:]  # resume mid-epoch
+        batches = [batch[share] for batch in epoch_batches(len(train_set), B, cfg.seed, epoch)[first:]]
         # a private generator: creating a loader must not consume the global RNG (dropout's), or
         # a resumed run would draw different dropout masks than an uninterrupted one
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches,
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, pin_memory=pin,
                                              num_workers=cfg.num_workers,
                                              generator=torch.Generator().manual_seed(cfg.seed))
-        for batch in loader:
-            batch = [x.to(device, non_blocking=True) for x in batch]
-            # drop the padding columns that no report of this batch reaches: padding never
-            # changes a feature (tests/test_msd.py), so this only saves time
-            L = int(batch[2].sum(dim=1).max())
-            batch[1], batch[2] = batch[1][:, :L], batch[2][:, :L]
-            last = train_step(model, optimizer, batch, cfg, get_lr(step, cfg, total_steps),
-                              get_alpha(step, cfg, steps_per_epoch), autocast)
+        for images, input_ids, attention_mask, pair_ids, _ in loader:
+            batch = Batch(*(x.to(device, non_blocking=True)
+                            for x in (images, input_ids, attention_mask, pair_ids)),
+                          text_lengths=attention_mask.sum(1).tolist())  # counted on the host
+            out = train_step(model, optimizer, batch, cfg, get_lr(step, cfg, total_steps),
+                             get_alpha(step, cfg, steps_per_epoch), autocast, dist)
             step += 1
             pairs_done += B
-            last["pairs_per_s"] = pairs_done / (time.perf_counter() - start)
+            bad = ~(torch.isfinite(out["loss"]) & torch.isfinite(out["grad_norm"]))
+            first_bad.masked_fill_(bad & (first_bad < 0), step)  # on the device: no waiting
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.1e}",
-                            alpha=f"{last['alpha']:.2f}", tau=f"{last['tau']:.3f}",
-                            pairs_s=f"{last['pairs_per_s']:.0f}")
-            if step % cfg.log_every == 0 or step == total_steps:
-                record = json.dumps({"step": step, "epoch": epoch, **last})
-                log_file.write(record + "\n")
-                log_file.flush()
-                if not cfg.progress:
-                    print(record, flush=True)
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                save_checkpoint(ckpt_path, model, optimizer, step, cfg, tokenizer)
-            if step >= total_steps or (stop_after is not None and step >= stop_after):
+            write_log = step % cfg.log_every == 0 or step == total_steps
+            write_ckpt = cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < end
+            if write_log or write_ckpt:
+                stop_if_not_finite()
+            if write_log:
+                loss = out["loss"].clone()
+                if dist.world_size > 1:  # the mean over the global batch
+                    torch.distributed.all_reduce(loss)
+                    loss /= dist.world_size
+                    check_replicas_agree(model, dist, step)
+                last = {"loss": loss.item(), "grad_norm": out["grad_norm"].item(), "lr": out["lr"],
+                        "alpha": out["alpha"], "tau": out["tau"].item(),
+                        "pairs_per_s": pairs_done / (time.perf_counter() - start)}
+                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.1e}",
+                                alpha=f"{last['alpha']:.2f}", tau=f"{last['tau']:.3f}",
+                                pairs_s=f"{last['pairs_per_s']:.0f}")
+                if dist.is_main:
+                    log_file.write(json.dumps({"step": step, "epoch": epoch, **last}) + "\n")
+                    log_file.flush()
+                    if not cfg.progress:
+                        print(json.dumps({"step": step, "epoch": epoch, **last}), flush=True)
+            if write_ckpt:
+                save_checkpoint(ckpt_path, model, optimizer, step, cfg, tokenizer, dist, source)
+            if step >= end:
                 break
     bar.close()
-    log_file.close()
-    save_checkpoint(ckpt_path, model, optimizer, step, cfg, tokenizer)
+    if dist.is_main:
+        log_file.close()
+    stop_if_not_finite()
+    save_checkpoint(ckpt_path, model, optimizer, step, cfg, tokenizer, dist, source)
     seconds = time.perf_counter() - start
     summary = {"steps": step, "seconds": seconds, "pairs_per_s": pairs_done / max(seconds, 1e-9),
                "final_loss": last.get("loss"), "peak_memory_mb": peak_memory_mb(device),
                "checkpoint": str(ckpt_path)}
-    print(f"done: {step} steps in {seconds:.1f} s | {summary['pairs_per_s']:.0f} pairs/s | "
-          f"final loss {summary['final_loss']} | peak memory {summary['peak_memory_mb']:.0f} MB "
-          f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}) | {ckpt_path}")
+    if dist.is_main:
+        print(f"done: {step} steps in {seconds:.1f} s | {summary['pairs_per_s']:.0f} pairs/s | "
+              f"final loss {summary['final_loss']} | peak memory {summary['peak_memory_mb']:.0f} MB "
+              f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}) | {ckpt_path}")
     return summary
 
 
 # -----------------------------------------------------------------------------
-# 8. Checkpoints and the command line
+# 10. Checkpoints and the command line
 # -----------------------------------------------------------------------------
 
 
-def save_checkpoint(path, model, optimizer, step, cfg, tokenizer):
-    """Everything needed to resume bit-identically, written atomically (temp file + rename)."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: not one of ours, damaged, or not matching this run."""
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "tokenizer", "rng")
+
+
+def checkpoint_sha256(obj, h=None):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every other
+    value's repr, in order. Stored inside the checkpoint; read_checkpoint recomputes it."""
+    top, h = h is None, h or hashlib.sha256()
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            h.update(repr(key).encode())
+            checkpoint_sha256(value, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for value in obj:
+            checkpoint_sha256(value, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else None
+
+
+def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, source=None):
+    """Everything needed to resume bit-identically, with a SHA-256 of it, written atomically
+    (temporary file + rename). Non-finite weights are never written over a checkpoint."""
+    dist = dist or Dist()
+    rng = rng_states(dist)  # all processes take part; rank 0 alone writes
+    if not dist.is_main:
+        return
     path = Path(path)
+    bad = [name for name, p in model.state_dict().items()
+           if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(f"not writing {path} at step {step}: non-finite values in "
+                             f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; the previous "
+                             f"checkpoint is kept")
     state = {
         "model": model.state_dict(),  # student, teacher, queues, logit_scale
         "optimizer": optimizer.state_dict(),
         "step": step,
         "config": asdict(cfg),
         "tokenizer": tokenizer.to_dict(),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+        "rng": rng,  # one entry per process
+        "world_size": dist.world_size,
+        "init_from": None if source is None else {"path": cfg.init_from, "sha256": source["sha256"],
+                                                  "step": source["step"]},
     }
+    state["sha256"] = checkpoint_sha256(state)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OSError(e.errno, f"could not write checkpoint {path}: {why}. The unfinished {tmp.name} "
+                               f"was removed; the previous checkpoint, if any, is untouched") from e
+
+
+def read_checkpoint(path):
+    """A checkpoint of this project as a dict, verified. torch.load(weights_only=True) accepts
+    only tensors, numbers, strings, lists and dicts, so loading a file can never run code from it;
+    then the SHA-256 stored inside is recomputed, and the weights are checked for NaN / inf."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, a broken zip, EOFError ...: all mean "unusable"
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint of this project (a corrupt checkpoint, not "
+            f"a checkpoint at all, or one holding objects other than tensors and plain values, "
+            f"which are refused because loading them could run code): "
+            f"{str(e).strip().splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path}: not a checkpoint of this project (expected the keys "
+                              f"{', '.join(CHECKPOINT_KEYS)})")
+    if isinstance(ckpt["rng"], dict):  # written by an earlier version: one process, one state
+        ckpt["rng"] = [ckpt["rng"]]
+    stored = ckpt.pop("sha256", None)
+    if stored is None:
+        print(f"warning: {path} carries no checksum (written by an earlier version of msd.py); "
+              f"its contents cannot be verified", file=sys.stderr)
+    elif stored != checkpoint_sha256(ckpt):
+        raise CheckpointError(f"corrupt checkpoint {path}: its contents do not match the SHA-256 "
+                              f"recorded when it was written (the file was damaged afterwards); "
+                              f"use another copy")
+    ckpt["sha256"] = stored
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values (NaN / inf) in {', '.join(bad[:4])}")
+    return ckpt
 
 
 def load_checkpoint(path, map_location="cpu"):
     """-> (model in eval mode, tokenizer, cfg, the raw checkpoint dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    cfg = Config(**ckpt["config"])
+    ckpt = read_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"], path)
     tokenizer = data.Tokenizer.from_dict(ckpt["tokenizer"])
     model = MSD(cfg, tokenizer.vocab_size)
     model.load_state_dict(ckpt["model"])
@@ -834,15 +1264,25 @@ def load_checkpoint(path, map_location="cpu"):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Train MSD (or the end-to-end CLIP baseline) on image-report pairs.",
-        epilog="Any config key can be overridden as --key=value, e.g. --accum_steps=8.")
+        epilog="Any config key can be overridden as --key=value, e.g. --accum_steps=8. "
+               "Several processes: torchrun --nproc_per_node=G msd.py --config ...")
     parser.add_argument("--config", help="JSON file of config keys (defaults: msd.Config)")
-    parser.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an out_dir that already holds a run (replaces it)")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e.args[0] if e.args else e}\n")
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (CheckpointError, NonFiniteError, FileExistsError, FileNotFoundError,
+            data.ManifestError, OSError) as e:
+        parser.exit(1, f"error: {e}\n")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

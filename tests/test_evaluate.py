@@ -494,7 +494,7 @@ def test_ablation_trains_evaluates_and_reuses_finished_runs(tmp_path, monkeypatc
         for key in ("zs_acc", "zs_f1", "zs_auroc", "probe_1-shot", "probe_100%", "i2t_R@1", "t2i_R@10"):
             mean, std = row[key]
             assert 0 <= mean <= 1 and std >= 0
-    ckpt = torch.load(tmp_path / "runs" / "msd" / "seed1" / "ckpt.pt", weights_only=False)
+    ckpt = msd.read_checkpoint(tmp_path / "runs" / "msd" / "seed1" / "ckpt.pt")
     assert ckpt["config"]["seed"] == 1 and ckpt["config"]["method"] == "msd"
     # a second call finds every run finished and trains nothing
     monkeypatch.setattr(msd, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
