@@ -723,6 +723,21 @@ def efficiency_configs(cfg, max_factor=8):
     return rows
 
 
+def sweep_configs(cfg, micro_batches=(32, 64, 128, 256)):
+    """The micro-batch sweep at the config's effective batch B = N * b: end-to-end CLIP at B and
+    MSD with N = B / b micro-batches of b, each eager and with the encoders compiled. How much
+    does a small micro-batch (the one that fits a small GPU) cost per pair?"""
+    B = cfg.batch_size * cfg.accum_steps
+    rows = []
+    for mode, tag in (("off", "eager"), ("on", "compiled")):
+        rows.append((f"sweep {tag}: CLIP end-to-end B={B}",
+                     replace(cfg, method="clip", batch_size=B, accum_steps=1, compile=mode)))
+        rows += [(f"sweep {tag}: MSD {B // b}x{b}",
+                  replace(cfg, method="msd", batch_size=b, accum_steps=B // b, compile=mode))
+                 for b in micro_batches if b <= B and B % b == 0]
+    return rows
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -742,24 +757,35 @@ def matmul_tflops(device, n=2048, repeats=10):
     return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def measure_step(cfg, steps, vocab_size=1000):
-    """Seconds per optimizer step, training FLOPs per pair and peak memory for one config."""
+def measure_step(cfg, steps, vocab_size=1000, warmup=2):
+    """Seconds per optimizer step, training FLOPs per pair and peak memory for one config.
+    Every report is max_len tokens long (no padding): the worst case. FLOPs are counted on an
+    eager step (the count is the same when compiled)."""
     device = msd.pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     B = cfg.batch_size * cfg.accum_steps
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, vocab_size, (B, cfg.max_len), generator=g)
     input_ids[:, 0] = 1                                           # [CLS]
     batch = [torch.randn(B, 1, cfg.image_size, cfg.image_size, generator=g), input_ids,
              torch.ones(B, cfg.max_len, dtype=torch.long), torch.arange(B)]
-    batch = [x.to(device) for x in batch]
+    batch = msd.Batch(*(x.to(device) for x in batch), text_lengths=[cfg.max_len] * B)
     model = msd.build_model(cfg, vocab_size).to(device).train()
     optimizer = msd.configure_optimizer(model, cfg)
     baseline = msd.peak_memory_mb(device)             # model, teacher, queue, inputs: no step yet
+    autocast = msd.autocast_for(cfg, device)
 
     def step():
-        msd.train_step(model, optimizer, batch, cfg, cfg.lr, cfg.alpha, msd.autocast_for(cfg, device))
+        msd.train_step(model, optimizer, batch, cfg, cfg.lr, cfg.alpha, autocast)
 
-    with FlopCounterMode(display=False) as counter:   # also the warm-up step
+    flops = None
+    if msd.compile_towers(model, cfg, device) == "off":
+        with FlopCounterMode(display=False) as counter:   # also the first warm-up step
+            step()
+        flops, warmup = counter.get_total_flops() / B, warmup - 1
+    for _ in range(warmup):                               # compilation happens here
         step()
     _sync(device)
     start = time.perf_counter()
@@ -768,45 +794,117 @@ def measure_step(cfg, steps, vocab_size=1000):
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
     peak = msd.peak_memory_mb(device)
-    return {"effective_batch": B, "seconds_per_step": seconds, "pairs_per_s": B / seconds,
-            "flops_per_pair": counter.get_total_flops() / B, "peak_memory_mb": peak,
-            "step_memory_mb": peak - baseline}
+    return {"effective_batch": B, "micro_batch": cfg.batch_size, "accum_steps": cfg.accum_steps,
+            "seconds_per_step": seconds, "pairs_per_s": B / seconds, "flops_per_pair": flops,
+            "peak_memory_mb": peak, "step_memory_mb": peak - baseline}
 
 
 def _measure_child(cfg_dict, steps, queue):
     queue.put(measure_step(msd.Config(**cfg_dict), steps))
 
 
+GPU_MEMORY_GB = (11, 24, 80)  # an RTX 2080 Ti, an RTX 4090 (the paper's GPUs), an H100
+
+
 def run_efficiency(args):
+    """Each configuration on random tensors of the configured shapes (this times the training
+    step, not the loader). On the CPU each runs in a fresh process, so that its peak RSS is its
+    own; on CUDA all run in this process, with the allocator's peak reset in between. On CUDA (or
+    with --sweep) the micro-batch sweep comes first. With --time-budget, rows that would start
+    after that many seconds are skipped (and listed); the JSON is rewritten after every row."""
     cfg = msd.load_config(args.config, args.overrides + ([f"--data={args.data}"] if args.data else []))
     device = msd.pick_device(cfg.device)
-    train_pairs = sum(r["split"] == "train" for r in data.read_manifest(msd.prepare_data(cfg)))
+    try:
+        train_pairs = sum(r["split"] == "train" for r in data.read_manifest(msd.prepare_data(cfg)))
+    except FileNotFoundError as e:   # random tensors need no data; only "min / epoch" does
+        print(f"note: {e}; minutes per epoch are left out")
+        train_pairs = None
     peak_tflops = matmul_tflops(device)
+    configs = (sweep_configs(cfg) if device.type == "cuda" or args.sweep else []) + efficiency_configs(cfg)
     ctx = multiprocessing.get_context("spawn")
-    rows = []
-    for name, row_cfg in efficiency_configs(cfg):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_measure_child, args=(asdict(row_cfg), args.steps, queue))
-        proc.start()
-        r = queue.get()                              # a fresh process: its peak memory is its own
-        proc.join()
+    res = {"device": str(device), "machine": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                              else platform.processor() or platform.machine()),
+           "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+           "threads": torch.get_num_threads(), "config": args.config, "overrides": args.overrides,
+           "steps_timed": args.steps, "train_pairs": train_pairs, "matmul_tflops": peak_tflops,
+           "memory": ("CUDA max_memory_allocated" if device.type == "cuda" else
+                      "process peak RSS (ru_maxrss); step memory = peak minus the RSS before the "
+                      "first step (model, teacher, queue and inputs already allocated)"),
+           "rows": [], "skipped": []}
+    start = time.perf_counter()
+    for name, row_cfg in configs:
+        if args.time_budget and time.perf_counter() - start > args.time_budget:
+            res["skipped"].append(name)
+            continue
+        if device.type == "cuda":
+            r = measure_step(row_cfg, args.steps)
+        else:                                         # a fresh process: its peak memory is its own
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_measure_child, args=(asdict(row_cfg), args.steps, queue))
+            proc.start()
+            r = queue.get()
+            proc.join()
         r["name"] = name
-        r["epoch_minutes"] = train_pairs / r["pairs_per_s"] / 60
-        r["mfu"] = r["flops_per_pair"] * r["pairs_per_s"] / (peak_tflops * 1e12)
-        rows.append(r)
+        r["epoch_minutes"] = train_pairs / r["pairs_per_s"] / 60 if train_pairs else None
+        r["fits_gb"] = {gb: r["peak_memory_mb"] / 1024 + 1.0 <= gb for gb in GPU_MEMORY_GB} \
+            if device.type == "cuda" else None    # + 1 GB: CUDA context and fragmentation
+        res["rows"].append(r)
         print(f"  measured {name}: {r['seconds_per_step']:.3f} s/step", flush=True)
-    base = rows[0]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(to_json(res), indent=1, allow_nan=False))
+    rows = res["rows"]
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:  # FLOPs per pair do not depend on compilation: take the eager twin's count
+        if r["flops_per_pair"] is None:
+            twin = by_name.get(r["name"].replace("compiled", "eager"))
+            r["flops_per_pair"] = twin["flops_per_pair"] if twin else None
+        r["mfu"] = (r["flops_per_pair"] * r["pairs_per_s"] / (peak_tflops * 1e12)
+                    if r["flops_per_pair"] else None)
+    base = next((r for r in rows if not r["name"].startswith("sweep")), None)
     for r in rows:
-        r["time_ratio"] = r["seconds_per_step"] / base["seconds_per_step"] * (
-            base["effective_batch"] / r["effective_batch"])    # per pair, relative to CLIP-b
-        r["memory_ratio"] = r["step_memory_mb"] / base["step_memory_mb"]
-    return {"device": str(device), "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "config": args.config, "steps_timed": args.steps,
-            "train_pairs": train_pairs, "matmul_tflops": peak_tflops,
-            "memory": ("CUDA max_memory_allocated" if device.type == "cuda" else
-                       "process peak RSS (ru_maxrss); step memory = peak minus the RSS before the "
-                       "first step (model, teacher, queue and inputs already allocated)"),
-            "rows": rows}
+        if r["name"].startswith("sweep"):  # per pair, relative to CLIP end to end at the same B
+            clip = by_name.get(r["name"].split(":")[0] + f": CLIP end-to-end B={r['effective_batch']}")
+            r["time_ratio"] = clip and r["seconds_per_step"] / clip["seconds_per_step"]
+            r["memory_ratio"] = clip and r["peak_memory_mb"] / clip["peak_memory_mb"]
+        elif base:                         # per pair, relative to CLIP-b
+            r["time_ratio"] = r["seconds_per_step"] / base["seconds_per_step"] * (
+                base["effective_batch"] / r["effective_batch"])
+            r["memory_ratio"] = r["step_memory_mb"] / base["step_memory_mb"]
+    return res
+
+
+def print_efficiency(res):
+    """Two tables: the micro-batch sweep (CUDA, or --sweep), then the methods and memory growth."""
+    def num(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    print(f"efficiency on {res['device']} ({res['machine']}, torch {res['torch']}"
+          + (f", CUDA {res['cuda']}" if res.get("cuda") else f", {res['threads']} threads")
+          + f"), {res['config']} {' '.join(res['overrides'])}; measured matmul peak "
+          f"{res['matmul_tflops']:.3f} TFLOP/s; memory = {res['memory']}")
+    sweep = [r for r in res["rows"] if r["name"].startswith("sweep")]
+    if sweep:
+        fits = list(sweep[0]["fits_gb"] or {})
+        print(f"  {'micro-batch sweep':<36} {'B':>4} {'s/step':>7} {'pairs/s':>8} "
+              f"{'x time/pair vs CLIP-B':>21} {'peak GiB':>8}" + "".join(f" {f'{gb} GB':>6}" for gb in fits))
+        for r in sweep:
+            print(f"  {r['name']:<36} {r['effective_batch']:>4} {r['seconds_per_step']:>7.3f} "
+                  f"{r['pairs_per_s']:>8.0f} {num(r['time_ratio'], '>21.2f')} "
+                  f"{r['peak_memory_mb'] / 1024:>8.1f}"
+                  + "".join(f" {'fits' if r['fits_gb'][gb] else 'no':>6}" for gb in fits))
+    print(f"  {'configuration':<40} {'B':>4} {'s/step':>7} {'pairs/s':>8} {'epoch min':>9} "
+          f"{'x time/pair':>11} {'peak MB':>8} {'step MB':>8} {'x step mem':>10} "
+          f"{'GFLOP/pair':>10} {'MFU':>6}")
+    for r in res["rows"]:
+        if r["name"].startswith("sweep"):
+            continue
+        print(f"  {r['name']:<40} {r['effective_batch']:>4} {r['seconds_per_step']:>7.3f} "
+              f"{r['pairs_per_s']:>8.0f} {num(r['epoch_minutes'], '>9.2f')} {r['time_ratio']:>11.2f} "
+              f"{r['peak_memory_mb']:>8.0f} {r['step_memory_mb']:>8.0f} {r['memory_ratio']:>10.2f} "
+              f"{num(r['flops_per_pair'] and r['flops_per_pair'] / 1e9, '>10.3f')} "
+              f"{num(r['mfu'], '>6.1%')}")
+    if res.get("skipped"):
+        print(f"  skipped (past --time-budget): {', '.join(res['skipped'])}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -831,37 +929,66 @@ def ablation_metrics(ev, args):
     return m
 
 
+ABLATION_KEYS = ("base", "shared", "seeds", "runs", "eval", "pretrain")
+
+
+def run_is_done(ckpt_path, cfg):
+    """A finished run of exactly this config (and, with init_from, of exactly that checkpoint)."""
+    if not ckpt_path.is_file():
+        return False
+    ckpt = msd.read_checkpoint(ckpt_path)
+    if ckpt["config"] != asdict(cfg):
+        return False
+    return not cfg.init_from or (ckpt.get("init_from") or {}).get("sha256") == \
+        msd.read_checkpoint(cfg.init_from)["sha256"]
+
+
 def run_ablation(args):
+    """Train every run of an ablation file for every seed (finished runs are reused), evaluate
+    each checkpoint with the protocol of the file's "eval" entry, tabulate mean and std over seeds.
+    The first row is the floor: the untrained model ("random"), or, when the runs start from a
+    checkpoint ("init_from" in "shared"), that checkpoint itself ("warm_start", no second stage).
+    "pretrain": the config whose run writes that checkpoint; it is trained first if missing."""
     spec_path = Path(args.ablation)
     spec = json.loads(spec_path.read_text())
-    unknown = set(spec) - {"base", "shared", "seeds", "runs", "eval"}
+    unknown = set(spec) - set(ABLATION_KEYS)
     if unknown:
-        raise KeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected base, shared, "
-                       f"seeds, runs, eval")
-    for key, value in spec.get("eval", {}).items():         # the evaluation protocol of the table
-        setattr(args, key, tuple(value) if isinstance(value, list) else value)
+        raise KeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected {', '.join(ABLATION_KEYS)}")
+    # the evaluation protocol of the table: the command line's, with the file's "eval" on top
+    protocol = argparse.Namespace(**{**vars(args), **{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in spec.get("eval", {}).items()}})
     shared = [f"--{k}={v}" for k, v in spec.get("shared", {}).items()]
+    init_from = spec.get("shared", {}).get("init_from")
+    if init_from and not Path(init_from).is_file():
+        if "pretrain" not in spec:
+            raise FileNotFoundError(f"{spec_path}: init_from {init_from} does not exist")
+        print(f"== pretraining {spec['pretrain']} -> {init_from}", flush=True)
+        msd.train(msd.load_config(spec["pretrain"], ["--progress=false"]))
+    floor = "warm_start" if init_from else "random"
     table = {}
-    for name, overrides in {"random": None, **spec["runs"]}.items():
+    for name, overrides in {floor: None, **spec["runs"]}.items():
         per_seed = []
         for seed in spec["seeds"]:
             run_dir = Path(args.ablation_dir) / name / f"seed{seed}"
             cfg = msd.load_config(spec["base"], shared + [f"--seed={seed}", f"--out_dir={run_dir}"]
                                   + [f"--{k}={v}" for k, v in (overrides or {}).items()])
-            ckpt_path, seconds = run_dir / "ckpt.pt", None
-            if overrides is None:                                # the untrained floor
-                manifest = msd.prepare_data(cfg)
+            manifest, ckpt_path, seconds = msd.prepare_data(cfg), run_dir / "ckpt.pt", None
+            if overrides is None and init_from:               # the warm checkpoint, as it is
+                model, tokenizer, _, ckpt = msd.load_checkpoint(init_from)
+                step, ckpt_path = ckpt["step"], Path(init_from)
+            elif overrides is None:                           # the untrained floor
                 tokenizer = msd.build_tokenizer(cfg, manifest)
                 model, step, ckpt_path = msd.build_model(cfg, tokenizer.vocab_size).eval(), 0, None
             else:
-                done = ckpt_path.is_file() and torch.load(ckpt_path, weights_only=False)["config"] == asdict(cfg)
-                if not done:
-                    print(f"== training {name} seed {seed} -> {run_dir}", flush=True)
-                    seconds = msd.train(cfg)["seconds"]
+                if not run_is_done(ckpt_path, cfg):
+                    print(f"== training {name} seed {seed} -> {run_dir}"
+                          + (" (replacing a run of another config)" if ckpt_path.is_file() else ""),
+                          flush=True)
+                    seconds = msd.train(cfg, overwrite=True)["seconds"]
                 model, tokenizer, cfg, ckpt = msd.load_checkpoint(ckpt_path)
-                step, manifest = ckpt["step"], msd.prepare_data(cfg)
+                step = ckpt["step"]
             ev = Evaluation(model, tokenizer, cfg, manifest, step, ckpt_path, args.batch_size)
-            metrics = ablation_metrics(ev, args)
+            metrics = ablation_metrics(ev, protocol)
             metrics["train_seconds"] = seconds
             per_seed.append(metrics)
             print(f"   {name} seed {seed}: " + "  ".join(
@@ -913,17 +1040,7 @@ def print_results(task, res):
                 print(f"  {d}  " + "  ".join(f"{k} {f(v) if k != 'median_rank' else v}"
                                              for k, v in r[d].items()))
     elif task == "efficiency":
-        print(f"efficiency on {res['device']} ({res['machine']}, {res['threads']} threads), "
-              f"{res['config']}; measured matmul peak {res['matmul_tflops']:.3f} TFLOP/s; "
-              f"memory = {res['memory']}")
-        print(f"  {'configuration':<40} {'B':>4} {'s/step':>7} {'pairs/s':>8} {'epoch min':>9} "
-              f"{'x time/pair':>11} {'peak MB':>8} {'step MB':>8} {'x step mem':>10} "
-              f"{'GFLOP/pair':>10} {'MFU':>6}")
-        for r in res["rows"]:
-            print(f"  {r['name']:<40} {r['effective_batch']:>4} {r['seconds_per_step']:>7.3f} "
-                  f"{r['pairs_per_s']:>8.0f} {r['epoch_minutes']:>9.2f} {r['time_ratio']:>11.2f} "
-                  f"{r['peak_memory_mb']:>8.0f} {r['step_memory_mb']:>8.0f} {r['memory_ratio']:>10.2f} "
-                  f"{r['flops_per_pair'] / 1e9:>10.3f} {r['mfu']:>6.1%}")
+        print_efficiency(res)
     elif task == "ablation":
         cols = [k for k in next(iter(res["table"].values())) if k.startswith(("zs_", "probe_", "i2t", "t2i"))]
         print(f"ablation {res['ablation']} (base {res['base']}): mean ± std over seeds")
@@ -994,6 +1111,10 @@ def main(argv=None):
                    help="skip everything on the test_5x split (e.g. when tuning on --split valid)")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="ablation: skip the probe")
     p.add_argument("--steps", type=int, default=5, help="efficiency: optimizer steps timed per row")
+    p.add_argument("--sweep", action="store_true",
+                   help="efficiency: the micro-batch sweep on the CPU too (always on CUDA)")
+    p.add_argument("--time-budget", dest="time_budget", type=float, default=0,
+                   help="efficiency: skip rows that would start after this many seconds (0 = none)")
     p.add_argument("--ablation", default="configs/ablation.json", help="ablation: the run list")
     p.add_argument("--ablation-dir", dest="ablation_dir", default="runs/ablation",
                    help="ablation: where runs are trained (finished runs are reused)")

@@ -49,7 +49,7 @@ def one_step(cfg, batch, model=None):
     model = model or msd.build_model(cfg, VOCAB)
     model.train()
     opt = msd.configure_optimizer(model, cfg)
-    msd.train_step(model, opt, batch, cfg, lr=cfg.lr, alpha=cfg.alpha, autocast=no_autocast)
+    msd.train_step(model, opt, msd.Batch(*batch), cfg, lr=cfg.lr, alpha=cfg.alpha, autocast=no_autocast)
     return model
 
 
@@ -248,10 +248,10 @@ def test_accumulation_is_exact():
     m_big.train(), m_small.train()
     for step in range(2):
         batch = fake_batch(8, big, seed=step)
-        batch = (batch[0].double(),) + batch[1:]
+        batch = msd.Batch(batch[0].double(), *batch[1:])
         out_big = msd.train_step(m_big, opt_big, batch, big, 1e-3, 0.4, no_autocast)
         out_small = msd.train_step(m_small, opt_small, batch, small, 1e-3, 0.4, no_autocast)
-        assert math.isclose(out_big["loss"], out_small["loss"], rel_tol=1e-12)
+        assert math.isclose(float(out_big["loss"]), float(out_small["loss"]), rel_tol=1e-12)
         assert_models_close(m_big, m_small, tol=1e-10)
     assert int(m_small.image_queue.filled) == 12 and int(m_small.image_queue.ptr) == 16 % 12
 
@@ -441,10 +441,10 @@ def test_resume_is_bit_identical(tmp_path, synth_dir):
     msd.train(straight)
     resumed = tiny_run_cfg(tmp_path / "resumed", synth_dir, *extra)
     msd.train(resumed, stop_after=3)
-    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)["step"] == 3
+    assert msd.read_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
     msd.train(resumed, resume=True)
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
+    a = msd.read_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = msd.read_checkpoint(tmp_path / "resumed" / "ckpt.pt")
     assert a["step"] == b["step"] == 10
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -463,3 +463,113 @@ def test_training_refuses_a_labels_only_manifest(tmp_path):
     cfg = msd.load_config(None, [f"--data={tmp_path / 'm.csv'}"])
     with pytest.raises(ValueError, match="no report text"):
         msd.build_tokenizer(cfg, msd.prepare_data(cfg))
+
+
+# ---------------------------------------------------------------- speed without changing the math
+
+
+def test_teacher_chunks_do_not_change_the_step():
+    """teacher_batch only sizes the teacher's forward chunks: 3 rows at a time (not aligned with
+    the micro-batches of 2) gives the step of one chunk of 8, to 1e-10 in float64."""
+    runs = []
+    for teacher_batch in (3, 256):
+        cfg = tiny_cfg(batch_size=2, accum_steps=4, teacher_batch=teacher_batch)
+        model = msd.build_model(cfg, VOCAB).double().train()
+        opt = msd.configure_optimizer(model, cfg)
+        for step in range(2):
+            batch = fake_batch(8, cfg, seed=step)
+            msd.train_step(model, opt, msd.Batch(batch[0].double(), *batch[1:]), cfg, 1e-3, 0.4, no_autocast)
+        runs.append(model)
+    assert_models_close(*runs, tol=1e-10)
+
+
+def test_trim_padding():
+    ids = torch.arange(12).view(2, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    trimmed, m = msd.trim_padding(ids, mask, [3, 4])
+    assert trimmed.shape == (2, 4) and m.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    trimmed, m = msd.trim_padding(ids, mask, [4, 4])
+    assert trimmed.shape == (2, 4) and m is None  # no row padded: no mask at all
+    trimmed, m = msd.trim_padding(ids, mask, [3, 4], multiple=5)
+    assert trimmed.shape == (2, 5) and m is not None  # rounded up to 5 (at most the full width)
+    assert msd.trim_padding(ids, mask, [3, 4], multiple=8)[0].shape == (2, 6)
+
+
+class HostRead(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_host_reads(optimizer):
+    """Inside: any read of a tensor's value by the host (.item(), int(), float(), bool(),
+    .tolist(), .numpy(), use as an index) raises. On a GPU each would make the host wait for the
+    device. AdamW's own .item() on its step counter is allowed: that counter lives on the CPU
+    even when the model is on a GPU, so it is no device read."""
+    names = ["item", "tolist", "numpy", "__int__", "__float__", "__bool__", "__index__"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise HostRead(f"the training step read a tensor on the host: Tensor.{name}")
+        return read
+
+    def patch():
+        for n in names:
+            setattr(torch.Tensor, n, refuse(n))
+
+    def unpatch():
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+    real_step = optimizer.step
+
+    def step_unpatched(*args, **kwargs):
+        unpatch()
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            patch()
+
+    optimizer.step = step_unpatched
+    patch()
+    try:
+        yield
+    finally:
+        unpatch()
+        optimizer.step = real_step
+
+
+@pytest.mark.parametrize("method", ["msd", "clip"])
+def test_the_training_step_never_waits_for_the_device(method):
+    cfg = tiny_cfg(method=method, batch_size=2, accum_steps=4)
+    model = msd.build_model(cfg, VOCAB).train()
+    opt = msd.configure_optimizer(model, cfg)
+    for step in range(3):  # later steps read a non-empty queue
+        images, ids, mask, pair_ids = fake_batch(8, cfg, seed=step)
+        batch = msd.Batch(images, ids, mask, pair_ids, text_lengths=mask.sum(1).tolist())
+        with no_host_reads(opt):
+            out = msd.train_step(model, opt, batch, cfg, 1e-3, 0.4, no_autocast)
+    assert all(torch.is_tensor(out[k]) for k in ("loss", "grad_norm", "tau"))
+    with pytest.raises(HostRead):  # the guard itself works
+        with no_host_reads(opt):
+            out["loss"].item()
+
+
+@pytest.mark.slow
+def test_compiled_encoders_keep_the_step_exact():
+    """compile=on (torch.compile of the four encoders, here on the CPU): the float64 step equals
+    the eager step to 1e-10, and the state dict keys stay those of the eager model."""
+    cfg = tiny_cfg(batch_size=2, accum_steps=4, compile="on")
+    models = []
+    for compiled in (False, True):
+        model = msd.build_model(cfg, VOCAB).double().train()
+        keys = list(model.state_dict())
+        if compiled:
+            assert msd.compile_towers(model, cfg, torch.device("cpu")) == "on"
+        opt = msd.configure_optimizer(model, cfg)
+        for step in range(2):
+            batch = fake_batch(8, cfg, seed=step)
+            msd.train_step(model, opt, msd.Batch(batch[0].double(), *batch[1:]), cfg, 1e-3, 0.4, no_autocast)
+        assert list(model.state_dict()) == keys
+        models.append(model)
+    assert_models_close(*models, tol=1e-10)
