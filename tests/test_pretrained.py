@@ -100,6 +100,8 @@ def test_wordpiece_ids_equal_hf_bert_tokenizer(tok_ref, case):
     ours = [tok.encode(s) for s in tok_ref["sentences"]]
     python, fast = tok_ref["ids"][f"{case}_python"], tok_ref["ids"][f"{case}_fast"]
     mismatches = [(s, o, p) for s, o, p in zip(tok_ref["sentences"], ours, python) if o != p]
+    print(f"WordPiece {case}: {len(ours) - len(mismatches)}/{len(ours)} sentences equal the Python "
+          f"BertTokenizer, {sum(o == f for o, f in zip(ours, fast))}/{len(ours)} the fast one")
     assert not mismatches, mismatches
     assert [i for i, (o, f) in enumerate(zip(ours, fast)) if o != f] == \
         tok_ref["python_vs_fast_differ_at"][case]
@@ -178,6 +180,7 @@ def test_bert_tower_equals_transformers(file, impl):
         hidden = text.hidden_states(ref["input_ids"], ref["attention_mask"])
         cls = text(ref["input_ids"], ref["attention_mask"])
     diff = (hidden - ref["last_hidden_state"]).abs().max().item()
+    print(f"BERT {file} ({impl}): max abs difference {diff:.1e}")  # shown with pytest -s
     assert diff <= TOL, diff
     torch.testing.assert_close(cls, ref["last_hidden_state"][:, 0], atol=TOL, rtol=0)
 
@@ -228,6 +231,7 @@ def test_vit_tower_equals_timm(file, size):
     with torch.no_grad():
         features = visual(ref[f"images_{size}"])
     diff = (features - ref[f"features_{size}"]).abs().max().item()
+    print(f"ViT {file} at {size} px: max abs difference {diff:.1e}")  # shown with pytest -s
     assert diff <= TOL, diff
 
 
@@ -236,6 +240,8 @@ def test_position_resampling_equals_timm(grid):
     ref = torch.load(FIX / "vit_reference.pt", weights_only=True)
     ours = msd.resample_pos_embed(ref["pos_embed"][0], grid)
     assert ours.shape == (1 + grid * grid, 32)
+    print(f"positions 4x4 -> {grid}x{grid}: max abs difference "
+          f"{(ours - ref[f'pos_{grid}x{grid}'][0]).abs().max().item():.1e}")  # shown with pytest -s
     torch.testing.assert_close(ours, ref[f"pos_{grid}x{grid}"][0], atol=1e-6, rtol=0)
     assert torch.equal(ours[0], ref["pos_embed"][0, 0])  # the class token's row is kept
 
@@ -253,6 +259,12 @@ def test_weights_that_do_not_fit_raise_one_error_listing_all(tmp_path):
     assert "missing (1): blocks.1.norm2.bias" in message
     assert "unexpected (1): blocks.0.attn.q_norm.weight" in message
     assert "wrong shape (1): norm.weight (33,) -> ln_post.weight needs (32,)" in message
+    # one extra tensor alone is refused too (a fine-tuned file's classifier is not silently dropped)
+    extra = msd.read_weights(VIT_DIR / "model.safetensors")
+    extra["fc_norm.weight"] = torch.ones(32)
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"extra\.pth does not fit the model:\n  unexpected \(1\): fc_norm\.weight\n"):
+        msd.load_vit_weights(vit_tower(), tmp_path / "extra.pth")
     # a config that is not the checkpoint's: every block listed, and what the file holds
     with pytest.raises(ValueError, match=r"(?s)wrong shape \(\d+\):.*vision_width 48, vision_layers 3.*"
                                          r"the file holds width 32, 2 blocks, patch 8"):
