@@ -318,7 +318,7 @@ class BertTextTransformer(nn.Module):
     config.json (`bert_config`, section 2b). Token + position + token-type embeddings (every token
     is of type 0, so only row 0 of BERT's type table is kept), LayerNorm, post-LN blocks with exact
     GELU, and the last hidden state of [CLS]. BERT's pooler (dense + tanh, trained for next-
-    sentence prediction) is not used; MGCA, ALBEF and others also take the [CLS] state."""
+    sentence prediction) is not used; ALBEF also takes the [CLS] state."""
 
     def __init__(self, bert_config, vocab_size, max_len, dropout, impl):
         super().__init__()
@@ -473,11 +473,12 @@ def read_safetensors(path):
     tensors = {}
     for name, info in header.items():
         try:
-            kind, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            assert all(isinstance(d, int) and d >= 0 for d in shape)
-        except (TypeError, KeyError, ValueError, AssertionError):
+            kind, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            shape = None
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ValueError(f"{path}: tensor {name!r}: bad header entry {info!r} (expected dtype, "
-                             f"shape, data_offsets)") from None
+                             f"shape, data_offsets)")
         if kind not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {kind}, which this reader does not "
                              f"read (it reads {', '.join(SAFETENSORS_DTYPES)})")
@@ -528,14 +529,14 @@ def load_mapped(module, weights, name_map, transforms, ignored, source):
             missing += [t for t in theirs if t not in weights]
             continue
         try:
-            value = torch.cat([weights[t] for t in theirs]) if len(theirs) > 1 else weights[theirs[0]]
-            value = transforms[ours](value) if ours in transforms else value
+            raw = torch.cat([weights[t] for t in theirs]) if len(theirs) > 1 else weights[theirs[0]]
+            value = transforms[ours](raw) if ours in transforms else raw
         except (ValueError, RuntimeError) as e:
             wrong.append(f"{' + '.join(theirs)}: {e}")
             continue
         if value.shape != target[ours].shape:
-            wrong.append(f"{' + '.join(theirs)} {tuple(weights[theirs[0]].shape)} -> {ours} "
-                         f"needs {tuple(target[ours].shape)}")
+            wrong.append(f"{' + '.join(theirs)} {tuple(raw.shape)} -> {ours} needs "
+                         f"{tuple(target[ours].shape)}")
             continue
         converted[ours] = value.to(target[ours].dtype)
     used = {t for theirs in name_map.values() for t in ((theirs,) if isinstance(theirs, str) else theirs)}

@@ -74,6 +74,9 @@ def test_safetensors_reader_refuses_bad_files_naming_them(tmp_path):
     shifted = dict(header, f32={**header["f32"], "data_offsets": [begin, end + 4]})
     with pytest.raises(ValueError, match=r"shifted\.safetensors: tensor 'f32'.*data_offsets"):
         msd.read_safetensors(write("shifted.safetensors", shifted))
+    negative = dict(header, f32={**header["f32"], "shape": [-3, 4]})
+    with pytest.raises(ValueError, match=r"negative\.safetensors: tensor 'f32': bad header entry"):
+        msd.read_safetensors(write("negative.safetensors", negative))
     with pytest.raises(ValueError, match=r"long\.safetensors: truncated"):
         msd.read_safetensors(write("long.safetensors", length=10**9))
     (tmp_path / "text.safetensors").write_bytes((4).to_bytes(8, "little") + b"abcd")
