@@ -12,7 +12,7 @@ EVERY row: a labels-only manifest for evaluation, e.g. CheXpert, which has no re
     python data.py probe data/synth        # small supervised CNN: are the findings in the pixels?
     python data.py prepare mimic-cxr --root DIR --out mimic.csv [--cache DIR]   # a real dataset
 
-Sections: 1 labels, manifest, report sections, images · 2 tokenizer · 3 image transforms ·
+Sections: 1 labels, manifest, report sections, images · 2 tokenizers · 3 image transforms ·
 4 PairDataset · 5 SynthCXR · 6 real datasets · 7 command line.
 Only the standard library, numpy, Pillow, torch and tqdm are used (pydicom, optional, for DICOM).
 """
@@ -31,6 +31,7 @@ import sys
 import textwrap
 import time
 import types
+import unicodedata
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -227,7 +228,11 @@ def load_image(path, max_side=None):
 
 
 # -----------------------------------------------------------------------------
-# 2. Tokenizer: lower-case words, numbers and punctuation; vocabulary from training reports
+# 2. Tokenizers. Tokenizer: lower-case words, numbers and punctuation, vocabulary from the
+# training reports (for the BERT-lite trained from scratch). WordPieceTokenizer: BERT's, read
+# from a published checkpoint's vocab.txt (for text_arch "bert"). Both have one interface:
+# tok(texts) -> (input_ids, attention_mask), encode, vocab_size, pad/cls/sep/unk ids, unk_rate,
+# truncated_share, to_dict; tokenizer_from_dict restores either from a checkpoint.
 
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]  # ids 0..4
 _TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?|_+|[^\sa-z\d_]")  # words | numbers (3.5) | ___ | one symbol
@@ -272,26 +277,24 @@ class Tokenizer:
 
     def __call__(self, texts):
         """list of B texts -> input_ids (B, max_len) long, attention_mask (B, max_len) long."""
-        if isinstance(texts, str):
-            raise TypeError("Tokenizer expects a list of texts, got one string")
-        input_ids = torch.full((len(texts), self.max_len), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(texts), self.max_len), dtype=torch.long)
-        for b, text in enumerate(texts):
-            ids = self.encode(text)
-            input_ids[b, :len(ids)] = torch.tensor(ids)
-            attention_mask[b, :len(ids)] = 1  # 1 = real token, 0 = padding
-        return input_ids, attention_mask
+        return _pad_batch(self, texts)
 
     def unk_rate(self, texts):
         """Fraction of tokens (before truncation) that are not in the vocabulary."""
         toks = [t for text in texts for t in self.tokenize(text)]
         return sum(t not in self.token_to_id for t in toks) / max(len(toks), 1)
 
+    def truncated_share(self, texts):
+        """Fraction of texts whose tokens, with [CLS] and [SEP], do not fit in max_len."""
+        return sum(len(self.tokenize(t)) + 2 > self.max_len for t in texts) / max(len(texts), 1)
+
     def to_dict(self):
-        return {"vocab": self.vocab, "max_len": self.max_len}
+        return {"kind": "word", "vocab": self.vocab, "max_len": self.max_len}
 
     @classmethod
     def from_dict(cls, d):
+        if d.get("kind", "word") != "word":  # dicts written before "kind" existed are word-level
+            raise ValueError(f"a {d['kind']!r} tokenizer dict: restore it with data.tokenizer_from_dict")
         return cls(d["vocab"], d["max_len"])
 
     def save(self, path):
@@ -300,6 +303,206 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _pad_batch(tokenizer, texts):
+    """list of B texts -> input_ids (B, max_len), attention_mask (B, max_len), both long; encode()
+    already truncated each text to max_len with [CLS] first and [SEP] last."""
+    if isinstance(texts, str):
+        raise TypeError(f"{type(tokenizer).__name__} expects a list of texts, got one string")
+    input_ids = torch.full((len(texts), tokenizer.max_len), tokenizer.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(texts), tokenizer.max_len), dtype=torch.long)
+    for b, text in enumerate(texts):
+        ids = tokenizer.encode(text)
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        attention_mask[b, :len(ids)] = 1  # 1 = real token, 0 = padding
+    return input_ids, attention_mask
+
+
+# BERT's WordPiece, written from its description (Devlin et al. 2019; Google's tokenization.py,
+# which HF's BertTokenizer follows): text cleaning, then "basic" tokenization (lower-casing and
+# accent stripping for uncased models, CJK characters as words, whitespace and punctuation
+# splits), then greedy longest-match-first word pieces with "##" continuations.
+
+def _is_whitespace(ch):
+    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
+
+
+def _is_control(ch):
+    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+
+
+def _is_punctuation(ch):
+    """Unicode punctuation (P*), and every ASCII symbol that is not a letter, digit or space
+    ($ + < = > ^ ` | ~ are symbols in Unicode, but BERT splits on them too)."""
+    cp = ord(ch)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or \
+        unicodedata.category(ch).startswith("P")
+
+
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+               (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _is_cjk(ch):
+    """CJK Unified Ideographs (and extensions, compatibility ideographs); not Hangul or kana."""
+    return any(lo <= ord(ch) <= hi for lo, hi in _CJK_RANGES)
+
+
+class WordPieceTokenizer:
+    """BERT's tokenizer for a published checkpoint: `from_pretrained(folder, max_len)` reads its
+    vocab.txt (one piece per line, id = line number) and its lower-casing setting. Same interface
+    as Tokenizer; saved inside our checkpoints (vocabulary included) and restored exactly.
+
+    do_lower_case: lower-case before splitting (uncased models). strip_accents: None = strip when
+    lower-casing (BERT's rule), or True / False. A word longer than 100 characters, or one that
+    cannot be covered by vocabulary pieces, becomes one [UNK]."""
+
+    MAX_WORD_CHARS = 100
+
+    def __init__(self, vocab, max_len=64, do_lower_case=True, strip_accents=None,
+                 tokenize_chinese_chars=True):
+        if max_len < 3:
+            raise ValueError(f"max_len must be >= 3 ([CLS] token [SEP]), got {max_len}")
+        self.vocab, self.max_len = list(vocab), int(max_len)
+        self.token_to_id = {t: i for i, t in enumerate(self.vocab)}  # a repeated line: the last wins
+        missing = [t for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]") if t not in self.token_to_id]
+        if missing:
+            raise ValueError(f"the WordPiece vocabulary has no {missing} token")
+        self.pad_id, self.cls_id, self.sep_id, self.unk_id = (
+            self.token_to_id[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]"))
+        self.mask_id = self.token_to_id.get("[MASK]")
+        specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in self.token_to_id]
+        self._special = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
+        self.do_lower_case = bool(do_lower_case)
+        self.strip_accents = None if strip_accents is None else bool(strip_accents)
+        self.tokenize_chinese_chars = bool(tokenize_chinese_chars)
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    @classmethod
+    def from_pretrained(cls, folder, max_len=64):
+        """vocab.txt of a BERT-family checkpoint folder. do_lower_case / strip_accents come from
+        its tokenizer_config.json, else its config.json, else HF's default (lower-case). Note:
+        emilyalsentzer/Bio_ClinicalBERT ships no tokenizer_config.json, so it is lower-cased here
+        exactly as by `AutoTokenizer.from_pretrained` (although its vocabulary is cased)."""
+        folder = Path(folder)
+        vocab_file = folder / "vocab.txt"
+        if not vocab_file.is_file():
+            raise FileNotFoundError(f"no vocab.txt in {folder} (a BERT checkpoint folder needs "
+                                    f"config.json, vocab.txt and model.safetensors or pytorch_model.bin)")
+        with open(vocab_file, encoding="utf-8", newline="\n") as f:
+            vocab = [line.rstrip("\n") for line in f]
+        settings, source = {}, "the default of HF's BertTokenizer"
+        for name in ("tokenizer_config.json", "config.json"):
+            path = folder / name
+            if path.is_file():
+                try:
+                    found = json.loads(path.read_text(encoding="utf-8"))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: not valid JSON ({e})") from None
+                keys = ("do_lower_case", "strip_accents", "tokenize_chinese_chars")
+                if any(k in found for k in keys):
+                    settings, source = {k: found[k] for k in keys if k in found}, str(path)
+                    break
+        try:
+            tok = cls(vocab, max_len, **settings)
+        except ValueError as e:
+            raise ValueError(f"{vocab_file}: {e}") from None
+        print(f"tokenizer: WordPiece, {tok.vocab_size} pieces from {vocab_file}; "
+              f"do_lower_case={tok.do_lower_case} (from {source})")
+        return tok
+
+    def basic_tokenize(self, text):
+        """Words and punctuation marks, as BERT's BasicTokenizer splits them."""
+        text = "".join(" " if _is_whitespace(ch) else ch for ch in text
+                       if not (ch in "\x00\ufffd" or _is_control(ch)))   # clean
+        if self.tokenize_chinese_chars:
+            text = "".join(f" {ch} " if _is_cjk(ch) else ch for ch in text)
+        text = unicodedata.normalize("NFC", text)
+        strip = self.do_lower_case if self.strip_accents is None else self.strip_accents
+        words = []
+        for word in text.split():
+            if self.do_lower_case:
+                word = word.lower()
+            if strip:  # "é" -> "e" + U+0301, then drop the combining mark (category Mn)
+                word = "".join(c for c in unicodedata.normalize("NFD", word)
+                               if unicodedata.category(c) != "Mn")
+            start = 0  # split off every punctuation character as a word of its own
+            for i, ch in enumerate(word):
+                if _is_punctuation(ch):
+                    words += [word[start:i], ch]
+                    start = i + 1
+            words.append(word[start:])
+        return [w for w in words if w]
+
+    def wordpiece(self, word):
+        """Greedy longest-match-first: "effusions" -> ["effusion", "##s"]; no cover -> [UNK]."""
+        if len(word) > self.MAX_WORD_CHARS:
+            return ["[UNK]"]
+        pieces, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.token_to_id:
+                    break
+            else:  # not even one character matched: the whole word is unknown
+                return ["[UNK]"]
+            pieces.append(piece)
+            start = end
+        return pieces
+
+    def tokenize(self, text):
+        pieces = []
+        for i, part in enumerate(self._special.split(text)):
+            if i % 2:  # "[MASK]", "[SEP]", ... written in the text are those tokens, as in HF's
+                pieces.append(part)
+            else:
+                pieces += [p for word in self.basic_tokenize(part) for p in self.wordpiece(word)]
+        return pieces
+
+    def encode(self, text):
+        ids = [self.token_to_id[p] for p in self.tokenize(text)]
+        return [self.cls_id] + ids[:self.max_len - 2] + [self.sep_id]
+
+    def decode(self, ids):
+        """Pieces joined back into words ("##" glued on), without [PAD] [CLS] [SEP]."""
+        skip = (self.pad_id, self.cls_id, self.sep_id)
+        return " ".join(self.vocab[int(i)] for i in ids if int(i) not in skip).replace(" ##", "")
+
+    def __call__(self, texts):
+        """list of B texts -> input_ids (B, max_len) long, attention_mask (B, max_len) long."""
+        return _pad_batch(self, texts)
+
+    def unk_rate(self, texts):
+        """Fraction of word pieces (before truncation) that are [UNK]."""
+        pieces = [p for text in texts for p in self.tokenize(text)]
+        return sum(p == "[UNK]" for p in pieces) / max(len(pieces), 1)
+
+    def truncated_share(self, texts):
+        """Fraction of texts whose pieces, with [CLS] and [SEP], do not fit in max_len."""
+        return sum(len(self.tokenize(t)) + 2 > self.max_len for t in texts) / max(len(texts), 1)
+
+    def to_dict(self):
+        return {"kind": "wordpiece", "vocab": self.vocab, "max_len": self.max_len,
+                "do_lower_case": self.do_lower_case, "strip_accents": self.strip_accents,
+                "tokenize_chinese_chars": self.tokenize_chinese_chars}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["vocab"], d["max_len"], d["do_lower_case"], d["strip_accents"],
+                   d["tokenize_chinese_chars"])
+
+
+def tokenizer_from_dict(d):
+    """Either tokenizer from its to_dict(); a dict without "kind" is a word-level one."""
+    kinds = {"word": Tokenizer, "wordpiece": WordPieceTokenizer}
+    kind = d.get("kind", "word")
+    if kind not in kinds:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
+    return kinds[kind].from_dict(d)
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,9 @@ gradient of one batch of B.
 
 Read top to bottom, with the paper (and ../shared/PAPER.md) beside it:
   1. Config                 every knob, its default and its meaning
-  2. Encoders               Attention, MLP, Block, VisionTransformer, TextTransformer, DualEncoder
+  2. Encoders               Attention, MLP, Block, VisionTransformer, TextTransformer,
+                            PostLNBlock, BertTextTransformer (text_arch "bert"), DualEncoder
+  2b. Pretrained weights    read_safetensors, read_weights, the BERT and timm-ViT name maps
   3. Momentum teacher       copy_params, momentum_update
   4. Queues                 FeatureQueue: a ring buffer of teacher features and their pair ids
   5. Losses                 msd_loss (PAPER.md section 3) and clip_loss (the end-to-end baseline)
@@ -65,7 +67,7 @@ class Config:
     min_freq: int = 2                 # a word needs this many training occurrences for the vocabulary
     num_workers: int = 0              # DataLoader worker processes (0 = load in the main process)
     cache_images: bool = True         # keep decoded images in memory (fine for small data)
-    # model (ViT + BERT-lite)
+    # model (ViT + BERT-lite from scratch, or published pretrained towers: README "Training on MIMIC-CXR")
     patch_size: int = 8               # ViT patch side; image_size must be a multiple
     vision_width: int = 128           # ViT hidden size
     vision_layers: int = 4            # ViT blocks
@@ -77,6 +79,9 @@ class Config:
     embed_dim: int = 128              # shared embedding size d (256 at paper scale)
     dropout: float = 0.1              # student dropout; the teacher never uses dropout
     attn_impl: str = "sdpa"           # "sdpa" (fast, fused) or "manual" (softmax(QK^T/sqrt(d))V written out)
+    text_arch: str = "lite"           # "lite" (BERT-lite, word vocabulary) or "bert" (text_weights' BERT + WordPiece)
+    text_weights: str = ""            # text_arch "bert": folder with config.json, vocab.txt, model.safetensors / pytorch_model.bin
+    vision_weights: str = ""          # a timm ViT file (.safetensors / .bin / .pth) to start f_v from; "" = CLIP init
     # method
     method: str = "msd"               # "msd" (momentum teacher + queue + distillation) or "clip" (end to end)
     momentum: float = 0.995           # EMA momentum m per optimizer step
@@ -190,6 +195,13 @@ def check_config(cfg):
     need(cfg.method in ("msd", "clip"), "method", "'msd' or 'clip'")
     need(cfg.attn_impl in ("sdpa", "manual"), "attn_impl", "'sdpa' or 'manual'")
     need(cfg.compile in COMPILE_MODES, "compile", " or ".join(map(repr, COMPILE_MODES)))
+    need(cfg.text_arch in ("lite", "bert"), "text_arch", "'lite' or 'bert'")
+    if cfg.text_arch == "bert" and not cfg.text_weights:
+        raise ValueError("text_arch 'bert' needs config key 'text_weights': the folder of a BERT-family "
+                         "checkpoint (config.json, vocab.txt, model.safetensors or pytorch_model.bin)")
+    if cfg.text_arch == "lite" and cfg.text_weights:
+        raise ValueError(f"config key 'text_weights' ({cfg.text_weights!r}) is only read with "
+                         f"text_arch 'bert'; set --text_arch=bert or leave it empty")
     for key in ("batch_size", "accum_steps", "embed_dim", "max_len", "epochs", "log_every",
                 "teacher_batch", "image_size", "patch_size", "mlp_ratio", "synth_n", "synth_size",
                 "vision_width", "vision_layers", "vision_heads", "text_width", "text_layers",
@@ -253,10 +265,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width, ratio, dropout):
+    def __init__(self, width, ratio, dropout, hidden=None):
         super().__init__()
-        self.fc = nn.Linear(width, ratio * width)
-        self.proj = nn.Linear(ratio * width, width)
+        hidden = hidden or ratio * width  # a checkpoint's own size (BERT's intermediate_size) if given
+        self.fc = nn.Linear(width, hidden)
+        self.proj = nn.Linear(hidden, width)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -266,11 +279,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width, heads, mlp_ratio, dropout, impl):
+    def __init__(self, width, heads, mlp_ratio, dropout, impl, eps=1e-5):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, dropout, impl)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = MLP(width, mlp_ratio, dropout)
 
     def forward(self, x, mask=None):
@@ -279,17 +292,18 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """f_v: patchify (conv, stride = patch), class token, learned positions, blocks, final LN."""
+    """f_v: patchify (conv, stride = patch), class token, learned positions, blocks, final LN.
+    The same layout as timm's ViT, so that its weights load (section 2b); eps 1e-6 is timm's."""
 
-    def __init__(self, image_size, patch_size, width, layers, heads, mlp_ratio, dropout, impl):
+    def __init__(self, image_size, patch_size, width, layers, heads, mlp_ratio, dropout, impl, eps=1e-5):
         super().__init__()
         num_patches = (image_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(1, width, kernel_size=patch_size, stride=patch_size)
         self.class_embedding = nn.Parameter(torch.zeros(width))
         self.positional_embedding = nn.Parameter(torch.zeros(num_patches + 1, width))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, impl) for _ in range(layers))
-        self.ln_post = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, impl, eps) for _ in range(layers))
+        self.ln_post = nn.LayerNorm(width, eps=eps)
 
     def forward(self, images):
         # images: (B, 1, H, W), grayscale
@@ -324,19 +338,91 @@ class TextTransformer(nn.Module):
         return self.ln_final(x[:, 0])                  # (B, C): the [CLS] token
 
 
-class DualEncoder(nn.Module):
-    """f_v, g_v, f_t, g_t: the student, and (as a copy) the teacher. forward-only, no state updates."""
+class PostLNBlock(nn.Module):
+    """BERT's post-LayerNorm block: x = ln(x + attn(x)), then x = ln(x + mlp(x))."""
 
-    def __init__(self, cfg, vocab_size):
+    def __init__(self, width, heads, hidden, dropout, impl, eps):
+        super().__init__()
+        self.attn = Attention(width, heads, dropout, impl)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, None, dropout, hidden=hidden)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x, mask=None):
+        x = self.ln_1(x + self.attn(x, mask))
+        return self.ln_2(x + self.mlp(x))
+
+
+class BertTextTransformer(nn.Module):
+    """f_t for text_arch "bert": a BERT-family encoder whose shape comes from the checkpoint's
+    config.json (`bert_config`, section 2b). Token + position + token-type embeddings (every token
+    is of type 0, so only row 0 of BERT's type table is kept), LayerNorm, post-LN blocks with exact
+    GELU, and the last hidden state of [CLS]. BERT's pooler (dense + tanh, trained for next-
+    sentence prediction) is not used; ALBEF also takes the [CLS] state."""
+
+    def __init__(self, bert_config, vocab_size, max_len, dropout, impl):
+        super().__init__()
+        c, source = bert_config, bert_config["source"]
+        if vocab_size > c["vocab_size"]:
+            raise ValueError(f"the tokenizer has {vocab_size} ids, {source} says vocab_size "
+                             f"{c['vocab_size']}: vocab.txt does not belong to these weights")
+        if max_len > c["max_position_embeddings"]:
+            raise ValueError(f"config key 'max_len' = {max_len} exceeds max_position_embeddings "
+                             f"{c['max_position_embeddings']} of {source}; use --max_len="
+                             f"{c['max_position_embeddings']} or less")
+        width = c["hidden_size"]
+        self.token_embedding = nn.Embedding(c["vocab_size"], width)
+        self.positional_embedding = nn.Parameter(torch.zeros(c["max_position_embeddings"], width))
+        self.token_type_embedding = nn.Parameter(torch.zeros(width))
+        self.ln_embed = nn.LayerNorm(width, eps=c["layer_norm_eps"])
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            PostLNBlock(width, c["num_attention_heads"], c["intermediate_size"], dropout, impl,
+                        c["layer_norm_eps"]) for _ in range(c["num_hidden_layers"]))
+
+    def hidden_states(self, input_ids, attention_mask):
+        # input_ids, attention_mask: (B, L), L <= max_position_embeddings; position 0 holds [CLS]
+        L = input_ids.size(1)
+        x = self.token_embedding(input_ids) + self.positional_embedding[:L] + self.token_type_embedding
+        x = self.drop(self.ln_embed(x))                # (B, L, C)
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        return x                                       # (B, L, C): BERT's last_hidden_state
+
+    def forward(self, input_ids, attention_mask):
+        return self.hidden_states(input_ids, attention_mask)[:, 0]  # (B, C): the [CLS] token
+
+
+class DualEncoder(nn.Module):
+    """f_v, g_v, f_t, g_t: the student, and (as a copy) the teacher. forward-only, no state updates.
+
+    With text_arch "bert" / vision_weights, the towers start from published weights (section 2b),
+    loaded here, before MSD copies the student into the teacher. `bert_config` and
+    pretrained=False rebuild a saved model without the weights files (load_checkpoint)."""
+
+    def __init__(self, cfg, vocab_size, bert_config=None, pretrained=True):
         super().__init__()
         self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width,
                                         cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio,
-                                        cfg.dropout, cfg.attn_impl)
-        self.text = TextTransformer(vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers,
-                                    cfg.text_heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_impl)
+                                        cfg.dropout, cfg.attn_impl,
+                                        eps=TIMM_VIT_LN_EPS if cfg.vision_weights else 1e-5)
+        self.bert_config = None  # the text tower's shape, stored in our checkpoints (text_arch "bert")
+        if cfg.text_arch == "bert":
+            self.bert_config = bert_config or read_bert_config(cfg.text_weights)
+            self.text = BertTextTransformer(self.bert_config, vocab_size, cfg.max_len, cfg.dropout,
+                                            cfg.attn_impl)
+            text_width = self.bert_config["hidden_size"]
+        else:
+            self.text = TextTransformer(vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers,
+                                        cfg.text_heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_impl)
+            text_width = cfg.text_width
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)  # g_v
-        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)      # g_t
+        self.text_proj = nn.Linear(text_width, cfg.embed_dim, bias=False)          # g_t
         self._init_weights(cfg)
+        if pretrained and cfg.text_arch == "bert":
+            load_bert_weights(self.text, find_bert_weights(cfg.text_weights))
+        if pretrained and cfg.vision_weights:
+            load_vit_weights(self.visual, cfg.vision_weights)
 
     def _init_weights(self, cfg):
         """openai/CLIP's explicit formulas, with w = width and L = layers of each encoder:
@@ -347,8 +433,10 @@ class DualEncoder(nn.Module):
         N(0, 0.02) everywhere, every [CLS] output starts as nearly the same vector (cosine 0.99),
         a drifting common direction that a queue of older teacher features turns into a
         shortcut ("fresh keys score higher") instead of a signal."""
-        for prefix, w, layers in (("visual.", cfg.vision_width, cfg.vision_layers),
-                                  ("text.", cfg.text_width, cfg.text_layers)):
+        towers = [("visual.", cfg.vision_width, cfg.vision_layers)]
+        if cfg.text_arch == "lite":  # a BERT tower is always overwritten by its checkpoint
+            towers.append(("text.", cfg.text_width, cfg.text_layers))
+        for prefix, w, layers in towers:
             for name, p in self.named_parameters():
                 if not name.startswith(prefix):
                     continue
@@ -369,7 +457,7 @@ class DualEncoder(nn.Module):
                 else:  # token_embedding, patch_embed
                     nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.vision_proj.weight, std=cfg.vision_width ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=cfg.text_width ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=self.text_proj.in_features ** -0.5)
 
     def image_features(self, images):
         """(B, 1, H, W) -> (B, vision_width): the class token before projection (for linear probes)."""
@@ -387,6 +475,285 @@ class DualEncoder(nn.Module):
         """Both features of a batch of pairs: (v, t). The training step calls the student through
         forward(), because DistributedDataParallel all-reduces gradients only for what runs there."""
         return self.encode_image(images), self.encode_text(input_ids, attention_mask)
+
+
+# -----------------------------------------------------------------------------
+# 2b. Pretrained weights: a safetensors reader, and the BERT and ViT name maps
+# At paper scale f_t starts from Bio_ClinicalBERT and f_v from an ImageNet ViT-B/16. Their
+# published files are read here without transformers, timm or safetensors: each name map below
+# says once which tensor of theirs becomes which parameter of ours, and a file that does not fit
+# is refused with one error listing every missing, unexpected and mis-shaped tensor. Nothing is
+# ever downloaded (README, "Training on MIMIC-CXR", says which files to fetch by hand).
+# tests/test_pretrained.py checks all of it against the reference libraries' own outputs.
+# -----------------------------------------------------------------------------
+
+TIMM_VIT_LN_EPS = 1e-6  # timm's ViTs use LayerNorm(eps=1e-6); PyTorch's default (from scratch) is 1e-5
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}. The format: 8 bytes (little-endian) giving the header
+    length n; n bytes of JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} plus an
+    optional "__metadata__"; then the tensors' raw little-endian bytes, offsets counted from the
+    end of the header."""
+    path = Path(path)
+    if sys.byteorder != "little":
+        raise ValueError(f"{path}: this safetensors reader assumes a little-endian machine")
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else None
+    if n is None or 8 + n > len(raw):
+        raise ValueError(f"{path}: truncated or not a safetensors file ({len(raw)} bytes, header "
+                         f"length {n})")
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data = memoryview(raw)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        try:
+            kind, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            shape = None
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"{path}: tensor {name!r}: bad header entry {info!r} (expected dtype, "
+                             f"shape, data_offsets)")
+        if kind not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {kind}, which this reader does not "
+                             f"read (it reads {', '.join(SAFETENSORS_DTYPES)})")
+        dtype = SAFETENSORS_DTYPES[kind]
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= len(data)
+                and end - begin == size):
+            raise ValueError(f"{path}: tensor {name!r} ({kind} {shape}, {size} bytes) has "
+                             f"data_offsets [{begin}, {end}] in a data section of {len(data)} bytes: "
+                             f"the file is truncated or corrupt")
+        tensors[name] = (torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
+                         if size else torch.zeros(shape, dtype=dtype))
+    return tensors
+
+
+def read_weights(path):
+    """A weights file -> {name: tensor}: .safetensors by the reader above; .bin / .pth / .pt
+    (PyTorch's pickle format) by torch.load(weights_only=True), which refuses arbitrary objects."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix not in (".bin", ".pth", ".pt"):
+        raise ValueError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors, "
+                         f".bin, .pth or .pt")
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors share no base class
+        raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it: {e}") from e
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        keys = list(weights)[:6] if isinstance(weights, dict) else []
+        raise ValueError(f"{path}: expected a flat {{name: tensor}} state dict, got "
+                         f"{type(weights).__name__} {keys}; if it wraps one (e.g. under 'model' or "
+                         f"'state_dict'), save that inner dict to its own file")
+    return dict(weights)
+
+
+def load_mapped(module, weights, name_map, transforms, ignored, source):
+    """Copy `weights` (their names) into `module` (our names, through name_map: ours -> theirs, a
+    tuple of theirs being concatenated along dim 0), after transforms[ours] where given. Tensors
+    whose names start with one of `ignored` are allowed to stay unused; every other problem is
+    collected and raised as ONE error. Returns the names of the ignored tensors."""
+    target = module.state_dict()
+    assert set(name_map) == set(target), "the name map must cover exactly the module's parameters"
+    converted, missing, wrong = {}, [], []
+    for ours, theirs in name_map.items():
+        theirs = (theirs,) if isinstance(theirs, str) else theirs
+        if any(t not in weights for t in theirs):
+            missing += [t for t in theirs if t not in weights]
+            continue
+        try:
+            raw = torch.cat([weights[t] for t in theirs]) if len(theirs) > 1 else weights[theirs[0]]
+            value = transforms[ours](raw) if ours in transforms else raw
+        except (ValueError, RuntimeError) as e:
+            wrong.append(f"{' + '.join(theirs)}: {e}")
+            continue
+        if value.shape != target[ours].shape:
+            wrong.append(f"{' + '.join(theirs)} {tuple(raw.shape)} -> {ours} needs "
+                         f"{tuple(target[ours].shape)}")
+            continue
+        converted[ours] = value.to(target[ours].dtype)
+    used = {t for theirs in name_map.values() for t in ((theirs,) if isinstance(theirs, str) else theirs)}
+    unexpected = sorted(k for k in weights if k not in used and not k.startswith(ignored))
+    if missing or unexpected or wrong:
+        problems = [f"{what} ({len(names)}): {', '.join(names)}" for what, names in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+        raise ValueError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
+    module.load_state_dict(converted)
+    return sorted(k for k in weights if k not in used)
+
+
+def expand_name_map(names, per_layer, layers, ours_prefix, theirs_prefix):
+    """The whole-model name map: `names`, plus `per_layer` repeated for layers 0 .. layers-1 with
+    weight and bias each."""
+    names = dict(names)
+    for i in range(layers):
+        for ours, theirs in per_layer:
+            for p in ("weight", "bias"):
+                names[f"{ours_prefix.format(i)}{ours}.{p}"] = (
+                    f"{theirs_prefix.format(i)}{theirs}.{p}" if isinstance(theirs, str) else
+                    tuple(f"{theirs_prefix.format(i)}{t}.{p}" for t in theirs))
+    return names
+
+
+# BERT (HF's BertModel names) -> BertTextTransformer.
+BERT_NAMES = {
+    "token_embedding.weight": "embeddings.word_embeddings.weight",
+    "positional_embedding": "embeddings.position_embeddings.weight",
+    "token_type_embedding": "embeddings.token_type_embeddings.weight",  # row 0 only (transform)
+    "ln_embed.weight": "embeddings.LayerNorm.weight",
+    "ln_embed.bias": "embeddings.LayerNorm.bias",
+}
+BERT_LAYER_NAMES = [  # ours under blocks.{i}.  <-  theirs under encoder.layer.{i}.
+    ("attn.qkv", ("attention.self.query", "attention.self.key", "attention.self.value")),  # [q; k; v]
+    ("attn.proj", "attention.output.dense"),
+    ("ln_1", "attention.output.LayerNorm"),
+    ("mlp.fc", "intermediate.dense"),
+    ("mlp.proj", "output.dense"),
+    ("ln_2", "output.LayerNorm"),
+]
+BERT_UNUSED = ("pooler.", "cls.", "embeddings.position_ids")  # NSP pooler, pretraining heads, a buffer
+BERT_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "max_position_embeddings")
+
+
+def read_bert_config(folder):
+    """The shape of a BERT-family checkpoint, from its config.json -> a plain dict (stored in our
+    checkpoints, so that a trained model is rebuilt without the folder)."""
+    folder, help_ = Path(folder), 'see README, "Training on MIMIC-CXR"'
+    if not folder.is_dir():
+        raise FileNotFoundError(f"config key 'text_weights': folder not found: {folder} ({help_}: "
+                                f"it needs config.json, vocab.txt and model.safetensors or "
+                                f"pytorch_model.bin)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"config key 'text_weights': no config.json in {folder} ({help_})")
+    try:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in BERT_CONFIG_KEYS if not isinstance(c.get(k), int) or c[k] < 1]
+    if missing:
+        raise ValueError(f"{path}: needs positive integers for {missing}")
+    for key, allowed in (("model_type", "bert"), ("hidden_act", "gelu"),
+                         ("position_embedding_type", "absolute")):
+        if c.get(key, allowed) != allowed:
+            raise ValueError(f"{path}: {key} {c[key]!r} is not supported; the BERT tower is "
+                             f"{key} {allowed!r} (BERT, BioBERT, Bio_ClinicalBERT, PubMedBERT, ...)")
+    if c["hidden_size"] % c["num_attention_heads"]:
+        raise ValueError(f"{path}: hidden_size {c['hidden_size']} is not divisible by "
+                         f"num_attention_heads {c['num_attention_heads']}")
+    return {**{k: c[k] for k in BERT_CONFIG_KEYS},
+            "layer_norm_eps": float(c.get("layer_norm_eps", 1e-12)),  # BERT's, if not written
+            "source": str(path)}
+
+
+def find_bert_weights(folder):
+    """model.safetensors, else pytorch_model.bin, in a BERT checkpoint folder."""
+    folder = Path(folder)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    there = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise FileNotFoundError(f"config key 'text_weights': no model.safetensors or pytorch_model.bin "
+                            f"in {folder} (it holds {there}; a sharded checkpoint is not supported)")
+
+
+def load_bert_weights(text, path):
+    """A BERT checkpoint file -> BertTextTransformer `text`, through BERT_NAMES / BERT_LAYER_NAMES.
+    Published files name things in two more ways, both read: BertForPreTraining / MaskedLM files
+    (Bio_ClinicalBERT's) put the encoder under "bert.", and TF-converted ones call LayerNorm's
+    weight and bias gamma and beta."""
+    weights = {}
+    for name, value in read_weights(path).items():
+        name = name[len("bert."):] if name.startswith("bert.") else name
+        weights[name.replace("LayerNorm.gamma", "LayerNorm.weight")
+                    .replace("LayerNorm.beta", "LayerNorm.bias")] = value
+    name_map = expand_name_map(BERT_NAMES, BERT_LAYER_NAMES, len(text.blocks), "blocks.{}.",
+                               "encoder.layer.{}.")
+    unused = load_mapped(text, weights, name_map, {"token_type_embedding": lambda t: t[0]},
+                         BERT_UNUSED, path)
+    print(f"text tower: BERT, {len(text.blocks)} layers, width {text.ln_embed.normalized_shape[0]}, "
+          f"{len(weights) - len(unused)} tensors from {path} (unused: {len(unused)} pooler / "
+          f"pretraining-head tensors)")
+
+
+# timm's VisionTransformer (vit_base_patch16_224 and its relatives) -> VisionTransformer.
+VIT_NAMES = {
+    "class_embedding": "cls_token",                # (1, 1, C) -> (C,)
+    "positional_embedding": "pos_embed",           # (1, 1 + G*G, C) -> (1 + g*g, C), resampled
+    "patch_embed.weight": "patch_embed.proj.weight",  # (C, 3, p, p) -> (C, 1, p, p): RGB summed
+    "patch_embed.bias": "patch_embed.proj.bias",
+    "ln_post.weight": "norm.weight",
+    "ln_post.bias": "norm.bias",
+}
+VIT_BLOCK_NAMES = [("ln_1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
+                   ("ln_2", "norm2"), ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")]
+VIT_UNUSED = ("head.",)  # the ImageNet classifier
+
+
+def resample_pos_embed(pos, grid):
+    """Position embeddings of a G x G patch grid (1 + G*G, C) -> (1 + grid*grid, C): the class
+    token's row is kept, the grid is resized like a C-channel image, bicubic with antialiasing
+    (what timm's resample_abs_pos_embed does when it loads a ViT at another image size)."""
+    G = math.isqrt(pos.shape[0] - 1)
+    if G * G != pos.shape[0] - 1:
+        raise ValueError(f"{pos.shape[0] - 1} position rows after the class token are not a square grid")
+    if G == grid:
+        return pos
+    cls_pos, grid_pos = pos[:1], pos[1:]
+    grid_pos = grid_pos.reshape(1, G, G, -1).permute(0, 3, 1, 2)   # (1, C, G, G)
+    grid_pos = F.interpolate(grid_pos.float(), size=(grid, grid), mode="bicubic", antialias=True,
+                             align_corners=False)
+    grid_pos = grid_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1)  # (grid*grid, C)
+    return torch.cat([cls_pos, grid_pos.to(pos.dtype)])
+
+
+def load_vit_weights(visual, path):
+    """A timm ViT file -> VisionTransformer `visual`, through VIT_NAMES / VIT_BLOCK_NAMES.
+    Width, depth and patch size must be the config's (vision_width, vision_layers, patch_size;
+    mlp_ratio): timm's files do not record the number of heads, so the config's vision_heads
+    is used as given (12 for ViT-B). image_size may differ from the checkpoint's: the position
+    embeddings are then resampled. The RGB patch embedding is summed over its three input
+    channels, which is exact for a grey image fed as R = G = B with the same normalisation on
+    every channel (mean = std = 0.5 for timm's augreg ViTs, as in data.ImageTransform)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config key 'vision_weights': file not found: {path} (see README, "
+                                f'"Training on MIMIC-CXR")')
+    weights = read_weights(path)
+    grid = math.isqrt(visual.positional_embedding.shape[0] - 1)
+    transforms = {"class_embedding": lambda t: t.reshape(t.shape[-1]),
+                  "positional_embedding": lambda t: resample_pos_embed(t.reshape(-1, t.shape[-1]), grid),
+                  "patch_embed.weight": lambda t: t.sum(dim=1, keepdim=True)}
+    name_map = expand_name_map(VIT_NAMES, VIT_BLOCK_NAMES, len(visual.blocks), "blocks.{}.", "blocks.{}.")
+    width, patch = visual.patch_embed.weight.shape[0], visual.patch_embed.weight.shape[-1]
+    try:
+        load_mapped(visual, weights, name_map, transforms, VIT_UNUSED, path)
+    except ValueError as e:  # say what the file holds beside what the config asks for
+        proj = weights.get("patch_embed.proj.weight")
+        depth = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
+        holds = (f"width {proj.shape[0]}, {depth} blocks, patch {proj.shape[-1]}"
+                 if proj is not None and proj.dim() == 4 else f"{depth} blocks")
+        raise ValueError(f"{e}\n  the config asks for vision_width {width}, vision_layers "
+                         f"{len(visual.blocks)}, patch_size {patch}, MLP hidden "
+                         f"{visual.blocks[0].mlp.fc.out_features} (mlp_ratio); the file holds "
+                         f"{holds}") from None
+    old = math.isqrt(weights["pos_embed"].shape[-2] - 1)
+    print(f"vision tower: ViT, {len(visual.blocks)} blocks, width {width}, {len(name_map)} "
+          f"tensors from {path}; patch embedding RGB -> grey; positions {old}x{old}"
+          + (f" resampled to {grid}x{grid}" if old != grid else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -530,9 +897,9 @@ class MSD(nn.Module):
     (section 7) owns every state update (EMA, enqueue, temperature clamp), so none of them can
     silently run once per micro-batch."""
 
-    def __init__(self, cfg, vocab_size):
+    def __init__(self, cfg, vocab_size, bert_config=None, pretrained=True):
         super().__init__()
-        self.student = DualEncoder(cfg, vocab_size)
+        self.student = DualEncoder(cfg, vocab_size, bert_config, pretrained)  # pretrained weights loaded
         # tau is stored as log(1/tau), CLIP's logit_scale; clamped after each optimizer step
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
         self.teacher = None
@@ -553,11 +920,12 @@ class MSD(nn.Module):
         self.text_queue.enqueue(text_feat_m, pair_ids)
 
 
-def build_model(cfg, vocab_size):
+def build_model(cfg, vocab_size, bert_config=None, pretrained=True):
     """The initial model of a run. It seeds the global RNG with cfg.seed first, so that a seed
-    names one set of initial weights; dropout then draws from where the initialisation stopped."""
+    names one set of initial weights; dropout then draws from where the initialisation stopped.
+    pretrained=False: the weights will come from a checkpoint, so no weights file is read."""
     torch.manual_seed(cfg.seed)
-    return MSD(cfg, vocab_size)
+    return MSD(cfg, vocab_size, bert_config, pretrained)
 
 
 # -----------------------------------------------------------------------------
@@ -844,7 +1212,11 @@ def prepare_data(cfg):
 
 
 def build_tokenizer(cfg, manifest):
-    """The vocabulary comes from the training split's reports only."""
+    """text_arch "bert": the checkpoint's WordPiece. Otherwise the vocabulary comes from the
+    training split's reports only."""
+    if cfg.text_arch == "bert":
+        read_bert_config(cfg.text_weights)  # a missing folder fails here, before the data is read
+        return data.WordPieceTokenizer.from_pretrained(cfg.text_weights, max_len=cfg.max_len)
     train_texts = [row["text"] for row in data.read_manifest(manifest) if row["split"] == "train"]
     if not train_texts:
         raise ValueError(f"{manifest}: no rows with split 'train'")
@@ -888,10 +1260,11 @@ class NonFiniteError(RuntimeError):
 # in which pairs are seen. epochs / max_steps may grow (the cosine schedule then stretches).
 RESUME_SAFE_KEYS = ("epochs", "max_steps", "log_every", "ckpt_every", "num_workers", "progress",
                     "device", "compile", "teacher_batch", "attn_impl", "cache_images", "out_dir",
-                    "init_from")
+                    "init_from", "text_weights", "vision_weights")  # the last three: read at a fresh start only
 # Keys that must match the checkpoint named by init_from: its weights must fit the model.
 ARCHITECTURE_KEYS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
-                     "text_width", "text_layers", "text_heads", "mlp_ratio", "embed_dim", "max_len")
+                     "text_arch", "text_width", "text_layers", "text_heads", "mlp_ratio", "embed_dim",
+                     "max_len")
 
 
 def config_changes(saved, cfg, keys):
@@ -972,7 +1345,8 @@ def print_run_summary(cfg, device, manifest, train_set, tokenizer, model, B, ste
     print(f"device {device} | manifest {manifest} | {len(train_set)} training pairs | "
           f"vocabulary {tokenizer.vocab_size} | unknown-token rate: train "
           f"{tokenizer.unk_rate(train_set.texts):.2%}, valid "
-          f"{tokenizer.unk_rate(valid_texts) if valid_texts else float('nan'):.2%}")
+          f"{tokenizer.unk_rate(valid_texts) if valid_texts else float('nan'):.2%} | reports cut at "
+          f"max_len {cfg.max_len}: {tokenizer.truncated_share(train_set.texts):.1%} of train")
     W = f"{dist.world_size} processes x " if dist.world_size > 1 else ""
     print(f"effective batch B = {W}{cfg.accum_steps} x {cfg.batch_size} = {B} pairs | "
           f"{steps_per_epoch} optimizer steps per epoch | {total_steps} steps in all")
@@ -1020,7 +1394,7 @@ def train(cfg, resume=False, overwrite=False, stop_after=None):
     if dist.world_size > 1 and dist.is_main:
         torch.distributed.barrier()
     if ckpt is not None or source is not None:  # the embedding rows follow that vocabulary
-        tokenizer = data.Tokenizer.from_dict((ckpt or source)["tokenizer"])
+        tokenizer = data.tokenizer_from_dict((ckpt or source)["tokenizer"])
     else:
         tokenizer = build_tokenizer(cfg, manifest)
     train_set = data.PairDataset(manifest, "train", tokenizer,
@@ -1035,7 +1409,9 @@ def train(cfg, resume=False, overwrite=False, stop_after=None):
                          f"effective batch of {B}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
-    model = build_model(cfg, tokenizer.vocab_size)  # seeds the RNG with cfg.seed, then initialises
+    # seeds the RNG with cfg.seed, then initialises (from published weights only on a fresh start)
+    model = build_model(cfg, tokenizer.vocab_size, (ckpt or source or {}).get("bert_config"),
+                        pretrained=ckpt is None and source is None)
     if source is not None:
         warm_start(model, source, cfg, cfg.init_from)
     model.to(device)
@@ -1199,6 +1575,7 @@ def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, sou
         "step": step,
         "config": asdict(cfg),
         "tokenizer": tokenizer.to_dict(),
+        "bert_config": model.student.bert_config,  # text_arch "bert": rebuilds the tower (else None)
         "rng": rng,  # one entry per process
         "world_size": dist.world_size,
         "init_from": None if source is None else {"path": cfg.init_from, "sha256": source["sha256"],
@@ -1255,8 +1632,9 @@ def load_checkpoint(path, map_location="cpu"):
     """-> (model in eval mode, tokenizer, cfg, the raw checkpoint dict)."""
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"], path)
-    tokenizer = data.Tokenizer.from_dict(ckpt["tokenizer"])
-    model = MSD(cfg, tokenizer.vocab_size)
+    tokenizer = data.tokenizer_from_dict(ckpt["tokenizer"])
+    # the BERT tower's shape travels in the checkpoint; no weights file is read (pretrained=False)
+    model = MSD(cfg, tokenizer.vocab_size, ckpt.get("bert_config"), pretrained=False)
     model.load_state_dict(ckpt["model"])
     return model.to(map_location).eval(), tokenizer, cfg, ckpt
 
