@@ -984,7 +984,8 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
         svg.add("rect", x=box[0] + 12, y=box[1] + 12 + 18 * k, width=14, height=10, fill=color)
         svg.text(box[0] + 32, box[1] + 21 + 18 * k, legend.get(method, method), size=12)
     about = (f"{Path(efficiency_path).name}: device {res.get('device', '?')} ({res.get('machine', '?')}, "
-             f"{res.get('threads', '?')} threads), config {res.get('config', '?')}. "
+             f"{res.get('threads', '?')} threads), config {res.get('config', '?')}"
+             f"{''.join(' ' + str(o) for o in res.get('overrides', []))}. "
              f"Memory: {res.get('memory', 'not described')}.")
     y = 358
     for line in _wrap(about, int(svg.width / (CHAR_WIDTH * 11)) - 4):
