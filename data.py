@@ -607,10 +607,11 @@ class PairDataset(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 # 5. SynthCXR: procedurally drawn PA chest radiographs with reports and labels
 #
-# Conventions (PROTOCOLS §4): coordinates are fractions of the image, x to the right, y down.
-# The patient faces us, so the patient's RIGHT is on the IMAGE LEFT. Brightness = attenuation:
-# air and lung dark, soft tissue, fluid and bone bright. A finding's side and severity come from
-# one parameter dict that both the renderer and the report writer read.
+# Conventions: coordinates are fractions of the image, x to the right, y down, so (0, 0) is the
+# top-left corner and (1, 1) the bottom-right. The patient faces us, so the patient's RIGHT is on
+# the IMAGE LEFT. Brightness = attenuation: air and lung dark, soft tissue, fluid and bone bright.
+# A finding's side and severity come from one parameter dict that both the renderer and the
+# report writer read, so the picture and the words cannot disagree.
 
 SYNTH_VERSION = 1
 FINDINGS = ["devices", "cardiomegaly", "edema", "consolidation", "atelectasis", "nodule",
@@ -632,12 +633,22 @@ DEVICES = ["ett", "ngt", "cvc", "pacemaker"]
 
 
 def sample_anatomy(rng):
-    """One patient's body: fixed across that patient's studies."""
-    u = rng.uniform
-    return dict(top=u(0.12, 0.17), base=u(0.70, 0.75), left_drop=u(0.015, 0.04),  # right dome higher
-                dc=u(0.175, 0.2), a=u(0.115, 0.135), dome=u(0.035, 0.06), body=u(0.05, 0.09),
-                ctr=u(*CTR["normal"]), heart_h=u(0.10, 0.12), lung=u(0.12, 0.2), soft=u(0.55, 0.68),
-                rib_gap=u(0.06, 0.075), rib_phase=u(0, 1), vessels=u(-1.9, 1.9, size=(2, 9)))
+    """One patient's body: fixed across that patient's studies. Lengths are fractions of the
+    image; a horizontal length is measured from the midline outwards (the same on both sides)."""
+    u = rng.uniform  # the draws happen in this order; reordering them changes every image
+    return dict(top=u(0.12, 0.17),              # y of the lung apices
+                base=u(0.70, 0.75),             # y where the right hemidiaphragm meets the chest wall
+                left_drop=u(0.015, 0.04),       # the left hemidiaphragm sits this much lower
+                lung_centre=u(0.175, 0.2),      # midline -> centre of each lung field
+                lung_half_width=u(0.115, 0.135),
+                dome=u(0.035, 0.06),            # how far each dome rises above its `base`
+                body_margin=u(0.05, 0.09),      # soft tissue beyond the lateral chest wall
+                ctr=u(*CTR["normal"]),          # cardiothoracic ratio without cardiomegaly
+                heart_half_height=u(0.10, 0.12),
+                lung_brightness=u(0.12, 0.2),   # aerated lung (dark)
+                soft_tissue=u(0.55, 0.68),      # soft-tissue brightness; fluid and opacities approach it
+                rib_gap=u(0.06, 0.075), rib_phase=u(0, 1),  # rib spacing; where the first rib falls
+                vessel_angles=u(-1.9, 1.9, size=(2, 9)))   # (right, left) x 9 branch angles, radians
 
 
 def _sides(side):
@@ -699,8 +710,8 @@ def sample_findings(rng):
 
 def _smooth_noise(rng, size, cells):
     """Low-frequency noise, unit std: a cells x cells random grid upsampled to size x size."""
-    g = Image.fromarray(rng.standard_normal((cells, cells)).astype(np.float32))
-    return np.asarray(g.resize((size, size), Image.BICUBIC))
+    coarse = Image.fromarray(rng.standard_normal((cells, cells)).astype(np.float32))
+    return np.asarray(coarse.resize((size, size), Image.BICUBIC))
 
 
 def _line(x, y, points, width):
@@ -713,36 +724,44 @@ def _line(x, y, points, width):
     return out
 
 
-def _lung_field(x, y, s, A, base, gap=0.0):
-    """Approximate signed distance (> 0 inside) to one lung field's border, and d = distance from
-    the midline outwards. s = -1: patient's right lung (image left). A rounded apex over straight
-    walls that widen towards the base; the bottom is the hemidiaphragm dome, deepest laterally, so
-    the costophrenic angle is sharp. gap > 0 pulls the apex and lateral edge in (pneumothorax)."""
-    d = s * (x - 0.5)
-    top, dc, a = A["top"] + gap, A["dc"] - 0.3 * gap, A["a"] - 0.3 * gap
-    t = np.clip((y - top) / (base - top), 0, 1)
-    u = np.abs(d - dc) / (a * (0.9 + 0.2 * t))
-    yc = top + 0.45 * (base - top)
-    v = np.clip((yc - y) / (yc - top), 0, None)  # only the upper part is rounded
-    wall = (1 - (u ** 2.5 + v ** 2.5) ** 0.4) * a
-    dome = base - A["dome"] * (1 - ((d - A["dc"] + 0.2 * A["a"]) / (1.2 * A["a"])) ** 2)
+def _lung_field(x, y, sign, anatomy, base, gap=0.0):
+    """One lung field -> (approximate signed distance to its border, > 0 inside; d = distance
+    from the midline outwards), both (size, size). sign = SIDE[side]: -1 for the patient's right
+    lung (image left). A rounded apex over straight walls that widen towards the base; the bottom
+    is the hemidiaphragm, a dome rising anatomy["dome"] above y = base, deepest laterally, so the
+    costophrenic angle is sharp. gap > 0 pulls the apex and the lateral edge in (the collapsed
+    lung of a pneumothorax)."""
+    d = sign * (x - 0.5)
+    lung_centre, lung_half_width = anatomy["lung_centre"], anatomy["lung_half_width"]
+    top, centre, half_width = anatomy["top"] + gap, lung_centre - 0.3 * gap, lung_half_width - 0.3 * gap
+    t = np.clip((y - top) / (base - top), 0, 1)  # 0 at the apex, 1 at the base
+    across = np.abs(d - centre) / (half_width * (0.9 + 0.2 * t))  # 1 on the wall
+    y_round = top + 0.45 * (base - top)
+    down = np.clip((y_round - y) / (y_round - top), 0, None)  # only the upper part is rounded
+    wall = (1 - (across ** 2.5 + down ** 2.5) ** 0.4) * half_width
+    lateral = (d - lung_centre + 0.2 * lung_half_width) / (1.2 * lung_half_width)  # 0 under the dome's top
+    dome = base - anatomy["dome"] * (1 - lateral ** 2)  # the dome is not pulled in by the gap
     return np.minimum(wall, dome - y), d
 
 
-def _vessels(angles, s, A, base, size):
-    """Vessel texture of one lung (float32, 0..1): tapering wavy branches radiating from the
-    hilum, one side branch each, fading towards the periphery. PIL draws the lines (fast)."""
+def _vessels(angles, sign, anatomy, base, size):
+    """Vessel texture of one lung (float32 (size, size), 0..1): tapering wavy branches radiating
+    from the hilum at `angles` (radians, 0 = outwards, > 0 = down), one side branch each, fading
+    towards the periphery. PIL draws the lines (fast)."""
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
-    hd, hy = A["dc"] - 0.6 * A["a"], A["top"] + 0.5 * (base - A["top"])
+    hilum_d = anatomy["lung_centre"] - 0.6 * anatomy["lung_half_width"]  # from the midline
+    hilum_y = anatomy["top"] + 0.5 * (base - anatomy["top"])
     for k, phi in enumerate(angles):
         for phi0, r0, length in ((phi, 0.0, 0.22), (phi + (0.45 if k % 2 else -0.45), 0.08, 0.12)):
-            d0, y0 = hd + r0 * math.cos(phi), hy + r0 * math.sin(phi)  # a branch starts on its parent
-            pts = []
+            d0 = hilum_d + r0 * math.cos(phi)  # a side branch starts on its parent, r0 from the hilum
+            y0 = hilum_y + r0 * math.sin(phi)
+            pts = []  # 7 (x, y) points along the branch, in pixels
             for j in range(7):
                 r = length * j / 6
-                a = phi0 + 0.12 * math.sin(30 * r + k)
-                pts.append(((0.5 + s * (d0 + r * math.cos(a))) * size, (y0 + r * math.sin(a)) * size))
+                wavy = phi0 + 0.12 * math.sin(30 * r + k)
+                pts.append(((0.5 + sign * (d0 + r * math.cos(wavy))) * size,
+                            (y0 + r * math.sin(wavy)) * size))
             for part, fade in ((pts[:4], 1.0), (pts[3:], 0.5)):  # thick, bright near the hilum
                 draw.line(part, fill=int(255 * fade * math.exp(-r0 / 0.14)),
                           width=max(1, round(size * 0.016 * fade * (1 - r0 / 0.3))), joint="curve")
@@ -750,77 +769,95 @@ def _vessels(angles, s, A, base, size):
     return np.asarray(canvas, dtype=np.float32) / 255
 
 
-def _consolidation(g, p, rng):
+# The finding drawers. Each takes `geom` (the pixel grid and the lungs; built and described in
+# render_study), the finding's `params` and its own random stream, and returns a (size, size)
+# map >= 0: an opacity (render_study clips their sum), the fluid mask (_effusion, 0..1) or the
+# metal (_devices, 0..1).
+
+def _consolidation(geom, params, rng):
     """Ill-defined patchy opacity centred in each involved lobe."""
-    noise, out = _smooth_noise(rng, g.size, 14), 0
-    for lobe in p["lobes"]:
-        sd, (ou, ot) = lobe.split()[0], LOBES[lobe]
+    anatomy, noise, out = geom.anatomy, _smooth_noise(rng, geom.size, 14), 0
+    centre, half_width = anatomy["lung_centre"], anatomy["lung_half_width"]
+    for lobe in params["lobes"]:
+        side, (across, down) = lobe.split()[0], LOBES[lobe]
         r0 = rng.uniform(0.045, 0.075)
-        blob = np.exp(-((g.d[sd] - g.A["dc"] - ou * g.A["a"]) ** 2
-                        + ((g.y - g.A["top"] - ot * g.h[sd]) / 1.3) ** 2) / r0 ** 2)
-        out = out + np.clip(blob * (0.9 + 0.5 * noise) - 0.15, 0, 0.8) * g.mask[sd]
+        blob = np.exp(-((geom.from_midline[side] - centre - across * half_width) ** 2
+                        + ((geom.y - anatomy["top"] - down * geom.lung_height[side]) / 1.3) ** 2) / r0 ** 2)
+        out = out + np.clip(blob * (0.9 + 0.5 * noise) - 0.15, 0, 0.8) * geom.lung_mask[side]
     return out
 
 
-def _edema(g, p, rng):
+def _edema(geom, params, rng):
     """Bilateral perihilar haze fading outwards; Kerley B lines at the lateral bases (moderate+)."""
-    sev, out = SEVERITY["edema"].index(p["severity"]), 0
-    for sd, s in SIDE.items():
-        hilum = (g.d[sd] - g.A["dc"] + 0.45 * g.A["a"]) / 0.11, (g.y - g.A["top"] - 0.55 * g.h[sd]) / 0.16
-        out = out + (0.3 + 0.15 * sev) * np.exp(-hilum[0] ** 2 - hilum[1] ** 2) * g.mask[sd]
-        wall = g.A["dc"] + 1.05 * g.A["a"]
-        for _ in range(2 * sev + (1 if sev else 0)):
-            yk = g.base[sd] - rng.uniform(0.03, 0.14)
-            pts = [(0.5 + s * (wall - 0.004), yk), (0.5 + s * (wall - 0.035), yk)]
-            out = out + 0.7 * _line(g.x, g.y, pts, 0.004) * g.mask[sd]
+    anatomy, out = geom.anatomy, 0
+    centre, half_width = anatomy["lung_centre"], anatomy["lung_half_width"]
+    severity = SEVERITY["edema"].index(params["severity"])  # 0 mild, 1 moderate, 2 severe
+    for side, sign in SIDE.items():
+        hilum = ((geom.from_midline[side] - centre + 0.45 * half_width) / 0.11,
+                 (geom.y - anatomy["top"] - 0.55 * geom.lung_height[side]) / 0.16)
+        out = out + (0.3 + 0.15 * severity) * np.exp(-hilum[0] ** 2 - hilum[1] ** 2) * geom.lung_mask[side]
+        wall = centre + 1.05 * half_width  # the lateral chest wall at the base
+        for _ in range(2 * severity + (1 if severity else 0)):
+            y_line = geom.base[side] - rng.uniform(0.03, 0.14)
+            pts = [(0.5 + sign * (wall - 0.004), y_line), (0.5 + sign * (wall - 0.035), y_line)]
+            out = out + 0.7 * _line(geom.x, geom.y, pts, 0.004) * geom.lung_mask[side]
     return out
 
 
-def _atelectasis(g, p, rng):
+def _atelectasis(geom, params, rng):
     """Thin plate-like bands just above the dome (moderate also raises it: see render_study)."""
-    sev, out = SEVERITY["atelectasis"].index(p["severity"]), 0
-    for sd in _sides(p["side"]):
-        for _ in range(sev + 1):
-            yb = g.base[sd] - g.A["dome"] - rng.uniform(0.015, 0.06)
-            d0 = g.A["dc"] + rng.uniform(-0.35, 0.35) * g.A["a"]
-            hl, tilt = rng.uniform(0.04, 0.07), rng.uniform(-0.15, 0.15)
-            pts = [(0.5 + SIDE[sd] * (d0 + e * hl), yb + e * tilt * hl) for e in (-1, 1)]
-            out = out + 0.8 * _line(g.x, g.y, pts, 0.007 + 0.0025 * sev) * g.mask[sd]
+    anatomy, out = geom.anatomy, 0
+    severity = SEVERITY["atelectasis"].index(params["severity"])  # 0 minimal, 1 mild, 2 moderate
+    for side in _sides(params["side"]):
+        for _ in range(severity + 1):
+            y_band = geom.base[side] - anatomy["dome"] - rng.uniform(0.015, 0.06)
+            d0 = anatomy["lung_centre"] + rng.uniform(-0.35, 0.35) * anatomy["lung_half_width"]
+            half_length, tilt = rng.uniform(0.04, 0.07), rng.uniform(-0.15, 0.15)
+            pts = [(0.5 + SIDE[side] * (d0 + e * half_length), y_band + e * tilt * half_length)
+                   for e in (-1, 1)]  # the band's two ends
+            out = out + 0.8 * _line(geom.x, geom.y, pts, 0.007 + 0.0025 * severity) * geom.lung_mask[side]
     return out
 
 
-def _nodule(g, p, rng):
+def _nodule(geom, params, rng):
     """A round well-defined opacity in the given lobe."""
-    sd, (ou, ot) = p["lobe"].split()[0], LOBES[p["lobe"]]
-    nd = g.A["dc"] + ou * g.A["a"] + rng.uniform(-0.03, 0.03)
-    ny = g.A["top"] + ot * g.h[sd] + rng.uniform(-0.03, 0.03)
-    r = p["mm"] / 700  # the image is about 35 cm wide; radius = diameter / 2
-    return 0.75 * g.soft_edge(r - np.sqrt((g.d[sd] - nd) ** 2 + (g.y - ny) ** 2)) * g.mask[sd]
+    anatomy = geom.anatomy
+    side, (across, down) = params["lobe"].split()[0], LOBES[params["lobe"]]
+    nodule_d = anatomy["lung_centre"] + across * anatomy["lung_half_width"] + rng.uniform(-0.03, 0.03)
+    nodule_y = anatomy["top"] + down * geom.lung_height[side] + rng.uniform(-0.03, 0.03)
+    r = params["mm"] / 700  # the image is about 35 cm wide; radius = diameter / 2
+    dist = np.sqrt((geom.from_midline[side] - nodule_d) ** 2 + (geom.y - nodule_y) ** 2)
+    return 0.75 * geom.soft_edge(r - dist) * geom.lung_mask[side]
 
 
-def _effusion(g, p, rng):
+def _effusion(geom, params, rng):
     """Fluid mask: from the base up to a meniscus that climbs the lateral wall (concave up), so
     a small effusion only fills, i.e. blunts, the costophrenic angle."""
-    fluid = 0
-    for sd in _sides(p["side"]):
-        lateral = np.clip((g.d[sd] - g.A["dc"] + g.A["a"]) / (2.2 * g.A["a"]), 0, 1)  # 0 medial, 1 lateral
-        level = g.base[sd] - p["height"] * rng.uniform(0.9, 1.1) * g.h[sd] * (0.55 + 0.45 * lateral ** 2)
-        fluid = np.maximum(fluid, g.mask[sd] * np.clip(0.5 + (g.y - level) / (2 * g.eps), 0, 1))
+    centre, half_width, fluid = geom.anatomy["lung_centre"], geom.anatomy["lung_half_width"], 0
+    for side in _sides(params["side"]):
+        lateral = np.clip((geom.from_midline[side] - centre + half_width) / (2.2 * half_width), 0, 1)
+        # lateral: 0 medial, 1 lateral; level: y of the fluid's surface, higher at the wall
+        level = geom.base[side] - (params["height"] * rng.uniform(0.9, 1.1) * geom.lung_height[side]
+                                   * (0.55 + 0.45 * lateral ** 2))
+        below = np.clip(0.5 + (geom.y - level) / (2 * geom.eps), 0, 1)
+        fluid = np.maximum(fluid, geom.lung_mask[side] * below)
     return fluid
 
 
-def _devices(g, p, cxm, heart_bottom):
+def _devices(geom, params, midline_x, heart_bottom):
     """Radiopaque tubes, lines and a pacemaker (1 = metal)."""
-    x, y, top, out = g.x, g.y, g.A["top"], 0
-    paths = {"ett": [(cxm, 0.0), (cxm, top + 0.16 - p["ett_cm"] / 35)],  # tip this far above the carina
-             "ngt": [(cxm - 0.005, 0.0), (cxm + 0.01, g.base["left"]), (cxm + 0.12, g.base["left"] + 0.07)],
-             "cvc": [(cxm - 0.09, 0.02), (cxm - 0.05, top + 0.1), (cxm - 0.025, top + 0.24)],  # right IJ -> SVC
-             "pacemaker": [(cxm + 0.2, top), (cxm + 0.03, top + 0.25), (cxm + 0.05, heart_bottom)]}
-    for item in p["items"]:
+    x, y, top, out = geom.x, geom.y, geom.anatomy["top"], 0
+    mx, diaphragm = midline_x, geom.base["left"]
+    paths = {  # (x, y) points of each device, tip last
+        "ett": [(mx, 0.0), (mx, top + 0.16 - params["ett_cm"] / 35)],  # tip this far above the carina
+        "ngt": [(mx - 0.005, 0.0), (mx + 0.01, diaphragm), (mx + 0.12, diaphragm + 0.07)],  # into the stomach
+        "cvc": [(mx - 0.09, 0.02), (mx - 0.05, top + 0.1), (mx - 0.025, top + 0.24)],  # right IJ -> SVC
+        "pacemaker": [(mx + 0.2, top), (mx + 0.03, top + 0.25), (mx + 0.05, heart_bottom)]}
+    for item in params["items"]:
         out = np.maximum(out, _line(x, y, paths[item], 0.006 if item == "ett" else 0.004))
         if item == "pacemaker":  # generator box below the left clavicle
-            box = np.minimum(0.04 - np.abs(x - cxm - 0.23), 0.028 - np.abs(y - top + 0.01))
-            out = np.maximum(out, g.soft_edge(box))
+            box = np.minimum(0.04 - np.abs(x - mx - 0.23), 0.028 - np.abs(y - top + 0.01))
+            out = np.maximum(out, geom.soft_edge(box))
     return out
 
 
@@ -832,144 +869,161 @@ def render_study(anatomy_seed, findings, size=128, study_seed=0):
     study_seed the pose, noise and the finding-specific randomness; `findings` is
     {name: params} as from sample_findings / _finding_params. Each finding draws from its own
     random stream, so adding one finding leaves every other pixel source unchanged."""
-    A, F = sample_anatomy(np.random.default_rng([anatomy_seed, 0])), findings
-    srng = np.random.default_rng([anatomy_seed, study_seed, 1])
-    frng = {n: np.random.default_rng([anatomy_seed, study_seed, 2 + k]) for k, n in enumerate(FINDINGS)}
+    anatomy = sample_anatomy(np.random.default_rng([anatomy_seed, 0]))
+    study_rng = np.random.default_rng([anatomy_seed, study_seed, 1])
+    finding_rng = {name: np.random.default_rng([anatomy_seed, study_seed, 2 + k])
+                   for k, name in enumerate(FINDINGS)}  # one stream per finding
     # anatomical coordinates: fractions of the image, x to the right, y down (pose comes last)
-    t = (np.arange(size, dtype=np.float32) + 0.5) / size
-    y, x = np.meshgrid(t, t, indexing="ij")
+    t = (np.arange(size, dtype=np.float32) + 0.5) / size  # pixel centres
+    y, x = np.meshgrid(t, t, indexing="ij")  # (size, size) each: y[row, col], x[row, col]
     eps = 1.2 / size  # edge softness: about one pixel
-    g = types.SimpleNamespace(x=x, y=y, A=A, size=size, eps=eps,
-                              soft_edge=lambda dist: np.clip(0.5 + dist / eps, 0, 1))
+    # geom: what the finding drawers need. x, y: the grid of pixel centres; soft_edge: signed
+    # distance (> 0 inside) -> 0..1 over about a pixel; per side ("right", "left"): base = y where
+    # the hemidiaphragm meets the chest wall, lung_height = apex to base,
+    # from_midline = distance from the midline outwards, lung_mask = 1 inside the lung field.
+    geom = types.SimpleNamespace(x=x, y=y, anatomy=anatomy, size=size, eps=eps,
+                                 soft_edge=lambda dist: np.clip(0.5 + dist / eps, 0, 1))
 
     # 1. hemidiaphragms (lobar volume loss raises one), lung fields, vessels, pneumothorax, ribs
-    g.base = {"right": A["base"], "left": A["base"] + A["left_drop"]}
-    if "atelectasis" in F and F["atelectasis"]["severity"] == "moderate":
-        for sd in _sides(F["atelectasis"]["side"]):
-            g.base[sd] -= 0.025
-    g.h = {sd: g.base[sd] - A["top"] for sd in SIDE}
-    dist, g.d = {}, {}
-    for sd in SIDE:
-        dist[sd], g.d[sd] = _lung_field(x, y, SIDE[sd], A, g.base[sd])
-    g.mask = {sd: g.soft_edge(dist[sd]) for sd in SIDE}
-    lung = np.maximum(g.mask["right"], g.mask["left"])
-    paren = A["lung"] + 0.02 * _smooth_noise(srng, size, 12)
-    for k, sd in enumerate(SIDE):
-        vessels = _vessels(A["vessels"][k], SIDE[sd], A, g.base[sd], size)
-        if "pneumothorax" in F and F["pneumothorax"]["side"] == sd:
-            inner = _lung_field(x, y, SIDE[sd], A, g.base[sd], gap=F["pneumothorax"]["gap"])[0]
-            outside = g.mask[sd] * (1 - g.soft_edge(inner))  # air beyond the pleural line: dark, no vessels
+    geom.base = {"right": anatomy["base"], "left": anatomy["base"] + anatomy["left_drop"]}
+    if "atelectasis" in findings and findings["atelectasis"]["severity"] == "moderate":
+        for side in _sides(findings["atelectasis"]["side"]):
+            geom.base[side] -= 0.025
+    geom.lung_height = {side: geom.base[side] - anatomy["top"] for side in SIDE}
+    dist, geom.from_midline = {}, {}  # dist: signed distance to the lung border, > 0 inside
+    for side in SIDE:
+        dist[side], geom.from_midline[side] = _lung_field(x, y, SIDE[side], anatomy, geom.base[side])
+    geom.lung_mask = {side: geom.soft_edge(dist[side]) for side in SIDE}
+    lung = np.maximum(geom.lung_mask["right"], geom.lung_mask["left"])
+    parenchyma = anatomy["lung_brightness"] + 0.02 * _smooth_noise(study_rng, size, 12)
+    for k, side in enumerate(SIDE):
+        vessels = _vessels(anatomy["vessel_angles"][k], SIDE[side], anatomy, geom.base[side], size)
+        if "pneumothorax" in findings and findings["pneumothorax"]["side"] == side:
+            gap = findings["pneumothorax"]["gap"]
+            inner = _lung_field(x, y, SIDE[side], anatomy, geom.base[side], gap=gap)[0]
+            # air beyond the pleural line: dark, no vessels; the line itself where lung and wall have parted
+            outside = geom.lung_mask[side] * (1 - geom.soft_edge(inner))
             vessels = vessels * (1 - outside)
-            line = np.exp(-(inner / (0.7 * eps)) ** 2) * g.soft_edge(dist[sd] - 2 * eps)  # where lung and
-            paren = paren - outside * 0.5 * A["lung"] + 0.25 * line                       # wall have parted
-        paren = paren + 0.2 * vessels * g.mask[sd]
-    ph = (y + 0.6 * (np.abs(x - 0.5) - 0.15) ** 2) / A["rib_gap"] - A["rib_phase"]
-    ribs = (0.5 + 0.5 * np.cos(2 * np.pi * ph)) ** 8  # posterior ribs: periodic curved bands
+            line = np.exp(-(inner / (0.7 * eps)) ** 2) * geom.soft_edge(dist[side] - 2 * eps)
+            parenchyma = parenchyma - outside * 0.5 * anatomy["lung_brightness"] + 0.25 * line
+        parenchyma = parenchyma + 0.2 * vessels * geom.lung_mask[side]
+    # posterior ribs: periodic curved bands; rib_cycle counts rib spacings from the top
+    rib_cycle = (y + 0.6 * (np.abs(x - 0.5) - 0.15) ** 2) / anatomy["rib_gap"] - anatomy["rib_phase"]
+    ribs = (0.5 + 0.5 * np.cos(2 * np.pi * rib_cycle)) ** 8
 
     # 2. body soft tissue, spine, clavicles; then the dark lungs; then opacities inside them
-    half = A["dc"] + 1.1 * A["a"] + A["body"]
+    half = anatomy["lung_centre"] + 1.1 * anatomy["lung_half_width"] + anatomy["body_margin"]  # of the body
     body = np.clip(0.5 + (1 - np.abs((x - 0.5) / half) ** 4 - np.abs((y - 0.75) / 0.8) ** 4) / 0.15, 0, 1)
-    cxm = 0.5  # mediastinal midline; a large pneumothorax pushes it to the other side
-    if "pneumothorax" in F and F["pneumothorax"]["severity"] == "large":
-        cxm -= 0.025 * SIDE[F["pneumothorax"]["side"]]
-    spine = np.exp(-((x - cxm) / 0.028) ** 4) * (1 + 0.3 * np.cos(2 * np.pi * y / 0.045))
-    img = body * (A["soft"] * (0.85 + 0.15 * (1 - ((x - 0.5) / half) ** 2)) + 0.1 * spine)
-    for s in (-1, 1):  # clavicles, rising laterally
-        clavicle = [(0.5 + s * 0.04, A["top"] + 0.01), (0.5 + s * 0.3, A["top"] - 0.05)]
+    midline_x = 0.5  # mediastinal midline; a large pneumothorax pushes it to the other side
+    if "pneumothorax" in findings and findings["pneumothorax"]["severity"] == "large":
+        midline_x -= 0.025 * SIDE[findings["pneumothorax"]["side"]]
+    spine = np.exp(-((x - midline_x) / 0.028) ** 4) * (1 + 0.3 * np.cos(2 * np.pi * y / 0.045))
+    img = body * (anatomy["soft_tissue"] * (0.85 + 0.15 * (1 - ((x - 0.5) / half) ** 2)) + 0.1 * spine)
+    for sign in (-1, 1):  # clavicles, rising laterally
+        clavicle = [(0.5 + sign * 0.04, anatomy["top"] + 0.01), (0.5 + sign * 0.3, anatomy["top"] - 0.05)]
         img += 0.12 * _line(x, y, clavicle, 0.012)
-    img = img * (1 - lung) + (paren + 0.08 * ribs) * lung
-    opacity = sum(draw(g, F[name], frng[name]) for name, draw in OPACITIES.items() if name in F)
-    img += np.clip(opacity, 0, 0.9) * (0.95 * A["soft"] - img)  # towards soft-tissue brightness
+    img = img * (1 - lung) + (parenchyma + 0.08 * ribs) * lung
+    opacity = sum(draw(geom, findings[name], finding_rng[name]) for name, draw in OPACITIES.items()
+                  if name in findings)
+    img += np.clip(opacity, 0, 0.9) * (0.95 * anatomy["soft_tissue"] - img)  # towards soft-tissue brightness
 
     # 3. heart (CTR = heart width / thoracic width; a third right of the midline, two thirds left),
     #    mediastinum, aortic knob, trachea
-    ctr = F["cardiomegaly"]["ctr"] if "cardiomegaly" in F else A["ctr"]
-    width = ctr * 2 * (A["dc"] + 1.1 * A["a"])
-    hh = A["heart_h"] * (1 + 0.5 * (ctr - 0.44))
-    hx, hy = cxm + width / 6, g.base["left"] - A["dome"] - 0.15 * hh  # widest near the dome
-    heart = g.soft_edge((1 - np.sqrt(((x - hx) / (width / 2)) ** 2 + ((y - hy) / hh) ** 2)) * hh)
-    mw = A["dc"] - A["a"] + 0.01
-    med = g.soft_edge(mw - np.abs(x - cxm)) * (y < hy)
-    knob = g.soft_edge(0.025 - np.sqrt((x - cxm - mw) ** 2 + (y - A["top"] - 0.12) ** 2))
-    heart = np.maximum(heart, np.maximum(med, knob))
-    trachea = np.exp(-((x - cxm) / 0.011) ** 2) * (y < A["top"] + 0.16)
-    img = img * (1 - heart) + heart * (0.95 * A["soft"] + 0.1 * spine - 0.25 * trachea)
+    ctr = findings["cardiomegaly"]["ctr"] if "cardiomegaly" in findings else anatomy["ctr"]
+    heart_width = ctr * 2 * (anatomy["lung_centre"] + 1.1 * anatomy["lung_half_width"])
+    heart_half_height = anatomy["heart_half_height"] * (1 + 0.5 * (ctr - 0.44))  # a big heart is also taller
+    heart_x = midline_x + heart_width / 6
+    heart_y = geom.base["left"] - anatomy["dome"] - 0.15 * heart_half_height  # widest near the dome
+    heart = geom.soft_edge((1 - np.sqrt(((x - heart_x) / (heart_width / 2)) ** 2
+                                        + ((y - heart_y) / heart_half_height) ** 2)) * heart_half_height)
+    mediastinum_half_width = anatomy["lung_centre"] - anatomy["lung_half_width"] + 0.01
+    mediastinum = geom.soft_edge(mediastinum_half_width - np.abs(x - midline_x)) * (y < heart_y)
+    knob = geom.soft_edge(0.025 - np.sqrt((x - midline_x - mediastinum_half_width) ** 2
+                                          + (y - anatomy["top"] - 0.12) ** 2))
+    heart = np.maximum(heart, np.maximum(mediastinum, knob))
+    trachea = np.exp(-((x - midline_x) / 0.011) ** 2) * (y < anatomy["top"] + 0.16)
+    img = img * (1 - heart) + heart * (0.95 * anatomy["soft_tissue"] + 0.1 * spine - 0.25 * trachea)
 
     # 4. pleural fluid over everything but the devices; devices last
-    if "effusion" in F:
-        fluid = _effusion(g, F["effusion"], frng["effusion"])
-        img = img * (1 - fluid) + fluid * 0.92 * A["soft"]
-    if "devices" in F:
-        img += 0.8 * _devices(g, F["devices"], cxm, hy + 0.6 * hh) * (1 - img)
+    if "effusion" in findings:
+        fluid = _effusion(geom, findings["effusion"], finding_rng["effusion"])
+        img = img * (1 - fluid) + fluid * 0.92 * anatomy["soft_tissue"]
+    if "devices" in findings:
+        heart_bottom = heart_y + 0.6 * heart_half_height
+        img += 0.8 * _devices(geom, findings["devices"], midline_x, heart_bottom) * (1 - img)
 
     # 5. pose (rotation, scale, shift about the centre), exposure (gamma), quantum noise
-    ang, scale = math.radians(srng.uniform(-3, 3)), srng.uniform(0.93, 1.04)
-    sx, sy = (float(v) * size for v in srng.uniform(-0.025, 0.025, size=2))
-    a, b, c = size / 2, math.cos(ang) / scale, math.sin(ang) / scale
-    affine = (b, c, a - b * (a + sx) - c * (a + sy), -c, b, a + c * (a + sx) - b * (a + sy))  # output -> input
+    angle, scale = math.radians(study_rng.uniform(-3, 3)), study_rng.uniform(0.93, 1.04)
+    shift_x, shift_y = (float(v) * size for v in study_rng.uniform(-0.025, 0.025, size=2))  # pixels
+    centre, cos, sin = size / 2, math.cos(angle) / scale, math.sin(angle) / scale  # inverse rotation-scale
+    affine = (cos, sin, centre - cos * (centre + shift_x) - sin * (centre + shift_y),  # output pixel ->
+              -sin, cos, centre + sin * (centre + shift_x) - cos * (centre + shift_y))  # input pixel
     img = np.asarray(Image.fromarray(np.clip(img, 0, 1).astype(np.float32)).transform(
         (size, size), Image.AFFINE, affine, resample=Image.BILINEAR, fillcolor=0))
-    img = img ** srng.uniform(0.8, 1.25)
-    img = img + srng.uniform(0.01, 0.025) * srng.standard_normal(img.shape, dtype=np.float32)
+    img = img ** study_rng.uniform(0.8, 1.25)
+    img = img + study_rng.uniform(0.01, 0.025) * study_rng.standard_normal(img.shape, dtype=np.float32)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
-# Sentence banks. Each entry is (template, labels it asserts); slots come from the finding's
-# parameters. Entry 0 of "pos" is the canonical certain phrasing used for the 5xN set.
+# Sentence banks. Each entry is (template, labels it asserts); the {slots} are filled by _words
+# from the finding's parameters. Entry 0 of "pos" is the canonical certain phrasing used for the
+# 5xN set.
 # CheXpert convention: positive mention 1, hedged ("possible", "cannot be excluded") -1, negated 0.
 BANK = {
     "cardiomegaly": {
-        "pos": [("{sev} cardiomegaly.", {"Cardiomegaly": 1}),
-                ("The heart is {sevly} enlarged.", {"Cardiomegaly": 1}),
-                ("{sev} enlargement of the cardiac silhouette.", {"Cardiomegaly": 1})],
+        "pos": [("{severity} cardiomegaly.", {"Cardiomegaly": 1}),
+                ("The heart is {severity_adverb} enlarged.", {"Cardiomegaly": 1}),
+                ("{severity} enlargement of the cardiac silhouette.", {"Cardiomegaly": 1})],
         "hedge": [("Borderline heart size, possibly mild cardiomegaly.", {"Cardiomegaly": -1}),
                   ("The heart is top normal in size; cardiomegaly cannot be excluded.", {"Cardiomegaly": -1})],
         "neg": [("Heart size is normal.", {"Cardiomegaly": 0}), ("Normal heart size.", {"Cardiomegaly": 0}),
                 ("No cardiomegaly.", {"Cardiomegaly": 0})]},
     "effusion": {
-        "pos": [("{sev} {side} pleural effusion{s}.", {"Pleural Effusion": 1}),
-                ("There {is} {sev} {side} pleural effusion{s}.", {"Pleural Effusion": 1}),
-                ("{sev} {side} pleural effusion{s} with blunting of the costophrenic angle{s}.",
-                 {"Pleural Effusion": 1})],
-        "hedge": [("Possible {sev} {side} pleural effusion{s}.", {"Pleural Effusion": -1}),
-                  ("{sev} {side} pleural effusion{s} cannot be excluded.", {"Pleural Effusion": -1})],
+        "pos": [("{severity} {side} pleural effusion{plural_s}.", {"Pleural Effusion": 1}),
+                ("There {is_a} {severity} {side} pleural effusion{plural_s}.", {"Pleural Effusion": 1}),
+                ("{severity} {side} pleural effusion{plural_s} with blunting of the costophrenic "
+                 "angle{plural_s}.", {"Pleural Effusion": 1})],
+        "hedge": [("Possible {severity} {side} pleural effusion{plural_s}.", {"Pleural Effusion": -1}),
+                  ("{severity} {side} pleural effusion{plural_s} cannot be excluded.",
+                   {"Pleural Effusion": -1})],
         "neg": [("No pleural effusion.", {"Pleural Effusion": 0}),
                 ("There is no pleural effusion.", {"Pleural Effusion": 0})]},
     "pneumothorax": {
-        "pos": [("{sev} {side} apical pneumothorax.", {"Pneumothorax": 1}),
-                ("There is a {sev} {side} pneumothorax.", {"Pneumothorax": 1}),
-                ("{side}-sided pneumothorax, {sev} in size.", {"Pneumothorax": 1})],
-        "hedge": [("Possible {sev} {side} apical pneumothorax.", {"Pneumothorax": -1}),
-                  ("A {sev} {side} pneumothorax cannot be excluded.", {"Pneumothorax": -1})],
+        "pos": [("{severity} {side} apical pneumothorax.", {"Pneumothorax": 1}),
+                ("There is a {severity} {side} pneumothorax.", {"Pneumothorax": 1}),
+                ("{side}-sided pneumothorax, {severity} in size.", {"Pneumothorax": 1})],
+        "hedge": [("Possible {severity} {side} apical pneumothorax.", {"Pneumothorax": -1}),
+                  ("A {severity} {side} pneumothorax cannot be excluded.", {"Pneumothorax": -1})],
         "neg": [("No pneumothorax.", {"Pneumothorax": 0}), ("There is no pneumothorax.", {"Pneumothorax": 0})]},
     "consolidation": {
-        "pos": [("Consolidation in the {loc}.", {"Consolidation": 1}),
-                ("{loc} pneumonia.", {"Pneumonia": 1}),
-                ("Patchy opacity in the {loc}.", {"Lung Opacity": 1}),
-                ("Consolidation in the {loc} consistent with pneumonia.", {"Consolidation": 1, "Pneumonia": 1})],
-        "hedge": [("Opacity in the {loc}, possibly pneumonia.", {"Lung Opacity": 1, "Pneumonia": -1}),
-                  ("Possible consolidation in the {loc}.", {"Consolidation": -1}),
-                  ("{loc} opacity concerning for pneumonia.", {"Lung Opacity": 1, "Pneumonia": -1})],
+        "pos": [("Consolidation in the {location}.", {"Consolidation": 1}),
+                ("{location} pneumonia.", {"Pneumonia": 1}),
+                ("Patchy opacity in the {location}.", {"Lung Opacity": 1}),
+                ("Consolidation in the {location} consistent with pneumonia.",
+                 {"Consolidation": 1, "Pneumonia": 1})],
+        "hedge": [("Opacity in the {location}, possibly pneumonia.", {"Lung Opacity": 1, "Pneumonia": -1}),
+                  ("Possible consolidation in the {location}.", {"Consolidation": -1}),
+                  ("{location} opacity concerning for pneumonia.", {"Lung Opacity": 1, "Pneumonia": -1})],
         "neg": [("No focal consolidation.", {"Consolidation": 0}),
                 ("No consolidation to suggest pneumonia.", {"Consolidation": 0, "Pneumonia": 0})]},
     "edema": {
-        "pos": [("{sev} pulmonary edema.", {"Edema": 1}),
-                ("{sev} interstitial edema with perihilar haziness{kerley}.", {"Edema": 1}),
-                ("Findings consistent with {sev} pulmonary edema.", {"Edema": 1})],
-        "hedge": [("Possible {sev} pulmonary edema.", {"Edema": -1}),
-                  ("Perihilar haziness may reflect {sev} pulmonary edema.", {"Edema": -1})],
+        "pos": [("{severity} pulmonary edema.", {"Edema": 1}),
+                ("{severity} interstitial edema with perihilar haziness{kerley_lines}.", {"Edema": 1}),
+                ("Findings consistent with {severity} pulmonary edema.", {"Edema": 1})],
+        "hedge": [("Possible {severity} pulmonary edema.", {"Edema": -1}),
+                  ("Perihilar haziness may reflect {severity} pulmonary edema.", {"Edema": -1})],
         "neg": [("No pulmonary edema.", {"Edema": 0}), ("There is no pulmonary edema.", {"Edema": 0})]},
     "atelectasis": {
-        "pos": [("{sev} {where} atelectasis.", {"Atelectasis": 1}),
-                ("Plate-like atelectasis at the {base}.", {"Atelectasis": 1}),
-                ("{sev} {where} linear atelectasis.", {"Atelectasis": 1})],
-        "hedge": [("{where} opacities may reflect atelectasis.", {"Lung Opacity": 1, "Atelectasis": -1}),
-                  ("Possible {sev} {where} atelectasis.", {"Atelectasis": -1})],
+        "pos": [("{severity} {basilar} atelectasis.", {"Atelectasis": 1}),
+                ("Plate-like atelectasis at the {lung_base}.", {"Atelectasis": 1}),
+                ("{severity} {basilar} linear atelectasis.", {"Atelectasis": 1})],
+        "hedge": [("{basilar} opacities may reflect atelectasis.", {"Lung Opacity": 1, "Atelectasis": -1}),
+                  ("Possible {severity} {basilar} atelectasis.", {"Atelectasis": -1})],
         "neg": [("No atelectasis.", {"Atelectasis": 0})]},
     "nodule": {
-        "pos": [("{mm} mm nodule in the {loc}.", {"Lung Lesion": 1}),
-                ("{mm} mm pulmonary nodule projecting over the {loc}.", {"Lung Lesion": 1})],
-        "hedge": [("Possible {mm} mm nodule in the {loc}.", {"Lung Lesion": -1})],
+        "pos": [("{mm} mm nodule in the {location}.", {"Lung Lesion": 1}),
+                ("{mm} mm pulmonary nodule projecting over the {location}.", {"Lung Lesion": 1})],
+        "hedge": [("Possible {mm} mm nodule in the {location}.", {"Lung Lesion": -1})],
         "neg": [("No suspicious pulmonary nodules.", {"Lung Lesion": 0})]},
 }
 DEVICE_SENTENCES = {
@@ -994,25 +1048,31 @@ INDICATIONS = ["shortness of breath", "cough", "fever, evaluate for pneumonia", 
                "evaluate for effusion", "line placement"]
 
 
-def _words(name, p):
-    """Template slot values for one finding, from its parameters."""
-    side = p.get("side", "")
-    bil = side == "bilateral"
-    lobes = p.get("lobes", [])
+def _words(params):
+    """Template slot values for one finding, from its parameters (a slot a finding lacks is "")."""
+    side, severity = params.get("side", ""), params.get("severity", "")
+    bilateral = side == "bilateral"
+    lobes = params.get("lobes", [])
     if len(lobes) > 1:
-        loc = f"{', '.join(lobes[:-1])} and {lobes[-1]} lobes"
+        location = f"{', '.join(lobes[:-1])} and {lobes[-1]} lobes"  # "right upper and left lower lobes"
     else:
-        loc = f"{(lobes or [p.get('lobe')])[0]} lobe"
-    sev = p.get("severity", "")
-    return {"sev": sev, "sevly": {"mild": "mildly", "moderate": "moderately", "severe": "severely"}.get(sev, sev),
-            "side": side, "s": "s" if bil else "", "is": "are" if bil else "is a", "loc": loc,
-            "where": {"left": "left basilar", "right": "right basilar", "bilateral": "bibasilar"}.get(side, ""),
-            "base": {"left": "left lung base", "right": "right lung base", "bilateral": "lung bases"}.get(side, ""),
-            "kerley": "" if sev == "mild" else " and Kerley B lines", "mm": p.get("mm"),
-            "ett_cm": p.get("ett_cm")}
+        location = f"{(lobes or [params.get('lobe')])[0]} lobe"  # "right upper lobe"
+    adverbs = {"mild": "mildly", "moderate": "moderately", "severe": "severely"}
+    return {"severity": severity,                             # "moderate"
+            "severity_adverb": adverbs.get(severity, severity),  # "moderately" (enlarged)
+            "side": side,                                     # "left", "right", "bilateral"
+            "plural_s": "s" if bilateral else "",             # effusion{plural_s}
+            "is_a": "are" if bilateral else "is a",           # there {is_a} ... effusion{plural_s}
+            "location": location,
+            "basilar": {"left": "left basilar", "right": "right basilar", "bilateral": "bibasilar"}.get(side, ""),
+            "lung_base": {"left": "left lung base", "right": "right lung base",
+                          "bilateral": "lung bases"}.get(side, ""),
+            "kerley_lines": "" if severity == "mild" else " and Kerley B lines",
+            "mm": params.get("mm"), "ett_cm": params.get("ett_cm")}
 
 
 def _fill(entry, words):
+    """(template, labels) -> (sentence with the slots filled and a capital first letter, labels)."""
     text = entry[0].format(**words)
     return text[0].upper() + text[1:], entry[1]
 
@@ -1031,14 +1091,17 @@ def write_report(findings, rng, strict=False):
             k = int(rng.integers(2, 6))
             found = [NORMAL_FINDINGS[i] for i in sorted(rng.choice(len(NORMAL_FINDINGS), k, replace=False))]
             impression = [pick(NORMAL_IMPRESSIONS)]
-    for name, p in findings.items():
+    for name, params in findings.items():
         if name == "devices":
-            found += [_fill(DEVICE_SENTENCES[item], _words(name, p)) for item in p["items"]]
+            found += [_fill(DEVICE_SENTENCES[item], _words(params)) for item in params["items"]]
             impression.append(DEVICES_IMPRESSION)
             continue
         # a borderline heart is always hedged; other findings sometimes (never in the 5xN set)
-        hedged = p["severity"] == "borderline" if name == "cardiomegaly" else not strict and rng.random() < 0.12
-        bank, words = BANK[name]["hedge" if hedged else "pos"], _words(name, p)
+        if name == "cardiomegaly":
+            hedged = params["severity"] == "borderline"
+        else:
+            hedged = not strict and rng.random() < 0.12
+        bank, words = BANK[name]["hedge" if hedged else "pos"], _words(params)
         found.append(_fill(pick(bank), words))
         impression.append(_fill(pick(bank), words))
     if findings:
@@ -1076,18 +1139,18 @@ def _assign_splits(rng, n):
         counts.append(2 if rng.random() < 0.15 and sum(counts) + 2 <= n else 1)
     order = rng.permutation(len(counts))
     split_of = {}
-    for rank, p in enumerate(order):
+    for rank, patient in enumerate(order):
         frac = rank / len(counts)
-        split_of[int(p)] = "train" if frac < 0.8 else "valid" if frac < 0.9 else "test"
-    return [(p, split_of[p]) for p, c in enumerate(counts) for _ in range(c)]
+        split_of[int(patient)] = "train" if frac < 0.8 else "valid" if frac < 0.9 else "test"
+    return [(patient, split_of[patient]) for patient, count in enumerate(counts) for _ in range(count)]
 
 
 def _caption(findings):
     """Short human-readable summary of a findings spec, e.g. 'effusion small left; devices ett'."""
     parts = []
-    for name, p in findings.items():
-        bits = [str(p[k]) for k in ("severity", "side", "lobe") if k in p]
-        bits += p.get("lobes", []) + p.get("items", [])
+    for name, params in findings.items():
+        bits = [str(params[k]) for k in ("severity", "side", "lobe") if k in params]
+        bits += params.get("lobes", []) + params.get("items", [])
         parts.append(" ".join([name] + bits))
     return "; ".join(parts) or "normal"
 

@@ -908,6 +908,346 @@ def print_efficiency(res):
 
 
 # -----------------------------------------------------------------------------------------------
+# (7b) Pictures: SVG written by hand (no plotting library) from the files in results/:
+#   results/efficiency*.json -> memory of one step against the effective batch ("growth:" rows)
+#   results/ablation*.json   -> the quality table as grouped bars with ±std whiskers
+#   results/*log.jsonl       -> training curves (a run's log.jsonl, copied there from runs/)
+# Each picture lands in results/plots/<input name>.svg; plain <svg> with lines, rectangles,
+# polylines and text, which GitHub's markdown viewer shows as an image.
+
+PLOTS_FROM, PLOTS_TO = Path("results"), Path("results/plots")
+COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
+          "#9c755f", "#bab0ac"]  # one per series, in order; repeats after ten
+CHAR_WIDTH = 0.6  # a sans-serif glyph is about 0.6 font sizes wide on average: for laying out text
+METRIC_NAMES = {"zs_acc": "zero-shot accuracy", "zs_f1": "zero-shot macro-F1",
+                "zs_auroc": "zero-shot AUROC", "probe_100%": "linear probe AUROC (100% of train)",
+                "i2t_R@10": "image-to-text R@10", "t2i_R@10": "text-to-image R@10"}
+CURVE_NAMES = {"loss": "loss (of the logged optimizer step)",
+               "tau": "tau: the learned temperature", "alpha": "alpha: weight of the teacher's soft targets",
+               "lr": "learning rate", "grad_norm": "gradient norm (before clipping)"}
+
+
+class Svg:
+    """An SVG picture built element by element: pixel coordinates, x to the right, y down."""
+
+    def __init__(self, width, height):
+        self.width, self.height, self.parts = width, height, []
+
+    def add(self, tag, text=None, **attrs):
+        """One element; class_="bar" -> class="bar", stroke_width=2 -> stroke-width="2"."""
+        pairs = " ".join(f'{k.rstrip("_").replace("_", "-")}="{_attr(v)}"' for k, v in attrs.items())
+        body = "" if text is None else _escape(str(text))
+        self.parts.append(f"<{tag} {pairs}/>" if text is None else f"<{tag} {pairs}>{body}</{tag}>")
+
+    def text(self, x, y, text, size=12, anchor="start", **attrs):
+        self.add("text", text, x=x, y=y, font_size=size, text_anchor=anchor, **attrs)
+
+    def line(self, x1, y1, x2, y2, color="#000", width=1, **attrs):
+        self.add("line", x1=x1, y1=y1, x2=x2, y2=y2, stroke=color, stroke_width=width, **attrs)
+
+    def write(self, path, title):
+        """The whole document, with a white background and a <title> (what screen readers say)."""
+        head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" '
+                f'viewBox="0 0 {self.width} {self.height}" font-family="sans-serif">\n'
+                f"<title>{_escape(title)}</title>\n"
+                f'<rect x="0" y="0" width="{self.width}" height="{self.height}" fill="#fff"/>\n')
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(head + "\n".join(self.parts) + "\n</svg>\n", encoding="utf-8")
+
+
+def _escape(text):
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def _attr(value):
+    return f"{value:.1f}" if isinstance(value, float) else _escape(str(value))
+
+
+def _wrap(text, width):
+    """Words -> lines of at most `width` characters (a longer word gets a line of its own)."""
+    lines = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _number(value):
+    """A finite float, or None for a missing value (null in JSON, NaN, a string, True/False)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values (1, 2 or 5 times a power of ten) from <= lo to >= hi."""
+    if hi - lo < 1e-12 * max(1.0, abs(hi)):           # one value: a range around it
+        lo, hi = lo - max(abs(lo) * 0.5, 0.5), hi + max(abs(hi) * 0.5, 0.5)
+    raw = (hi - lo) / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if step * m >= raw)
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [round(k * step, 12) for k in range(first, last + 1)]
+
+
+def _axes(svg, box, x_ticks, y_ticks, x_labels=True, grid=True):
+    """Frame, grid lines and tick labels of one plot area box = (left, top, width, height).
+    x_ticks, y_ticks: (value, label) pairs whose first and last values span the axis.
+    Returns the maps value -> pixel (fx, fy); a bigger y value is higher on the picture."""
+    left, top, width, height = box
+    (x0, x1), (y0, y1) = (x_ticks[0][0], x_ticks[-1][0]), (y_ticks[0][0], y_ticks[-1][0])
+
+    def fx(v):
+        return left + (v - x0) / (x1 - x0) * width
+
+    def fy(v):
+        return top + height - (v - y0) / (y1 - y0) * height
+
+    for value, label in y_ticks:
+        if grid:
+            svg.line(left, fy(value), left + width, fy(value), color="#ddd")
+        svg.text(left - 6, fy(value) + 4, label, size=11, anchor="end")
+    for value, label in x_ticks:
+        if label:
+            svg.line(fx(value), top + height, fx(value), top + height + 4)
+        if x_labels:
+            svg.text(fx(value), top + height + 17, label, size=11, anchor="middle")
+    svg.add("rect", x=left, y=top, width=width, height=height, fill="none", stroke="#000")
+    return fx, fy
+
+
+def _notes(svg, y, notes, font=11):
+    """Notes (values that were skipped, ...) as wrapped lines from y down; -> the y after them."""
+    for note in notes:
+        for line in _wrap("note: " + note, int(svg.width / (CHAR_WIDTH * font)) - 4):
+            svg.text(10, y, line, size=font, fill="#a33")
+            y += font + 4
+    return y
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
+    """Memory of one optimizer step against the effective batch B, from the "growth:" rows of an
+    efficiency file (python evaluate.py --task efficiency): end-to-end CLIP at B, whose
+    activations grow with B, against MSD with B/b micro-batches of b. -> notes (skipped rows)."""
+    res = _read_json(efficiency_path)
+    series, notes = {}, []                             # "CLIP" / "MSD" -> [(B, memory MB)]
+    legend = {"CLIP": "end-to-end CLIP: one batch of B", "MSD": "MSD: micro-batches, teacher, queue"}
+    for row in res.get("rows", []) if isinstance(res, dict) else []:
+        name = str(row.get("name", "")) if isinstance(row, dict) else ""
+        if not name.startswith("growth: "):
+            continue
+        words = name.split()                           # "growth: MSD 4x32 (B=128)"
+        method, batch, value = words[1], _number(row.get("effective_batch")), _number(row.get(key))
+        if method == "MSD" and len(words) > 2 and "x" in words[2]:
+            legend[method] = f"MSD: B/{words[2].split('x')[-1]} micro-batches, teacher, queue"
+        if batch is None or value is None:
+            notes.append(f"{name}: no {key} or effective_batch, not drawn")
+            continue
+        series.setdefault(method, []).append((batch, value))
+    if not any(series.values()):
+        raise ValueError(f"{efficiency_path}: no 'growth: ...' rows with {key} (rows come from "
+                         f"python evaluate.py --task efficiency)")
+    batches = sorted({b for points in series.values() for b, _ in points})
+    top = max(v for points in series.values() for _, v in points)
+    svg = Svg(600, 400)
+    box = (70, 50, 440, 250)
+    lo, hi = math.log2(batches[0]), math.log2(batches[-1])  # log scale: B doubles per tick
+    pad = max(hi - lo, 1) * 0.06                       # keeps the end points off the frame
+    x_ticks = [(lo - pad, "")] + [(math.log2(b), f"{b:g}") for b in batches] + [(hi + pad, "")]
+    fx, fy = _axes(svg, box, x_ticks, [(v, f"{v:g}") for v in nice_ticks(0, top)])
+    svg.text(300, 24, "Memory of one optimizer step against the effective batch B", size=15,
+             anchor="middle", font_weight="bold")
+    svg.text(290, 335, "effective batch B (pairs per optimizer step), log scale", anchor="middle")
+    y_label = f"{key.replace('_mb', '').replace('_', ' ')} (MB) on {res.get('device', '?')}"
+    svg.text(18, 175, y_label, anchor="middle", transform="rotate(-90 18 175)")
+    for k, (method, points) in enumerate(sorted(series.items())):
+        color, points = COLORS[k % len(COLORS)], sorted(points)
+        svg.add("polyline", class_="series", fill="none", stroke=color, stroke_width=2.5,
+                points=" ".join(f"{fx(math.log2(b)):.1f},{fy(v):.1f}" for b, v in points))
+        for b, v in points:
+            svg.add("circle", class_="point", cx=fx(math.log2(b)), cy=fy(v), r=4, fill=color)
+        last_b, last_v = points[-1]
+        svg.text(fx(math.log2(last_b)) - 6, fy(last_v) - 9, f"{last_v:.0f} MB", size=11, anchor="end",
+                 fill=color)
+        svg.add("rect", x=box[0] + 12, y=box[1] + 12 + 18 * k, width=14, height=10, fill=color)
+        svg.text(box[0] + 32, box[1] + 21 + 18 * k, legend.get(method, method), size=12)
+    about = (f"{Path(efficiency_path).name}: device {res.get('device', '?')} ({res.get('machine', '?')}, "
+             f"{res.get('threads', '?')} threads), config {res.get('config', '?')}"
+             f"{''.join(' ' + str(o) for o in res.get('overrides', []))}. "
+             f"Memory: {res.get('memory', 'not described')}.")
+    y = 358
+    for line in _wrap(about, int(svg.width / (CHAR_WIDTH * 11)) - 4):
+        svg.text(10, y, line, size=11, fill="#444")
+        y += 15
+    svg.height = _notes(svg, y, notes) + 4
+    svg.write(out_path, f"Memory of one optimizer step against the effective batch ({efficiency_path})")
+    return notes
+
+
+def read_log(log_path):
+    """A run's log.jsonl -> records sorted by step. A resumed run appends to its log, so a step
+    may appear twice: the later record is kept (it is the run that continued)."""
+    by_step = {}
+    for i, line in enumerate(Path(log_path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{log_path} line {i}: not JSON ({e})") from None
+        if not isinstance(record, dict) or _number(record.get("step")) is None:
+            raise ValueError(f"{log_path} line {i}: a record needs a numeric 'step', got {line[:80]!r}")
+        by_step[record["step"]] = record
+    if not by_step:
+        raise ValueError(f"{log_path}: no records")
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_curves(log_path, out_path, keys=None):
+    """Training curves of one run as small multiples sharing the step axis: one panel per key
+    (default: loss, tau, alpha and any valid_* metric in the log). A record without the key (a
+    metric logged every few steps) is simply no point; a value that is null, NaN or not a number
+    is skipped with a note and leaves a gap in the curve. -> notes."""
+    records = read_log(log_path)
+    logged = {k for r in records for k in r}
+    keys = list(keys or ["loss", "tau", "alpha"] + sorted(k for k in logged if k.startswith("valid_")))
+    notes = [f"'{k}' is not in the log, no panel" for k in keys if k not in logged]
+    keys = [k for k in keys if k in logged]
+    if not keys:
+        raise ValueError(f"{log_path}: none of the keys to plot is logged (it has {sorted(logged)})")
+    panel_h, gap, left, width = 110, 34, 70, 480
+    svg = Svg(600, 0)  # the height is known once the notes are placed
+    svg.text(300, 24, f"Training curves of {Path(log_path).name}", size=15, anchor="middle",
+             font_weight="bold")
+    x_ticks = [(v, f"{v:g}") for v in nice_ticks(0, max(float(r["step"]) for r in records), 6)]
+    for k, key in enumerate(keys):
+        segments, bad = [[]], 0                        # runs of finite values; a bad value ends one
+        for r in records:
+            if key in r and _number(r[key]) is None:
+                bad, segments = bad + 1, segments + [[]]
+            elif key in r:
+                segments[-1].append((float(r["step"]), _number(r[key])))
+        if bad:
+            notes.append(f"{key}: {bad} value(s) null, NaN or not a number, skipped (a gap in the "
+                         f"curve)")
+        values = [v for seg in segments for _, v in seg] or [0.0]
+        top = 50 + k * (panel_h + gap)
+        y_ticks = [(v, f"{v:g}") for v in nice_ticks(min(values), max(values), 3)]
+        fx, fy = _axes(svg, (left, top, width, panel_h), x_ticks, y_ticks, x_labels=k == len(keys) - 1)
+        svg.text(left, top - 6, CURVE_NAMES.get(key, key), size=12, font_weight="bold")
+        color = COLORS[k % len(COLORS)]
+        for seg in segments:
+            if len(seg) == 1:                          # a lone point: a dot (a polyline is invisible)
+                svg.add("circle", class_="point", cx=fx(seg[0][0]), cy=fy(seg[0][1]), r=2.5, fill=color)
+            elif seg:
+                svg.add("polyline", class_="series", fill="none", stroke=color, stroke_width=1.8,
+                        points=" ".join(f"{fx(s):.1f},{fy(v):.1f}" for s, v in seg))
+    bottom = 50 + len(keys) * (panel_h + gap) - gap  # of the last panel
+    svg.text(left + width / 2, bottom + 36, "optimizer step", anchor="middle")
+    svg.height = _notes(svg, bottom + 58, notes) + 4
+    svg.write(out_path, f"Training curves ({log_path})")
+    return notes
+
+
+def plot_ablation(ablation_path, out_path, metrics=("zs_acc", "probe_100%", "i2t_R@10", "t2i_R@10")):
+    """An ablation file (python evaluate.py --task ablation; {"table": {run: {metric: [mean, std]}}})
+    as grouped bars: one group per metric, one bar per run, whiskers at mean ± std over seeds.
+    A missing (null, NaN) mean is not drawn, with a note; a missing std draws no whisker. -> notes."""
+    res = _read_json(ablation_path)
+    table = res.get("table") if isinstance(res, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"{ablation_path}: no 'table' of runs (files come from python evaluate.py "
+                         f"--task ablation)")
+    runs, notes, bars = list(table), [], {}          # (metric, run) -> (mean, std or None)
+    for metric in metrics:
+        for run in runs:
+            cell = table[run].get(metric) if isinstance(table[run], dict) else None
+            mean, std = (list(cell) + [None, None])[:2] if isinstance(cell, (list, tuple)) else (cell, None)
+            if _number(mean) is None:
+                notes.append(f"{run} {metric}: no value, no bar")
+            else:
+                bars[metric, run] = _number(mean), _number(std)
+    metrics = [m for m in metrics if any((m, r) in bars for r in runs)]
+    if not metrics:
+        raise ValueError(f"{ablation_path}: none of the metrics to plot has a value")
+    bar_w, gap, left, top, height = 12, 26, 64, 50, 260
+    group_w = len(runs) * bar_w + gap
+    legend_x = left + len(metrics) * group_w + 24
+    legend_w = max(len(r) for r in runs) * CHAR_WIDTH * 12 + 30
+    svg = Svg(int(legend_x + legend_w), 0)
+    highest = max(m + (s or 0) for m, s in bars.values())
+    _, fy = _axes(svg, (left, top, len(metrics) * group_w, height), [(0, ""), (1, "")],
+                  [(v, f"{v:g}") for v in nice_ticks(0, max(1.0, highest), 5)], x_labels=False)
+    seeds = "/".join(sorted({str(len(r.get("seeds", []))) for r in table.values() if isinstance(r, dict)}))
+    svg.text(svg.width / 2, 24, f"{Path(ablation_path).name}: mean ± std over {seeds} seeds", size=15,
+             anchor="middle", font_weight="bold")
+    for g, metric in enumerate(metrics):
+        x0 = left + g * group_w + gap / 2
+        for k, run in enumerate(runs):
+            if (metric, run) not in bars:
+                continue
+            mean, std = bars[metric, run]
+            x, color = x0 + k * bar_w, COLORS[k % len(COLORS)]
+            y_base, y_top = fy(0), fy(max(mean, 0.0))
+            svg.add("rect", class_="bar", x=x + 1, y=y_top, width=bar_w - 2, height=y_base - y_top,
+                    fill=color)
+            if std is not None:                        # the whisker, cut at the axis
+                xm, low, high = x + bar_w / 2, fy(max(mean - std, 0.0)), fy(mean + std)
+                svg.line(xm, low, xm, high)
+                svg.line(xm - 3, low, xm + 3, low)
+                svg.line(xm - 3, high, xm + 3, high)
+        label = _wrap(METRIC_NAMES.get(metric, metric), int(group_w / (CHAR_WIDTH * 11)))
+        for i, line in enumerate(label):
+            svg.text(x0 + len(runs) * bar_w / 2, top + height + 16 + 14 * i, line, size=11, anchor="middle")
+    for k, run in enumerate(runs):
+        svg.add("rect", x=legend_x, y=top + 18 * k, width=14, height=10, fill=COLORS[k % len(COLORS)])
+        svg.text(legend_x + 20, top + 9 + 18 * k, run, size=12)
+    svg.height = _notes(svg, top + height + 58, notes) + 4
+    svg.write(out_path, f"Ablation table as bars ({ablation_path})")
+    return notes
+
+
+PLOTS = [  # (input files in results/, drawn by, how to make one)
+    ("efficiency*.json", plot_memory, "python evaluate.py --task efficiency --out results/efficiency.json"),
+    ("ablation*.json", plot_ablation, "python evaluate.py --task ablation --out results/ablation.json"),
+    ("*log.jsonl", plot_curves, "cp runs/small/log.jsonl results/small_log.jsonl after a training run")]
+
+
+def run_plots(args):
+    """Draw every picture whose input is in results/. A missing input is reported and the other
+    pictures are still drawn; an input that cannot be read is an error, after the others are drawn."""
+    written, missing, broken = {}, {}, {}
+    for pattern, plot, how in PLOTS:
+        inputs = sorted(PLOTS_FROM.glob(pattern))
+        if not inputs:
+            missing[str(PLOTS_FROM / pattern)] = f"no such file, picture not drawn (to make one: {how})"
+        for path in inputs:
+            out = PLOTS_TO / f"{path.stem}.svg"
+            try:
+                written[str(out)] = {"from": str(path), "notes": plot(path, out)}
+            except (OSError, ValueError) as e:
+                broken[str(path)] = str(e)
+                continue
+            notes = written[str(out)]["notes"]
+            print(f"wrote {out} from {path}" + "".join(f"\n  note: {n}" for n in notes))
+    for path, why in missing.items():
+        print(f"{path}: {why}")
+    if broken:
+        raise ValueError("could not draw: " + "; ".join(f"{p}: {why}" for p, why in broken.items()))
+    return {"plots": written, "missing": missing}
+
+
+# -----------------------------------------------------------------------------------------------
 # (8) Ablation: train every configuration of an ablation file for several seeds, evaluate each
 # checkpoint with the protocols above, and tabulate mean +- std. Finished runs are reused.
 
@@ -1001,7 +1341,7 @@ def run_ablation(args):
             "eval": spec.get("eval", {}), "table": table}
 
 
-BENCHMARKS = {"efficiency": run_efficiency, "ablation": run_ablation}
+BENCHMARKS = {"efficiency": run_efficiency, "ablation": run_ablation, "plots": run_plots}
 
 
 def print_results(task, res):
