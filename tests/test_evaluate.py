@@ -443,7 +443,7 @@ def test_rsna_like_labels_only_manifest_without_5x_split(trained, tmp_path):
     ev.main(["--task", "all", "--checkpoint", str(trained["ckpt"]), "--data", str(manifest),
              "--prompt-set", "pneumonia", "--out", str(out), *FAST])
     r = strict_json(out)
-    assert r["zeroshot"]["multiclass"] is None and "test_5x" in r["zeroshot"]["note"]
+    assert r["zeroshot"]["multiclass"] is None and "test_5x" in " ".join(r["zeroshot"]["notes"])
     assert list(r["zeroshot"]["binary"]["auroc"]) == ["Pneumonia"]
     assert r["fewshot"]["labels"] == ["Pneumonia"]
     assert list(r["retrieval"]) == ["test"] and "skipped" in r["retrieval"]["test"]["note"]
