@@ -1166,7 +1166,7 @@ def _deid(text, remove):
     if not remove:
         return text
     text = " ".join(_DEID_WORD.sub(" ", text).split())
-    return re.sub(r" ([.,;:!?)])", r"\1", text)
+    return re.sub(r" ([.,;:!?)\]])", r"\1", text)
 
 
 def _split_patients(patients, valid_frac, test_frac, seed):

@@ -654,7 +654,7 @@ class Evaluation:
                   and bool(torch.isfinite(feats["embed"]).all()))
             problem = None if ok else "unexpected contents"
         except Exception as e:                      # truncated zip, bad pickle, ... : recompute
-            problem = f"{type(e).__name__}: {e}"
+            problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         if problem is None:
             return feats
         print(f"note: feature cache {path} is unusable ({problem}); recomputing it", file=sys.stderr)
@@ -774,7 +774,8 @@ def run_zeroshot(ev, args):
             "--no-5x" if ev.split_sizes.get("test_5x") else
             "no test_5x split (the CheXpert-style 5xN set); for a column of class names use "
             "--label-column NAME"))
-    findings = [f for f in ev.label_names
+    labelled = [f for f in ev.label_names if any(r[f] for r in ev.rows)]   # not blank throughout
+    findings = [f for f in labelled
                 if f in prompt_set["positive"] and negative_prompts(prompt_set, f) is not None]
     if findings:
         feats = ev.images(args.split)
@@ -785,16 +786,19 @@ def run_zeroshot(ev, args):
                                         pos, neg, findings)
         out["binary"]["split"] = args.split
         used.update(findings)
+        if math.isnan(out["binary"]["mean_auroc"]):
+            out["notes"].append(f"binary zero-shot: no finding has both classes in split "
+                                f"{args.split!r}, so there is no AUROC")
     else:
-        out["notes"].append(f"binary zero-shot skipped: no CheXpert label column of the manifest "
-                            f"({', '.join(ev.label_names) or 'it has none'}) has prompts in {name!r}")
+        out["notes"].append(f"binary zero-shot skipped: no labelled CheXpert column of the manifest "
+                            f"({', '.join(labelled) or 'it has none'}) has prompts in {name!r}")
     unused = [c for c in prompt_set["positive"] if c not in used]
     if chosen and len(unused) == len(prompt_set["positive"]):
         raise ValueError(f"prompts {name!r}: none of their classes {unused} was used: "
                          + "; ".join(out["notes"]))
     if chosen and unused:
         out["notes"].append(f"prompts of {name!r} not used (no such class here): {unused}")
-    if out["multiclass"] is None and out["binary"] is None:
+    if out["multiclass"] is None and (out["binary"] is None or math.isnan(out["binary"]["mean_auroc"])):
         out["skipped"] = "; ".join(out["notes"])
     return out
 
@@ -882,9 +886,10 @@ def run_fewshot(ev, args):
         if left_out:
             notes.append(f"labels without both classes in train and {args.split}, left out: {left_out}")
     if not names:
-        raise ValueError(f"no CheXpert label column of {ev.manifest} has both classes in train and "
-                         f"{args.split} (columns: {ev.label_names or 'none'}); for a column of "
-                         f"class names use --label-column NAME")
+        why = (f"no CheXpert label column has both classes in train and {args.split} (columns: "
+               f"{', '.join(ev.label_names) or 'none'}); for a column of class names use --label-column NAME")
+        return {"kind": "multi-label", "labels": [], "split": args.split, "results": {},
+                "notes": notes + [why], "skipped": why}
     cols = [ev.label_names.index(n) for n in names]
     part = {s: (splits[s]["features"], y[s][:, cols]) for s in splits}
     results = linear_probe(part["train"], part["valid"], part[args.split], names, args.shots,
@@ -915,7 +920,9 @@ def _fewshot_label_column(ev, args):
 
 
 def print_fewshot(res):
-    if res["kind"] == "multi-class":
+    if res.get("skipped"):
+        print(f"linear probe skipped: {res['skipped']}")
+    elif res["kind"] == "multi-class":
         print(f"linear probe, {len(res['classes'])} classes of column {res['label_column']!r}, on "
               f"{res['split']} ({len(res['seeds'])} seeds; chance accuracy {_fmt(1 / len(res['classes']))})")
         for name, r in res["results"].items():
@@ -928,7 +935,7 @@ def print_fewshot(res):
         for name, r in res["results"].items():
             print(f"  {name:<9} AUROC {_fmt(r['auroc_mean'])} ± {_fmt(r['auroc_std'])}  "
                   f"train rows {r['train_rows_per_seed'][0]}")
-    _print_notes(res["notes"])
+    _print_notes([n for n in res["notes"] if n != res.get("skipped")])
 
 
 def run_retrieval(ev, args):
