@@ -1493,7 +1493,7 @@ PREPARERS = {"mimic-cxr": prepare_mimic_cxr, "chexpert": prepare_chexpert,
 WITHOUT_CHEXPERT_LABELS = {"image-folder"}  # its manifest has a `label` column instead of the 14
 VIEW_ADVICE = {"iu-xray": "put indiana_projections.csv (uid, filename, projection; from the Kaggle "
                           "packaging of the same release) in --root: then only frontal images are "
-                          "taken, as in the literature (without it about 5 % of the picks are laterals)"}
+                          "taken, as in the literature"}
 
 
 def _cache_one(job):

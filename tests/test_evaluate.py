@@ -727,9 +727,23 @@ def test_feature_cache_truncated_or_planted_is_recomputed(trained, tmp_path, mon
             "features", "embed", "labels"}
     assert len(encodes) == 2 and not marker.exists()
     assert loads and all(k.get("weights_only") is True for k in loads)
-    assert not list(path.parent.glob("*.tmp"))                       # written atomically
+    assert not list(path.parent.glob("*.tmp"))
     ev.main(run)
     assert len(encodes) == 2                                         # the rewritten cache is used
+    # written atomically: a run killed while writing leaves the old file or none, never half of one
+    path.unlink()
+    real_save = torch.save
+
+    def killed_while_writing(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(run)
+    assert not path.exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    for leftover in path.parent.glob(f"{path.name}.*.tmp"):         # what the killed run left
+        leftover.unlink()
 
 
 class Planted:

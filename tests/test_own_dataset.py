@@ -3,8 +3,9 @@ drawn shapes, one sub-folder per class, a caption .txt beside each image. The RE
 in the same order: prepare image-folder -> train with configs/tiny.json and --data -> evaluate
 with --label-column and prompts of our own (N-way zero-shot, multi-class probe, retrieval).
 
-Run as a script, this file writes such a folder, for trying the README's commands by hand:
-    python tests/test_own_dataset.py shapes/ [--classes 10] [--per-class 60] [--size 64]
+Run as a script, this file writes such a folder (and a prompt file for it), for trying the
+README's commands by hand:
+    python tests/test_own_dataset.py DIR [--classes 10] [--per-class 60] [--size 64] [--prompts FILE]
 """
 import argparse
 import json
@@ -137,9 +138,14 @@ def main():
     p.add_argument("--per-class", type=int, default=60)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", help="also write a prompt file keyed by the class folder names")
     args = p.parse_args()
     make_shapes(args.out, args.classes, args.per_class, args.size, args.seed)
     print(f"wrote {args.classes} x {args.per_class} images to {args.out}")
+    if args.prompts:
+        prompts = {s.replace(" ", "_"): [f"a {s}", f"a small {s}", f"a large {s}"] for s in SHAPES[:args.classes]}
+        Path(args.prompts).write_text(json.dumps(prompts, indent=1) + "\n")
+        print(f"wrote {args.prompts}")
 
 
 if __name__ == "__main__":
