@@ -863,7 +863,7 @@ def print_zeroshot(res):
 def run_fewshot(ev, args):
     ev.check_split(args.split)
     for split in ("train", "valid"):
-        ev.check_split(split, f"the probe trains on 'train' and chooses its weight decay on 'valid'")
+        ev.check_split(split, "the probe trains on 'train' and chooses its weight decay on 'valid'")
     if args.label_column:
         return _fewshot_label_column(ev, args)
     splits = {s: ev.images(s) for s in ("train", "valid", args.split)}
