@@ -4,16 +4,18 @@ Dataset, and SynthCXR, a procedurally drawn chest X-ray dataset with MIMIC-like 
 Every dataset, synthetic or real, becomes one CSV manifest with one row per image:
     image, text, split, study_id, patient_id, view, [extra columns], <14 CheXpert labels>
 `image` is relative to the CSV's folder, `text` is extract_report_text(full report) (or empty in
-EVERY row: a labels-only manifest for evaluation, e.g. CheXpert, which has no reports), labels are
-1 / 0 / -1 (uncertain) / empty (not mentioned). PairDataset reads a manifest for training.
+EVERY row: a labels-only manifest for evaluation, e.g. CheXpert, which has no reports), `split`
+is train / valid / test / test_5x, labels are 1 / 0 / -1 (uncertain) / empty (not mentioned); a
+dataset of your own may carry a `label` column of class names instead of the 14 labels.
+PairDataset reads a manifest for training.
 
     python data.py synth --out data/synth [--n 4000] [--size 128] [--seed 0]   # write SynthCXR
     python data.py preview data/synth                                           # contact sheet PNG
-    python data.py probe data/synth        # small supervised CNN: are the findings in the pixels?
     python data.py prepare mimic-cxr --root DIR --out mimic.csv [--cache DIR]   # a real dataset
+    python data.py prepare image-folder --root MY_IMAGES --out my.csv           # your own images
 
-Sections: 1 labels, manifest, report sections, images · 2 tokenizers · 3 image transforms ·
-4 PairDataset · 5 SynthCXR · 6 real datasets · 7 command line.
+Sections: 1 labels, manifest, report text, images · 2 tokenizers · 3 image transforms ·
+4 PairDataset · 5 SynthCXR · 6 real datasets and image folders (prepare) · 7 command line.
 Only the standard library, numpy, Pillow, torch and tqdm are used (pydicom, optional, for DICOM).
 """
 import argparse
@@ -21,7 +23,9 @@ import collections
 import contextlib
 import csv
 import gzip
+import html
 import inspect
+import io
 import json
 import math
 import multiprocessing
@@ -41,7 +45,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# 1. Labels, manifest format, report sections, image loading
+# 1. Labels, manifest format, report text, image loading and checking
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
           "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity",
@@ -49,6 +53,7 @@ LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
           "Pneumothorax", "Support Devices"]  # CheXpert's 14 observations, in MIMIC csv order
 FIVE_CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 REQUIRED_COLUMNS = ("image", "text", "split", "study_id", "patient_id", "view")
+SPLITS = ("train", "valid", "test", "test_5x")  # test_5x: the 5xN zero-shot set (see README)
 LABEL_VALUES = {"1": "1", "1.0": "1", "0": "0", "0.0": "0", "-1": "-1", "-1.0": "-1", "": ""}
 
 
@@ -64,48 +69,59 @@ def read_manifest(path, skip_bad=False):
     """Read and validate a manifest -> list of row dicts (label values normalised to '1','0','-1','').
 
     Each row also gets '_row' (1-based data row; the CSV line is _row + 1 when no field spans lines)
-    and '_path' (the absolute image path). A bad row raises ManifestError naming file, row, column
-    and value; with skip_bad=True bad rows are skipped and counted on stderr, never silently.
+    and '_path' (the absolute image path). The file must be UTF-8 (a byte-order mark, as Excel
+    writes, is fine). A bad row raises ManifestError naming file, row, column and value; with
+    skip_bad=True bad rows are skipped and counted on stderr, never silently.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     root = path.resolve().parent
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
+                            "save the manifest as UTF-8 CSV") from None
     rows, skipped = [], collections.Counter()
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise ManifestError(f"{path}: missing required column(s) {missing}; header is {columns}")
-        label_columns = [c for c in LABELS if c in columns]  # real datasets may carry only some labels
-        records = list(reader)
-        # No text in any row = a labels-only manifest (CheXpert, RSNA have no reports), fine for
-        # image-label evaluation; one empty text among reports is a broken row.
-        labels_only = bool(records) and not any((r.get("text") or "").strip() for r in records)
-        for i, row in enumerate(records, start=1):
-            try:
-                if None in row or None in row.values():
-                    raise ManifestError(f"{path}, row {i}: has {len(row)} fields, header has "
-                                        f"{len(columns)}", "wrong number of fields")
-                for c in label_columns:
-                    if row[c].strip() not in LABEL_VALUES:
-                        raise ManifestError(f"{path}, row {i}, column '{c}': bad label value "
-                                            f"{row[c]!r}; expected 1, 0, -1 (or 1.0, 0.0, -1.0) "
-                                            "or empty", "bad label value")
-                    row[c] = LABEL_VALUES[row[c].strip()]
-                if not row["text"].strip() and not labels_only:
-                    raise ManifestError(f"{path}, row {i}, column 'text': empty report text "
-                                        f"(image {row['image']!r})", "empty text")
-                row["_row"], row["_path"] = i, str(root / row["image"])
-                if not os.path.isfile(row["_path"]):
-                    raise ManifestError(f"{path}, row {i}, column 'image': file not found: "
-                                        f"{row['_path']}", "missing image")
-                rows.append(row)
-            except ManifestError as e:
-                if not skip_bad:
-                    raise
-                skipped[e.reason] += 1
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ManifestError(f"{path}: missing required column(s) {missing}; header is {columns}")
+    label_columns = [c for c in LABELS if c in columns]  # real datasets may carry only some labels
+    records = list(reader)
+    # No text in any row = a labels-only manifest (CheXpert, RSNA have no reports), fine for
+    # image-label evaluation; one empty text among reports is a broken row.
+    labels_only = bool(records) and not any((r.get("text") or "").strip() for r in records)
+    for i, row in enumerate(records, start=1):
+        try:
+            if None in row or None in row.values():
+                raise ManifestError(f"{path}, row {i}: has {len(row)} fields, header has "
+                                    f"{len(columns)}", "wrong number of fields")
+            if row["split"] not in SPLITS:
+                raise ManifestError(f"{path}, row {i}, column 'split': unknown split "
+                                    f"{row['split']!r}; expected one of {list(SPLITS)}",
+                                    "unknown split")
+            for c in label_columns:
+                if row[c].strip() not in LABEL_VALUES:
+                    raise ManifestError(f"{path}, row {i}, column '{c}': bad label value "
+                                        f"{row[c]!r}; expected 1, 0, -1 (or 1.0, 0.0, -1.0) "
+                                        "or empty", "bad label value")
+                row[c] = LABEL_VALUES[row[c].strip()]
+            if not row["text"].strip() and not labels_only:
+                raise ManifestError(f"{path}, row {i}, column 'text': empty report text "
+                                    f"(image {row['image']!r})", "empty text")
+            row["_row"], row["_path"] = i, str(root / row["image"])
+            if not os.path.isfile(row["_path"]):
+                raise ManifestError(f"{path}, row {i}, column 'image': file not found: "
+                                    f"{row['_path']}", "missing image")
+            rows.append(row)
+        except ManifestError as e:
+            if not skip_bad:
+                raise
+            skipped[e.reason] += 1
     if skipped:
         why = ", ".join(f"{reason} ({count})" for reason, count in sorted(skipped.items()))
         print(f"read_manifest: {path}: skipped {sum(skipped.values())} rows: {why}", file=sys.stderr)
@@ -148,9 +164,30 @@ FINDINGS_HEADINGS = {"FINDINGS", "FINDING", "FINDINGS AND IMPRESSION", "FINDINGS
 IMPRESSION_HEADINGS = {"IMPRESSION", "IMPRESSIONS", "CONCLUSION", "CONCLUSIONS"}
 
 
-def extract_report_text(report):
-    """Findings + impression of a report (the LAST occurrence of each section, since addenda and
-    re-dictations repeat them), whitespace collapsed; "" if the report has neither."""
+# Markup that some releases carry inside report text (IU X-Ray: "<BR>", "&gt;", "[&lt;"): an HTML
+# tag is "<" or "</" directly followed by a letter, so "< 5 mm" and "<5 mm" are left alone.
+_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
+
+
+def _unmarkup(text):
+    """HTML entities unescaped (twice-escaped ones too: "&amp;gt;" -> ">"), then tags replaced by
+    a space ("<BR>" is a line break; a space never changes which sections a report has)."""
+    for _ in range(3):
+        unescaped = html.unescape(text)
+        if unescaped == text:
+            break
+        text = unescaped
+    return _HTML_TAG.sub(" ", text)
+
+
+def extract_report_text(report, sections=True):
+    """The text every dataset's rows are made of, cleaned the same way for all of them: HTML
+    entities unescaped and tags dropped, whitespace collapsed. sections=True (reports): findings +
+    impression (the LAST occurrence of each section, since addenda and re-dictations repeat them),
+    "" if the report has neither. sections=False (captions): the whole text."""
+    report = _unmarkup(report)
+    if not sections:
+        return " ".join(report.split())
     found = {}
     heads = list(_HEADING.finditer(report))
     for head, nxt in zip(heads, heads[1:] + [None]):
@@ -160,6 +197,18 @@ def extract_report_text(report):
         if kind:  # a later occurrence overwrites an earlier one
             found[kind] = " ".join(report[head.end(): nxt.start() if nxt else None].split())
     return " ".join(found[k] for k in ("findings", "impression") if found.get(k))
+
+
+TRUNCATION_LENGTHS = (48, 64, 96, 128)  # max_len of configs/tiny, the default, small, mimic
+
+
+def truncated_share(texts, max_len, tokenize=None):
+    """Fraction of the non-empty texts that a tokenizer with this max_len cuts short: those with
+    more than max_len - 2 tokens ([CLS] and [SEP] take two places). tokenize defaults to the
+    word-level Tokenizer.tokenize of section 2. NaN when there is no text."""
+    tokenize = tokenize or Tokenizer.tokenize
+    lengths = [len(tokenize(t)) + 2 for t in texts if t.strip()]
+    return sum(n > max_len for n in lengths) / len(lengths) if lengths else float("nan")
 
 
 MAX_IMAGE_SIDE = 1024  # larger images are downscaled once, at load (JPEGs decoded at 1/2..1/8 scale)
@@ -225,6 +274,36 @@ def load_image(path, max_side=None):
     if max_side and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return img
+
+
+def check_image(path):
+    """A fast check that an image file is whole, without decoding its pixels -> None, or what is
+    wrong. The header must parse; a PNG's chunks and checksums must be intact up to its end
+    (PIL's verify); a JPEG must end with its end-of-image marker; a DICOM header must parse
+    (needs pydicom, like reading it does)."""
+    path = Path(path)
+    try:
+        if _is_dicom(path):
+            try:
+                import pydicom
+            except ImportError:
+                raise ImportError(f"{path}: reading DICOM needs the optional package pydicom "
+                                  "(pip install pydicom), or convert the images to PNG first") from None
+            pydicom.dcmread(str(path), stop_before_pixels=True)
+            return None
+        with Image.open(path) as f:
+            kind = f.format
+            f.verify()
+        if kind == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 4096))
+                if b"\xff\xd9" not in f.read():
+                    return "truncated JPEG (no end-of-image marker)"
+    except ImportError:
+        raise
+    except Exception as e:  # PIL and pydicom raise many types for a broken file
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -554,6 +633,42 @@ class ImageTransform:
 # -----------------------------------------------------------------------------
 # 4. PairDataset: (image, report tokens, pair id, labels) from one split of a manifest
 
+def find_bad_images(manifest_path, rows):
+    """check_image for every row -> [(row, problem)] of the bad ones, all at once. The images
+    found whole are remembered in <manifest stem>.image_check.json beside the manifest (with their
+    size and modification time), so the check is paid once per image, not once per run."""
+    manifest_path = Path(manifest_path)
+    cache_path = manifest_path.with_name(manifest_path.stem + ".image_check.json")
+    try:
+        checked = json.loads(cache_path.read_text(encoding="utf-8"))["ok"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: check again
+        checked = {}
+    bad, new = [], 0
+    for row in tqdm(rows, desc="checking images", disable=None, leave=False):
+        try:
+            st = os.stat(row["_path"])
+        except OSError as e:
+            bad.append((row, f"cannot open: {e}"))
+            continue
+        stamp = [st.st_size, st.st_mtime_ns]
+        if checked.get(row["_path"]) == stamp:
+            continue
+        problem = check_image(row["_path"])
+        if problem:
+            bad.append((row, problem))
+        else:
+            checked[row["_path"]], new = stamp, new + 1
+    if new:
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"ok": checked}), encoding="utf-8")
+            os.replace(tmp, cache_path)
+        except OSError as e:  # e.g. a read-only dataset folder: check again next time
+            print(f"note: cannot write {cache_path} ({e}); images will be checked again next run",
+                  file=sys.stderr)
+    return bad
+
+
 class PairDataset(torch.utils.data.Dataset):
     """One split of a manifest. Item i -> (image (1,H,W) float32, input_ids (L,) long,
     attention_mask (L,) long, pair_id () long, labels (len(label_names),) float32 with NaN = blank).
@@ -561,10 +676,14 @@ class PairDataset(torch.utils.data.Dataset):
     pair_id is the index of the row's study_id among the sorted study_ids of the WHOLE manifest,
     so images of one study share it. Augmentation for item i draws from
     default_rng([seed, epoch, i]): identical with any num_workers. Call set_epoch(e) each epoch
-    (with persistent DataLoader workers, recreate the loader for it to take effect)."""
+    (with persistent DataLoader workers, recreate the loader for it to take effect).
+
+    check_images=True checks every image of the split once at construction (find_bad_images), so
+    a truncated file is reported, with all other bad ones, before training starts rather than at
+    the step that first draws it; skip_bad=True drops those rows instead, counted on stderr."""
 
     def __init__(self, manifest_path, split, tokenizer, transform, seed=0, label_names=LABELS,
-                 cache_images=False, skip_bad=False):
+                 cache_images=False, skip_bad=False, check_images=True):
         self.manifest_path = Path(manifest_path)
         all_rows = read_manifest(self.manifest_path, skip_bad=skip_bad)
         pair_of = {s: i for i, s in enumerate(sorted({r["study_id"] for r in all_rows}))}
@@ -572,6 +691,18 @@ class PairDataset(torch.utils.data.Dataset):
         if not self.rows:
             raise ValueError(f"{self.manifest_path}: no rows with split {split!r} "
                              f"(splits present: {sorted({r['split'] for r in all_rows})})")
+        bad = find_bad_images(self.manifest_path, self.rows) if check_images else []
+        if bad and not skip_bad:
+            lines = [f"  row {r['_row']}: {r['_path']}: {problem}" for r, problem in bad]
+            raise ManifestError(f"{self.manifest_path}: {len(bad)} unreadable image(s) in split "
+                                f"{split!r} (fix or remove them, or pass skip_bad):\n" + "\n".join(lines))
+        if bad:
+            dropped = {id(r) for r, _ in bad}
+            self.rows = [r for r in self.rows if id(r) not in dropped]
+            print(f"PairDataset: {self.manifest_path}: skipped {len(bad)} rows of split {split!r}: "
+                  f"unreadable image ({len(bad)})", file=sys.stderr)
+            if not self.rows:
+                raise ValueError(f"{self.manifest_path}: every image of split {split!r} is unreadable")
         self.texts = [r["text"] for r in self.rows]
         self.pair_ids = torch.tensor([pair_of[r["study_id"]] for r in self.rows], dtype=torch.long)
         self.labels = torch.tensor([[float(r[n]) if r.get(n, "") != "" else math.nan
@@ -1228,54 +1359,12 @@ def preview(data_dir, out=None, n=30, cols=6, tile=160):
     return out
 
 
-def probe(data_dir, epochs=8, image_size=64, seed=0):
-    """Are the findings learnable from pixels? A tiny CNN trained on the train split (labels
-    1 vs 0/blank; uncertain -1 masked out) -> per-label AUROC on the test split."""
-    from evaluate import auroc  # evaluate.py imports data.py, so import lazily
-    torch.manual_seed(seed)
-    rows = read_manifest(Path(data_dir) / "manifest.csv")
-
-    def tensors(split):
-        part = [r for r in rows if r["split"] == split]
-        x = np.stack([np.asarray(load_image(r["_path"]).resize((image_size, image_size), Image.BILINEAR))
-                      for r in part]).astype(np.float32) / 255.0
-        y = np.array([[{"1": 1.0, "-1": math.nan}.get(r.get(n, ""), 0.0) for n in LABELS] for r in part])
-        return torch.from_numpy((x[:, None] - 0.5) / 0.5), torch.tensor(y, dtype=torch.float32)
-
-    (xtr, ytr), (xte, yte) = tensors("train"), tensors("test")
-    net = torch.nn.Sequential(  # (B,1,64,64) -> (B,8,32,32) -> (B,16,16,16) -> (B,32,8,8) -> (B,14)
-        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(image_size // 32),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 64, len(LABELS)))
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    for epoch in range(epochs):
-        for idx in torch.randperm(len(xtr)).split(64):
-            logits, y = net(xtr[idx]), ytr[idx]
-            known = ~torch.isnan(y)  # uncertain labels carry no target
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], y[known])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        scores = net(xte).numpy()
-    results = {}
-    for j, name in enumerate(LABELS):
-        known = ~np.isnan(yte[:, j].numpy())
-        if 0 < yte[known, j].sum() < known.sum():
-            results[name] = float(auroc(yte[known, j].numpy(), scores[known, j]))
-    for name, value in results.items():
-        positives = int((yte[:, LABELS.index(name)] == 1).sum())
-        print(f"{name:28s} AUROC {value:.3f}  (test positives {positives})")
-    print(f"{'mean':28s} AUROC {np.mean(list(results.values())):.3f}")
-    return results
-
-
 # -----------------------------------------------------------------------------
-# 6. Real datasets (MIMIC-CXR, CheXpert, RSNA, IU X-Ray, ROCO) -> the common manifest
+# 6. Real datasets (MIMIC-CXR, CheXpert, RSNA, IU X-Ray, ROCO) and image folders -> the manifest
 # One small function per public release turns its files into manifest rows and counts what it
 # skipped and why; `prepare` then (optionally) writes resized PNG copies, the manifest and a
-# summary. Training and evaluation never special-case a dataset. Layouts: PROTOCOLS.md §1.
+# summary. Training and evaluation never special-case a dataset. Each preparer's docstring
+# gives the release's file layout; the README ("What prepare does") explains the choices.
 
 FRONTAL = ("PA", "AP")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones", "chexpert")
@@ -1333,9 +1422,17 @@ def _view_reason(view):
     return "lateral view" if "LAT" in view or view in ("LL", "RL") else "other view"
 
 
+# A de-identified span with whatever is glued to it ("4XXXX", "XXXXPM", "x-XXXX", "___-year-old").
+_DEID_WORD = re.compile(r"[\w-]*(?:_{2,}|X{2,})[\w-]*")
+
+
 def _deid(text, remove):
-    """MIMIC writes de-identified spans as '___', OpenI as 'XXXX': keep them or drop them."""
-    return " ".join(re.sub(r"_{2,}|\bX{2,}\b", " ", text).split()) if remove else text
+    """MIMIC writes de-identified spans as '___', OpenI as 'XXXX': keep them, or remove each with
+    the word it is glued to (no '4', 'PM' or 'x-' left behind) and no space before punctuation."""
+    if not remove:
+        return text
+    text = " ".join(_DEID_WORD.sub(" ", text).split())
+    return re.sub(r" ([.,;:!?)\]])", r"\1", text)
 
 
 def _split_patients(patients, valid_frac, test_frac, seed):
@@ -1513,8 +1610,9 @@ def prepare_iu_xray(root, images=None, valid_frac=0.1, test_frac=0.2, seed=0, de
     """IU X-Ray (OpenI), either release:
     - XML: ecgen-radiology/<uid>.xml with <AbstractText Label="FINDINGS|IMPRESSION"> and
       <parentImage id="CXR<uid>_IM-...">, images <id>.png in NLMCXR_png/ (or images/, or root).
-      The XML has no view field: with indiana_projections.csv next to it the first frontal
-      image is used, otherwise the first image (view 'UNKNOWN').
+      The XML has no view field: with indiana_projections.csv next to it only a frontal image is
+      used (the literature's choice), otherwise the first listed image (view 'UNKNOWN', counted
+      in the summary, which recommends the projections file).
     - Kaggle: indiana_reports.csv (uid, findings, impression, ...) + indiana_projections.csv
       (uid, filename, projection), images in images/images_normalized/.
     One row per report (uid = study = patient: OpenI gives no patient ids); text = findings +
@@ -1532,8 +1630,8 @@ def prepare_iu_xray(root, images=None, valid_frac=0.1, test_frac=0.2, seed=0, de
         reports = []
         for path in sorted((root / "ecgen-radiology").glob("*.xml"), key=lambda p: (len(p.stem), p.stem)):
             tree = ET.parse(path)
-            sections = {a.get("Label", "").upper(): (a.text or "").strip()
-                        for a in tree.iter("AbstractText")}
+            sections = {a.get("Label", "").upper(): " ".join(a.itertext()).strip()
+                        for a in tree.iter("AbstractText")}   # itertext: markup elements too
             ids = [p.get("id") for p in tree.iter("parentImage")]
             reports.append((path.stem, sections.get("FINDINGS", ""), sections.get("IMPRESSION", ""),
                             [(folder / f"{i}.png", projections.get(key(path.stem, i), "UNKNOWN"))
@@ -1554,15 +1652,20 @@ def prepare_iu_xray(root, images=None, valid_frac=0.1, test_frac=0.2, seed=0, de
     rows, skipped = [], collections.Counter()
     for uid, findings, impression, candidates in tqdm(reports, desc="iu-xray", disable=None):
         text = extract_report_text(f"FINDINGS: {findings.strip()}\nIMPRESSION: {impression.strip()}")
-        frontal = [(p, v) for p, v in candidates if v in ("FRONTAL", "UNKNOWN")]
+        # with view information only a frontal image is taken; without it, the first listed one
+        usable = [(p, v) for p, v in candidates if v == "FRONTAL"] if projections else candidates
         if not text:
             skipped["no findings/impression"] += 1
-        elif candidates and not frontal:
-            skipped["lateral view"] += 1
-        elif not any(p.is_file() for p, _ in frontal):
+        elif not candidates:
+            skipped["no image listed"] += 1
+        elif not usable:
+            unknown = any(v == "UNKNOWN" for _, v in candidates)
+            skipped["no frontal view (view unknown: not in indiana_projections.csv)" if unknown
+                    else "lateral view"] += 1
+        elif not any(p.is_file() for p, _ in usable):
             skipped["missing image"] += 1
         else:
-            image, view = next((p, v) for p, v in frontal if p.is_file())
+            image, view = next((p, v) for p, v in usable if p.is_file())
             rows.append(_row(image, _deid(text, deid == "remove"), split_of[uid], uid, uid, view))
     return rows, skipped
 
@@ -1585,13 +1688,78 @@ def prepare_roco(root):
             elif not image.is_file():
                 skipped["missing image"] += 1
             else:
-                rows.append(_row(image, caption.strip(), split, roco_id.strip(), roco_id.strip(), ""))
+                rows.append(_row(image, extract_report_text(caption, sections=False), split,
+                                 roco_id.strip(), roco_id.strip(), ""))
+    return rows, skipped
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm")
+SPLIT_FOLDERS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid",
+                 "test": "test"}
+
+
+def prepare_image_folder(root, valid_frac=0.1, test_frac=0.2, seed=0):
+    """Your own images, one sub-folder per class, in either layout:
+        root/<class>/<image>           splits drawn per class: valid_frac / test_frac, seeded
+        root/<split>/<class>/<image>   split folders train, valid (or val, validation), test
+    and, optionally, a caption <image stem>.txt beside each image: its text (cleaned like every
+    report). The class name goes to a column `label` (evaluate.py --label-column label). Each
+    image is its own study and patient, as a folder has no patient ids: to keep one person's (or
+    one object's) images in one split, use split folders. Without any caption the manifest is
+    labels-only (for evaluation); with captions, an image without one is skipped and counted.
+    Images are read as grayscale, like every image here."""
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    split_folders = [d for d in folders if d.name.lower() in SPLIT_FOLDERS]
+    if split_folders and len(split_folders) != len(folders):
+        raise ValueError(f"{root}: mixes split folders {[d.name for d in split_folders]} with other "
+                         f"folders {[d.name for d in folders if d not in split_folders]}; use "
+                         f"either <class>/ or <split>/<class>/ folders")
+    layout = ([(SPLIT_FOLDERS[d.name.lower()], c) for d in split_folders
+               for c in sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))]
+              if split_folders else [(None, d) for d in folders])
+    if not layout:
+        raise FileNotFoundError(f"{root} does not look like an image folder: expected one "
+                                f"sub-folder per class (<class>/<image>, or <split>/<class>/<image>)")
+    skipped, items = collections.Counter(), []
+    for split, class_dir in layout:
+        files = sorted(f for f in class_dir.iterdir() if not f.name.startswith("."))
+        images = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        stems = {f.stem for f in images}
+        for f in files:
+            if f.is_dir():
+                skipped["folder inside a class folder (not read)"] += 1
+            elif f.suffix.lower() == ".txt" and f.stem not in stems:
+                skipped["caption without an image"] += 1
+            elif f.suffix.lower() not in IMAGE_SUFFIXES + (".txt",):
+                skipped["not an image file"] += 1
+        for image in images:
+            caption, text = image.with_suffix(".txt"), ""
+            if caption.is_file():
+                try:
+                    text = extract_report_text(caption.read_text(encoding="utf-8-sig"), sections=False)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{caption}: caption is not UTF-8 text ({e.reason})") from None
+            items.append((split, class_dir.name, image, text))
+    if any(text for *_, text in items):
+        skipped["no caption"] += sum(not text for *_, text in items)
+        items = [item for item in items if item[3]]
+    rows = []
+    for name in sorted({c for _, c, _, _ in items}):
+        ids = [image.relative_to(root).with_suffix("").as_posix()
+               for split, c, image, _ in items if c == name]
+        split_of = _split_patients(ids, valid_frac, test_frac, seed)   # per class: every class in every split
+        for (split, c, image, text), uid in zip([i for i in items if i[1] == name], ids):
+            rows.append({**_row(image, text, split or split_of[uid], uid, uid, ""), "label": c})
     return rows, skipped
 
 
 PREPARERS = {"mimic-cxr": prepare_mimic_cxr, "chexpert": prepare_chexpert,
              "chexpert-5x200": prepare_chexpert_5x200, "rsna": prepare_rsna,
-             "iu-xray": prepare_iu_xray, "roco": prepare_roco}
+             "iu-xray": prepare_iu_xray, "roco": prepare_roco, "image-folder": prepare_image_folder}
+WITHOUT_CHEXPERT_LABELS = {"image-folder"}  # its manifest has a `label` column instead of the 14
+VIEW_ADVICE = {"iu-xray": "put indiana_projections.csv (uid, filename, projection; from the Kaggle "
+                          "packaging of the same release) in --root: then only frontal images are "
+                          "taken, as in the literature"}
 
 
 def _cache_one(job):
@@ -1628,7 +1796,7 @@ def cache_images(rows, root, cache_dir, size=256, workers=1, skipped=None):
     return [{**r, "image": str(dst)} for r, (_, dst, _), e in zip(rows, jobs, results) if e is None]
 
 
-def _summary(dataset, out, rows, skipped):
+def _summary(dataset, out, rows, skipped, notes):
     lines = [f"{dataset}: {len(rows)} rows written to {out}"]
     lines += [f"  skipped {n:7d}  {reason}" for reason, n in skipped.most_common() if n]
     for split in sorted({r["split"] for r in rows}):
@@ -1636,16 +1804,38 @@ def _summary(dataset, out, rows, skipped):
         counts = [f"{name} {sum(r.get(name) == '1' for r in part)}"
                   + (f" (-1: {k})" if (k := sum(r.get(name) == "-1" for r in part)) else "")
                   for name in LABELS if any(r.get(name) in ("1", "-1") for r in part)]
+        if any("label" in r for r in part):
+            counts = [f"{c} {n}" for c, n in sorted(collections.Counter(r["label"] for r in part).items())]
         patients = len({r["patient_id"] for r in part})
         lines.append(f"  {split:8s} {len(part):7d} rows, {patients} patients"
-                     + (f"; positives: {', '.join(counts)}" if counts else ""))
+                     + (f"; {'classes' if any('label' in r for r in part) else 'positives'}: "
+                        f"{', '.join(counts)}" if counts else ""))
+    views = collections.Counter(r["view"] or "(none)" for r in rows)
+    lines.append("  views: " + ", ".join(f"{v} {n}" for v, n in views.most_common()))
+    lines += [f"  note: {note}" for note in notes]
     return "\n".join(lines)
 
 
+def _notes(dataset, rows):
+    """What a user should know about the rows written: unknown views, and how many report texts
+    a tokenizer cuts short at the usual max_len (word tokens + [CLS] + [SEP])."""
+    notes = []
+    unknown = sum(r["view"] == "UNKNOWN" for r in rows)
+    if unknown:
+        notes.append(f"{unknown} of {len(rows)} rows have view UNKNOWN (no view information), "
+                     f"so laterals may be among them" + (f"; {VIEW_ADVICE[dataset]}" if dataset in VIEW_ADVICE else ""))
+    texts = [r["text"] for r in rows]
+    if any(t.strip() for t in texts):
+        shares = ", ".join(f"{n}: {truncated_share(texts, n):.1%}" for n in TRUNCATION_LENGTHS)
+        notes.append(f"texts longer than max_len tokens (word tokens + [CLS] + [SEP]), cut short "
+                     f"in training: {shares}")
+    return notes
+
+
 def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, **options):
-    """Convert the dataset at root into the manifest out (see PREPARERS); returns a summary
-    dict {"rows", "skipped", "splits"} and prints it. With cache, images are first written as
-    resized PNG copies (cache_images) and the manifest points at those."""
+    """Convert the dataset at root into the manifest out (see PREPARERS); returns a summary dict
+    {"rows", "skipped", "splits", "views", "truncated", "notes"} and prints it. With cache, images
+    are first written as resized PNG copies (cache_images) and the manifest points at those."""
     if dataset not in PREPARERS:
         raise ValueError(f"unknown dataset {dataset!r}; one of {sorted(PREPARERS)}")
     root, out = Path(root).absolute(), Path(out)  # absolute: write_manifest stores paths relative to out
@@ -1656,27 +1846,35 @@ def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, **options
         rows = cache_images(rows, root, Path(cache).absolute(), cache_size, workers, skipped)
     if not rows:
         raise ValueError(f"{dataset}: no rows left from {root}; skipped {dict(skipped)}")
-    write_manifest(out, rows)
+    write_manifest(out, rows, [] if dataset in WITHOUT_CHEXPERT_LABELS else LABELS)
     if any(r["split"] == "test_5x" for r in rows):
         patients = sorted({r["patient_id"] for r in rows if r["split"] == "test_5x"})
         out.with_name(out.stem + "_exclude_patients.txt").write_text("\n".join(patients) + "\n")
-    print(_summary(dataset, out, rows, skipped))
+    notes = _notes(dataset, rows)
+    print(_summary(dataset, out, rows, skipped, notes))
+    texts = [r["text"] for r in rows]
     return {"rows": len(rows), "skipped": {k: n for k, n in skipped.items() if n},
-            "splits": dict(collections.Counter(r["split"] for r in rows))}
+            "splits": dict(collections.Counter(r["split"] for r in rows)),
+            "views": dict(collections.Counter(r["view"] for r in rows)),
+            "truncated": {n: truncated_share(texts, n) for n in TRUNCATION_LENGTHS}, "notes": notes}
 
 
 def add_prepare_parser(subparsers):
-    p = subparsers.add_parser("prepare", help="convert a real dataset into a manifest")
+    p = subparsers.add_parser("prepare", help="convert a public dataset, or your own image folder, "
+                                              "into a manifest")
     p.add_argument("dataset", choices=sorted(PREPARERS))
-    p.add_argument("--root", required=True, help="the dataset's folder, as downloaded")
+    p.add_argument("--root", required=True, help="the dataset's folder, as downloaded (image-folder: "
+                                                 "<class>/<image> or <split>/<class>/<image>)")
     p.add_argument("--out", required=True, help="manifest CSV to write")
     p.add_argument("--cache", help="write resized PNG copies here; the manifest points at them")
     p.add_argument("--cache-size", type=int, default=256, help="longest side of cached copies")
     p.add_argument("--workers", type=int, default=1, help="processes decoding images for --cache")
     p.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, help="-1 label policy (chexpert: required)")
     p.add_argument("--seed", type=int, help="seed of patient splits and 5xN sampling")
-    p.add_argument("--valid-frac", type=float, help="fraction of patients for 'valid'")
-    p.add_argument("--test-frac", type=float, help="fraction of patients for 'test'")
+    p.add_argument("--valid-frac", type=float, help="fraction of patients (image-folder: of each "
+                                                    "class's images) for 'valid'")
+    p.add_argument("--test-frac", type=float, help="fraction of patients (image-folder: of each "
+                                                   "class's images) for 'test'")
     p.add_argument("--all-views", action="store_true", default=None, help="keep lateral views too")
     p.add_argument("--deid", choices=("keep", "remove"), help="keep or remove '___' / 'XXXX'")
     p.add_argument("--one-per-study", help="mimic-cxr: splits with one image per study "
@@ -1716,9 +1914,6 @@ def main(argv=None):
     p = sub.add_parser("preview", help="contact sheet PNG of a dataset folder with a manifest.csv")
     p.add_argument("dir")
     p.add_argument("--out", default=None, help="PNG path (default DIR/preview.png)")
-    p = sub.add_parser("probe", help="supervised CNN per-label test AUROC: are findings in the pixels?")
-    p.add_argument("dir")
-    p.add_argument("--epochs", type=int, default=8)
     add_prepare_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "synth":
@@ -1727,10 +1922,6 @@ def main(argv=None):
         print(f"wrote {path}: {args.n + 5 * args.n_5x} studies of {args.size}px in {time.time() - t0:.1f} s")
     elif args.command == "preview":
         print(f"wrote {preview(args.dir, args.out)}")
-    elif args.command == "probe":
-        t0 = time.time()
-        probe(args.dir, args.epochs)
-        print(f"probe took {time.time() - t0:.1f} s")
     elif args.command == "prepare":
         _prepare_cli(args)
 

@@ -1,36 +1,56 @@
 """
-Evaluation of an MSD (or CLIP) checkpoint: zero-shot classification, few-shot / linear probe,
-image-text retrieval. The protocols are those of /work/shared/PROTOCOLS.md §2; every metric is
-hand-written below (no scikit-learn) and checked against scikit-learn values in the tests.
+Evaluation of an MSD (or CLIP) checkpoint: zero-shot classification, linear probes, image-text
+retrieval; and, needing no checkpoint, a supervised pixel probe and the efficiency and ablation
+benchmarks. Every metric is hand-written below (no scikit-learn) and checked against
+scikit-learn's values in tests/test_evaluate.py.
 
     python evaluate.py --task all                          # the run of configs/small.json
     python evaluate.py --task zeroshot --checkpoint random # same config, untrained: chance level
     python evaluate.py --task fewshot --checkpoint runs/x/ckpt.pt --data manifest.csv --out r.json
+    python evaluate.py --task all --data my.csv --label-column label --prompts my_prompts.json
 
 Reads top to bottom:
-    (1) metrics            auroc, macro_f1, confusion_matrix, retrieval_ranks, recall_at_k, ...
-    (2) features           one batched no-grad pass per split, eval mode; probe features cached
-    (3) zero-shot          prompt sets, classifier = normalise(mean(normalise(prompt embeddings)))
-    (4) linear probe       frozen features + logistic regression; k shots / label fractions; seeds
-    (5) retrieval          one image per study, de-duplicated texts, pessimistic ranks, chunked
-    (6) CLI                tasks are a dict of functions; a table is printed and JSON written
+    (1) metrics       auroc, macro_f1, confusion_matrix, retrieval_ranks, recall_at_k, ...
+    (2) features      one batched no-grad pass per split, eval mode
+    (3) zero-shot     prompt files (configs/prompts/), class vector = normalise(mean(normalise(
+                      prompt embeddings))); N-way argmax, and binary positive-vs-negative AUROC
+    (4) probes        frozen features + a linear head: multi-label (logistic, AUROC) or multi-class
+                      (softmax, accuracy / macro-F1); k shots / label fractions; seeds; and the
+                      pixel probe, a small CNN trained on the raw pixels (no checkpoint)
+    (5) retrieval     one image per study, de-duplicated texts, pessimistic ranks, chunked
+    (6) tasks         Evaluation (model, manifest, cached features), one run_* and one print_*
+                      function per task, dispatched by TASKS and PRINTERS
+    (7) efficiency    time, memory and FLOPs of one optimizer step, MSD against CLIP
+    (8) ablation      train and evaluate every run of an ablation file over seeds
+    (9) command line  load a checkpoint, run the tasks, print, write the JSON once
 
-Label conventions (the same for every task): a manifest label is 1, 0, -1 (uncertain) or blank.
-For scoring, blank counts as negative and -1 is excluded; a finding whose test labels hold only
-one class gets AUROC NaN and is left out of the mean (with a note in the results).
+Two kinds of labels:
+- CheXpert-style label columns (the 14 of data.LABELS a manifest carries): 1, 0, -1 (uncertain)
+  or blank. For scoring, blank counts as negative and -1 is excluded; a finding whose test labels
+  hold one class only gets AUROC NaN and is left out of the mean (with a note). Zero-shot is
+  5-way on the split `test_5x` (exactly one positive of the five classes per image) and binary
+  per finding on --split; the probe is multi-label.
+- --label-column NAME: one column holding a class name per row (any strings; blank = unlabelled,
+  left out with a note). Zero-shot is N-way over the column's classes on --split, with prompts
+  from --prompts FILE.json keyed by the class names (or each class's own name); the probe is
+  multi-class.
 
-Any manifest with labels works: the synthetic set (prompt set "synth"), CheXpert / CheXpert 5x200
-("chexpert": GLoRIA's grid), RSNA ("pneumonia"), or prompts of your own (--prompts FILE.json).
-Labels-only manifests (no report texts) skip retrieval. The JSON holds the checkpoint step, the
-config, the split sizes and, per task, its numbers and protocol settings (NaN is written as null).
+Prompt files: {class: [prompts]} or {"positive": {class: [prompts]}, "negative": {...}}. The
+shipped sets are configs/prompts/{synth,chexpert,pneumonia}.json (--prompt-set NAME).
+Anything asked for that cannot be computed is an error (exit status 1), never a silent no-op; a
+task that `--task all` cannot apply to the data is skipped with its reason printed. The JSON
+holds the checkpoint step, the config, the split sizes and, per task, its numbers, notes and
+protocol settings (NaN is written as null).
 """
 import argparse
+import collections
 import hashlib
-import itertools
 import json
 import math
 import multiprocessing
+import os
 import platform
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
@@ -225,142 +246,56 @@ def encode_images(model, dataset, batch_size=64, num_workers=0):
 
 
 # -----------------------------------------------------------------------------------------------
-# (3) Zero-shot classification. Prompt sets are fixed lists (never sampled); a prompt set is
-# {"positive": {class: [prompts]}, "negative": {class: [prompts]}} ("negative" optional).
+# (3) Zero-shot classification. Prompts are fixed lists read from JSON (never sampled); a prompt
+# set is {"positive": {class: [prompts]}, "negative": {class: [prompts]}} ("negative" optional).
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "configs" / "prompts"   # not the working directory
 
 
-def grid(*slots):
-    """All combinations of the word slots (e.g. severity x subtype x location), in a fixed order,
-    joined by spaces; an empty word "" leaves its slot out."""
-    return [" ".join(w for w in words if w) for words in itertools.product(*slots)]
-
-
-# GLoRIA's CheXpert grid (Huang et al. 2021; their constants file), the words as they published
-# them, misspellings included ("apperance", "presistent", "uppper"), so that results stay
-# comparable: 210 / 15 / 192 / 18 / 54 prompts. Slots: severity, subtype, location, except for
-# Pleural Effusion where GLoRIA joins severity, location, subtype ("small left subpulmonic ...").
-CHEXPERT_GRID = {
-    "Atelectasis": (
-        ["", "mild", "minimal"],
-        ["subsegmental atelectasis", "linear atelectasis", "trace atelectasis",
-         "bibasilar atelectasis", "retrocardiac atelectasis", "bandlike atelectasis",
-         "residual atelectasis"],
-        ["at the mid lung zone", "at the upper lung zone", "at the right lung zone",
-         "at the left lung zone", "at the lung bases", "at the right lung base",
-         "at the left lung base", "at the bilateral lung bases", "at the left lower lobe",
-         "at the right lower lobe"]),
-    "Cardiomegaly": (
-        [""],
-        ["cardiac silhouette size is upper limits of normal", "cardiomegaly which is unchanged",
-         "mildly prominent cardiac silhouette",
-         "portable view of the chest demonstrates stable cardiomegaly",
-         "portable view of the chest demonstrates mild cardiomegaly",
-         "persistent severe cardiomegaly", "heart size is borderline enlarged",
-         "cardiomegaly unchanged", "heart size is at the upper limits of normal",
-         "redemonstration of cardiomegaly",
-         "ap erect chest radiograph demonstrates the heart size is the upper limits of normal",
-         "cardiac silhouette size is mildly enlarged",
-         "mildly enlarged cardiac silhouette, likely left ventricular enlargement. "
-         "other chambers are less prominent",
-         "heart size remains at mildly enlarged",
-         "persistent cardiomegaly with prominent upper lobe vessels"],
-        [""]),
-    "Consolidation": (
-        ["", "increased", "improved", "apperance of"],
-        ["bilateral consolidation", "reticular consolidation", "retrocardiac consolidation",
-         "patchy consolidation", "airspace consolidation", "partial consolidation"],
-        ["at the lower lung zone", "at the upper lung zone", "at the left lower lobe",
-         "at the right lower lobe", "at the left upper lobe", "at the right uppper lobe",
-         "at the right lung base", "at the left lung base"]),
-    "Edema": (
-        ["", "mild", "improvement in", "presistent", "moderate", "decreased"],
-        ["pulmonary edema", "trace interstitial edema", "pulmonary interstitial edema"],
-        [""]),
-    "Pleural Effusion": (
-        ["", "small", "stable", "large", "decreased", "increased"],
-        ["left", "right", "tiny"],
-        ["bilateral pleural effusion", "subpulmonic pleural effusion", "bilateral pleural effusion"]),
-}
-
-# RSNA Pneumonia: one finding, positive vs negative prompts (ours).
-PNEUMONIA_PROMPTS = {
-    "positive": {"Pneumonia": [
-        "pneumonia", "findings consistent with pneumonia", "right lower lobe pneumonia",
-        "left lower lobe pneumonia", "multifocal pneumonia", "bilateral pneumonia",
-        "focal consolidation concerning for pneumonia",
-        "patchy airspace opacity compatible with pneumonia"]},
-    "negative": {"Pneumonia": [
-        "no pneumonia", "no evidence of pneumonia", "no focal consolidation to suggest pneumonia",
-        "the lungs are clear", "no acute cardiopulmonary process"]},
-}
-
-
-def synth_prompts():
-    """Prompts in the words of the synthetic reports (data.BANK's sentences, filled with the
-    severities, sides and lobes that data.py's report writer uses), as fixed grids."""
-    sev = {k: ("",) + v for k, v in data.SEVERITY.items()}
-    lobes = [f"{lobe} lobe." for lobe in data.LOBES]
-    positive = {
-        "Atelectasis": grid(sev["atelectasis"], ["left basilar", "right basilar", "bibasilar"],
-                            ["atelectasis.", "linear atelectasis."]),
-        "Cardiomegaly": grid(sev["cardiomegaly"],
-                             ["cardiomegaly.", "enlargement of the cardiac silhouette."]),
-        "Consolidation": grid(["consolidation in the"], lobes),
-        "Edema": grid(sev["edema"], ["pulmonary edema.", "interstitial edema with perihilar haziness."]),
-        "Lung Lesion": grid(["nodule in the", "pulmonary nodule projecting over the"], lobes),
-        "Lung Opacity": grid(["patchy opacity in the"], lobes),
-        "Pleural Effusion": grid(sev["effusion"], ["left pleural effusion.", "right pleural effusion.",
-                                                   "bilateral pleural effusions."]),
-        "Pneumonia": grid([lobe[:-1] for lobe in lobes], ["pneumonia."]),
-        "Pneumothorax": grid(sev["pneumothorax"], ["left", "right"],
-                             ["pneumothorax.", "apical pneumothorax."]),
-        "Support Devices": ["endotracheal tube terminates above the carina.",
-                            "nasogastric tube courses below the diaphragm into the stomach.",
-                            "right internal jugular central venous catheter terminates in the svc.",
-                            "left-sided pacemaker with a lead in the right ventricle.",
-                            "lines and tubes in standard position."],
-        "No Finding": ["no acute cardiopulmonary process.", "no acute intrathoracic process.",
-                       "normal chest radiograph."],
-    }
-    negative = {  # the banks' negated sentences; "No Finding" has none (no double negation)
-        "Atelectasis": ["no atelectasis."],
-        "Cardiomegaly": ["heart size is normal.", "normal heart size.", "no cardiomegaly."],
-        "Consolidation": ["no focal consolidation."],
-        "Edema": ["no pulmonary edema.", "there is no pulmonary edema."],
-        "Lung Lesion": ["no suspicious pulmonary nodules."],
-        "Lung Opacity": ["the lungs are clear."],
-        "Pleural Effusion": ["no pleural effusion.", "there is no pleural effusion."],
-        "Pneumonia": ["no consolidation to suggest pneumonia."],
-        "Pneumothorax": ["no pneumothorax.", "there is no pneumothorax."],
-    }
-    return {"positive": positive, "negative": negative}
-
-
-PROMPT_SETS = {
-    "synth": synth_prompts,
-    "chexpert": lambda: {"positive": {c: grid(*slots) for c, slots in CHEXPERT_GRID.items()},
-                         "negative": {}},
-    "pneumonia": lambda: PNEUMONIA_PROMPTS,
-}
+def prompt_set_names():
+    """The shipped prompt sets: configs/prompts/<name>.json."""
+    return sorted(p.stem for p in PROMPTS_DIR.glob("*.json"))
 
 
 def load_prompt_set(name_or_path):
-    """A built-in set by name, or a JSON file: {class: [prompts]} or
-    {"positive": {class: [prompts]}, "negative": {class: [prompts]}}."""
-    if name_or_path in PROMPT_SETS:
-        return PROMPT_SETS[name_or_path]()
+    """A shipped set by name (configs/prompts/NAME.json) or a JSON file of your own, either
+        {class: [prompt, ...], ...}                                  (positive prompts only) or
+        {"positive": {class: [...]}, "negative": {class: [...]}, "about": "a description"}
+    -> {"positive": {...}, "negative": {...}}. Every list must hold non-empty strings; anything
+    else is an error naming the file."""
     path = Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt set {name_or_path!r}: neither a built-in set "
-                                f"({', '.join(PROMPT_SETS)}) nor a JSON file")
-    raw = json.loads(path.read_text())
-    prompts = raw if "positive" in raw else {"positive": raw, "negative": {}}
-    for part in ("positive", "negative"):
-        for cls, lst in prompts.get(part, {}).items():
+        shipped = PROMPTS_DIR / f"{name_or_path}.json"
+        if path.name != str(name_or_path) or not shipped.is_file():
+            raise FileNotFoundError(f"prompt set {str(name_or_path)!r}: neither a shipped set "
+                                    f"({', '.join(prompt_set_names())}) nor a JSON file")
+        path = shipped
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"prompt file {path}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"prompt file {path}: expected a JSON object {{class: [prompts]}} or "
+                         f"{{\"positive\": ..., \"negative\": ...}}, got a {type(raw).__name__}")
+    if "positive" in raw:
+        unknown = sorted(set(raw) - {"positive", "negative", "about"})
+        if unknown:
+            raise ValueError(f"prompt file {path}: unknown top-level keys {unknown}; expected "
+                             f"'positive', 'negative' (optional), 'about' (optional)")
+        prompts = {"positive": raw["positive"], "negative": raw.get("negative", {})}
+    else:
+        prompts = {"positive": raw, "negative": {}}
+    for part, by_class in prompts.items():
+        if not isinstance(by_class, dict):
+            raise ValueError(f"prompt file {path}: {part!r} must be an object {{class: [prompts]}}, "
+                             f"got a {type(by_class).__name__}")
+        for cls, lst in by_class.items():
             if not (isinstance(lst, list) and lst and all(isinstance(p, str) and p for p in lst)):
-                raise ValueError(f"{path}: {part} prompts of {cls!r}: expected a non-empty list "
-                                 f"of non-empty strings, got {lst!r}")
-    return {"positive": prompts["positive"], "negative": prompts.get("negative", {})}
+                raise ValueError(f"prompt file {path}: {part} prompts of {cls!r}: expected a "
+                                 f"non-empty list of non-empty strings, got {lst!r}")
+    if not prompts["positive"]:
+        raise ValueError(f"prompt file {path}: no classes")
+    return prompts
 
 
 def negative_prompts(prompt_set, finding):
@@ -382,7 +317,7 @@ def class_embeddings(encode, prompts_by_class):
 
 
 def zeroshot_multiclass(image_emb, y_true, class_emb, class_names):
-    """5xN style: predict argmax_k cos(v, c_k) for each image independently (no test-set
+    """N-way: predict argmax_k cos(v, c_k) for each image independently (no test-set
     statistics, no z-scoring) -> accuracy, macro-F1, per-class recall, confusion matrix."""
     pred = (image_emb @ class_emb.T).argmax(1).numpy()                         # (N,)
     y_true = _np(y_true).astype(int)
@@ -408,7 +343,10 @@ def zeroshot_binary(image_emb, labels, pos_emb, neg_emb, findings):
 
 
 # -----------------------------------------------------------------------------------------------
-# (4) Linear probe / few-shot: frozen features, one linear layer trained with L-BFGS.
+# (4) Probes. Linear probe / few-shot: frozen features, one linear layer trained with L-BFGS,
+# multi-label (one sigmoid per CheXpert label, AUROC) or multi-class (one softmax over the
+# classes of a label column, accuracy and macro-F1). Then the pixel probe: a small CNN trained
+# on the raw pixels, which asks whether the labels are in the images at all.
 
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -429,6 +367,15 @@ def sample_shots(labels, k, seed):
     return np.flatnonzero(chosen)
 
 
+def sample_shots_per_class(classes, k, seed, num_classes):
+    """k-shot multi-class sampling: k random rows of each class (all of them when fewer exist).
+    classes: (N,) class indices of the TRAIN split only. Seeded as sample_shots. Sorted indices."""
+    y = _np(classes)
+    rng = np.random.default_rng([seed, k])
+    chosen = [rng.permutation(np.flatnonzero(y == c))[:k] for c in range(num_classes)]
+    return np.sort(np.concatenate(chosen))
+
+
 def sample_fraction(n, fraction, seed):
     """A seeded random `fraction` of n training rows (at least one), sorted."""
     m = max(1, int(round(fraction * n)))
@@ -436,13 +383,10 @@ def sample_fraction(n, fraction, seed):
     return np.sort(rng.permutation(n)[:m])
 
 
-def train_logistic_regression(x, y, weight_decay, max_iter=100):
-    """One sigmoid per label: minimise mean over known (i, j) of BCE(w_j . x_i + b_j, y_ij)
-    + weight_decay / 2 * |W|^2 (bias not decayed). Convex, so L-BFGS from zero is deterministic."""
-    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
-    known = ~torch.isnan(y)
-    target = torch.nan_to_num(y)
-    head = torch.nn.Linear(x.shape[1], y.shape[1])
+def _fit_linear(x, out_dim, data_loss, weight_decay, max_iter):
+    """Minimise data_loss(head(x)) + weight_decay / 2 * |W|^2 (bias not decayed) over a linear
+    head started at zero. Convex, so L-BFGS from zero is deterministic."""
+    head = torch.nn.Linear(x.shape[1], out_dim)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=10,
@@ -450,8 +394,7 @@ def train_logistic_regression(x, y, weight_decay, max_iter=100):
 
     def closure():
         opt.zero_grad()
-        bce = F.binary_cross_entropy_with_logits(head(x), target, reduction="none")
-        loss = bce[known].sum() / known.sum().clamp(min=1) + 0.5 * weight_decay * head.weight.pow(2).sum()
+        loss = data_loss(head(x)) + 0.5 * weight_decay * head.weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -459,22 +402,53 @@ def train_logistic_regression(x, y, weight_decay, max_iter=100):
     return head
 
 
+def train_logistic_regression(x, y, weight_decay, max_iter=100):
+    """One sigmoid per label: minimise mean over known (i, j) of BCE(w_j . x_i + b_j, y_ij)
+    + weight_decay / 2 * |W|^2. y: (N, L) with NaN = unknown (no target)."""
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    known = ~torch.isnan(y)
+    target = torch.nan_to_num(y)
+
+    def bce(logits):
+        per_entry = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return per_entry[known].sum() / known.sum().clamp(min=1)
+
+    return _fit_linear(x, y.shape[1], bce, weight_decay, max_iter)
+
+
+def train_softmax_regression(x, y, num_classes, weight_decay, max_iter=100):
+    """One softmax over num_classes: minimise mean cross-entropy(W x_i + b, y_i)
+    + weight_decay / 2 * |W|^2. y: (N,) class indices."""
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(_np(y), dtype=torch.long)
+    return _fit_linear(x, num_classes, lambda logits: F.cross_entropy(logits, y), weight_decay,
+                       max_iter)
+
+
 @torch.no_grad()
 def probe_scores(head, x):
     return head(torch.as_tensor(x, dtype=torch.float32)).numpy()
 
 
-def linear_probe(train, valid, test, label_names, shots=(1, 2, 4, 8, 16),
-                 fractions=(0.01, 0.1, 1.0), seeds=range(5), weight_decays=WEIGHT_DECAYS):
-    """train / valid / test: (features (N, D), scoring labels (N, L)). For every setting (k shots,
-    or a fraction of the training labels) and seed: draw training rows from `train` only, fit one
-    head per weight decay, keep the one with the best mean AUROC on `valid`, score it on `test`.
-    Features are standardised with the mean / std of all training-split features (no labels).
-    100 % uses every training row, so its seeds agree (std 0)."""
+def _standardised(train, valid, test):
+    """Features of the three splits, standardised with the mean / std of all training-split
+    features (no labels involved)."""
     xs = {name: torch.as_tensor(s[0], dtype=torch.float32) for name, s in
           (("train", train), ("valid", valid), ("test", test))}
     mu, sd = xs["train"].mean(0), xs["train"].std(0) + 1e-6
-    xs = {name: (x - mu) / sd for name, x in xs.items()}
+    return {name: (x - mu) / sd for name, x in xs.items()}
+
+
+def _mean_std(values):
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def linear_probe(train, valid, test, label_names, shots=(1, 2, 4, 8, 16),
+                 fractions=(0.01, 0.1, 1.0), seeds=range(5), weight_decays=WEIGHT_DECAYS):
+    """Multi-label. train / valid / test: (features (N, D), scoring labels (N, L)). For every
+    setting (k shots, or a fraction of the training labels) and seed: draw training rows from
+    `train` only, fit one head per weight decay, keep the one with the best mean AUROC on
+    `valid`, score it on `test`. 100 % uses every training row, so its seeds agree (std 0)."""
+    xs = _standardised(train, valid, test)
     settings = [(f"{k}-shot", lambda seed, k=k: sample_shots(train[1], k, seed)) for k in shots]
     settings += [(f"{f:.0%}", lambda seed, f=f: sample_fraction(len(train[1]), f, seed))
                  for f in fractions]
@@ -495,13 +469,92 @@ def linear_probe(train, valid, test, label_names, shots=(1, 2, 4, 8, 16),
             per_label.append(test_auc)
             chosen_wd.append(best[1])
             n_rows.append(int(len(rows)))
+        mean, std = _mean_std(per_seed)
         results[name] = {
-            "auroc_mean": float(np.mean(per_seed)),
-            "auroc_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
-            "auroc_per_seed": per_seed,
+            "auroc_mean": mean, "auroc_std": std, "auroc_per_seed": per_seed,
             "auroc_per_label": {l: nanmean([a[j] for a in per_label]) for j, l in enumerate(label_names)},
             "weight_decay_per_seed": chosen_wd, "train_rows_per_seed": n_rows}
     return results
+
+
+def linear_probe_multiclass(train, valid, test, class_names, shots=(1, 2, 4, 8, 16),
+                            fractions=(0.01, 0.1, 1.0), seeds=range(5), weight_decays=WEIGHT_DECAYS):
+    """Multi-class. train / valid / test: (features (N, D), class indices (N,)). The protocol of
+    linear_probe with a softmax head: k shots PER CLASS or a fraction of the training rows, one
+    head per weight decay, the one with the best accuracy on `valid` (ties: the smaller decay)
+    scored on `test` -> accuracy and macro-F1 over all classes."""
+    C = len(class_names)
+    xs = _standardised(train, valid, test)
+    y = {name: _np(s[1]).astype(np.int64) for name, s in (("train", train), ("valid", valid), ("test", test))}
+    settings = [(f"{k}-shot", lambda seed, k=k: sample_shots_per_class(y["train"], k, seed, C))
+                for k in shots]
+    settings += [(f"{f:.0%}", lambda seed, f=f: sample_fraction(len(y["train"]), f, seed))
+                 for f in fractions]
+    results = {}
+    for name, draw in settings:
+        acc, f1, chosen_wd, n_rows = [], [], [], []
+        for seed in seeds:
+            rows = draw(seed)                                   # indices into the TRAIN split
+            best = None
+            for wd in weight_decays:
+                head = train_softmax_regression(xs["train"][rows], y["train"][rows], C, wd)
+                val = accuracy(y["valid"], probe_scores(head, xs["valid"]).argmax(1))
+                if best is None or val > best[0]:
+                    best = (val, wd, head)
+            pred = probe_scores(best[2], xs["test"]).argmax(1)
+            acc.append(accuracy(y["test"], pred))
+            f1.append(macro_f1(y["test"], pred, C))
+            chosen_wd.append(best[1])
+            n_rows.append(int(len(rows)))
+        (acc_mean, acc_std), (f1_mean, f1_std) = _mean_std(acc), _mean_std(f1)
+        results[name] = {
+            "accuracy_mean": acc_mean, "accuracy_std": acc_std, "accuracy_per_seed": acc,
+            "macro_f1_mean": f1_mean, "macro_f1_std": f1_std, "macro_f1_per_seed": f1,
+            "weight_decay_per_seed": chosen_wd, "train_rows_per_seed": n_rows}
+    return results
+
+
+def pixel_probe(manifest, split="test", epochs=8, image_size=64, seed=0):
+    """Are the labels learnable from the pixels? A small CNN, trained from scratch on the train
+    split (labels 1 against 0 / blank; uncertain -1 masked out) -> per-label AUROC on `split`,
+    for every CheXpert label with both classes there. Needs no checkpoint: it is the ceiling an
+    image encoder could reach on this data, not a measure of one."""
+    torch.manual_seed(seed)
+    rows = data.read_manifest(manifest)
+
+    def tensors(split):
+        part = [r for r in rows if r["split"] == split]
+        x = np.stack([np.asarray(data.load_image(r["_path"]).resize((image_size, image_size), Image.BILINEAR))
+                      for r in part]).astype(np.float32) / 255.0
+        y = np.array([[{"1": 1.0, "-1": math.nan}.get(r.get(n, ""), 0.0) for n in data.LABELS] for r in part])
+        return torch.from_numpy((x[:, None] - 0.5) / 0.5), torch.tensor(y, dtype=torch.float32)
+
+    (xtr, ytr), (xte, yte) = tensors("train"), tensors(split)
+    net = torch.nn.Sequential(  # (B,1,64,64) -> (B,8,32,32) -> (B,16,16,16) -> (B,32,8,8) -> (B,14)
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(image_size // 32),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 64, len(data.LABELS)))
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(xtr)).split(64):
+            logits, y = net(xtr[idx]), ytr[idx]
+            known = ~torch.isnan(y)  # uncertain labels carry no target
+            loss = F.binary_cross_entropy_with_logits(logits[known], y[known])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        scores = net(xte).numpy()
+    per_label, n_positive = {}, {}
+    for j, name in enumerate(data.LABELS):
+        known = ~np.isnan(yte[:, j].numpy())
+        if 0 < yte[known, j].sum() < known.sum():
+            per_label[name] = float(auroc(yte[known, j].numpy(), scores[known, j]))
+            n_positive[name] = int((yte[:, j] == 1).sum())
+    return {"split": split, "epochs": epochs, "image_size": image_size, "seed": seed,
+            "n_train": len(xtr), "n_test": len(xte), "auroc": per_label, "n_positive": n_positive,
+            "mean_auroc": float(np.mean(list(per_label.values()))) if per_label else float("nan")}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -546,7 +599,9 @@ def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
 
 
 # -----------------------------------------------------------------------------------------------
-# (6) Command line: load a checkpoint (or an untrained model), run tasks, print, write JSON.
+# (6) Tasks. Evaluation holds what every task needs; each task is a run_* function (an
+# Evaluation and the parsed options -> a JSON-able dict with its numbers and its "notes") and a
+# print_* function beside it that shows the numbers and every note.
 
 
 class Evaluation:
@@ -558,16 +613,23 @@ class Evaluation:
         self.model, self.tokenizer, self.cfg, self.step = model, tokenizer, cfg, step
         self.manifest, self.checkpoint, self.batch_size = Path(manifest), checkpoint, batch_size
         self.rows = data.read_manifest(self.manifest)
-        self.label_names = [c for c in data.LABELS if c in self.rows[0]]  # those the CSV has
+        if not self.rows:
+            raise ValueError(f"{self.manifest}: the manifest has no rows")
+        self.columns = [c for c in self.rows[0] if not c.startswith("_")]
+        self.label_names = [c for c in data.LABELS if c in self.columns]  # those the CSV has
         self.split_sizes = {}
         for r in self.rows:
             self.split_sizes[r["split"]] = self.split_sizes.get(r["split"], 0) + 1
         self._images = {}
 
-    def dataset(self, split):
+    def check_split(self, split, purpose="--split"):
+        """An unknown split is an error that lists the manifest's splits."""
         if not self.split_sizes.get(split):
-            raise ValueError(f"{self.manifest}: no rows with split {split!r} "
-                             f"(splits: {self.split_sizes})")
+            raise ValueError(f"{purpose}: {self.manifest} has no split {split!r}; its splits are "
+                             f"{self.split_sizes}")
+
+    def dataset(self, split):
+        self.check_split(split)
         return data.PairDataset(self.manifest, split, self.tokenizer,
                                 data.ImageTransform(self.cfg.image_size, train=False),
                                 label_names=self.label_names)
@@ -581,21 +643,80 @@ class Evaluation:
             hashlib.sha1(self.manifest.read_bytes()).hexdigest(), split, self.cfg.image_size]))
         return ckpt.parent / f"features_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
+    def _load_cache(self, path, n):
+        """The cached features, or None (with a note on stderr) when the file is unreadable,
+        truncated or not what this split needs: the caller then recomputes them."""
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+            ok = (isinstance(feats, dict) and set(feats) == {"features", "embed", "labels"}
+                  and all(torch.is_tensor(v) and len(v) == n for v in feats.values())
+                  and feats["labels"].shape[1:] == (len(self.label_names),)
+                  and bool(torch.isfinite(feats["embed"]).all()))
+            problem = None if ok else "unexpected contents"
+        except Exception as e:                      # truncated zip, bad pickle, ... : recompute
+            problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if problem is None:
+            return feats
+        print(f"note: feature cache {path} is unusable ({problem}); recomputing it", file=sys.stderr)
+        return None
+
     def images(self, split):
         """{"features", "embed", "labels" (manifest values), "rows"} of one split."""
         if split not in self._images:
             dataset, path = self.dataset(split), self._cache_path(split)
-            if path is not None and path.is_file():
-                feats = torch.load(path)
-            else:
+            feats = self._load_cache(path, len(dataset)) if path is not None and path.is_file() else None
+            if feats is None:
                 feats = encode_images(self.model, dataset, self.batch_size, self.cfg.num_workers)
-                if path is not None:
-                    torch.save(feats, path)
+                self._check_finite(feats["embed"], f"image embeddings of split {split!r}")
+                self._check_finite(feats["features"], f"image features of split {split!r}")
+                if path is not None:                    # atomic: a killed run leaves no half file
+                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                    torch.save(feats, tmp)
+                    os.replace(tmp, path)
             self._images[split] = {**feats, "rows": dataset.rows}
         return self._images[split]
 
-    def encode_texts(self, texts):
-        return encode_texts(self.model, self.tokenizer, texts)
+    def text_embeddings(self, texts):
+        """(N, embed_dim) normalised student text embeddings of N strings."""
+        emb = encode_texts(self.model, self.tokenizer, texts)
+        self._check_finite(emb, "text embeddings")
+        return emb
+
+    def _check_finite(self, x, what):
+        bad = int((~torch.isfinite(x)).any(-1).sum())
+        if bad:
+            raise ValueError(f"{bad} of {len(x)} {what} are not finite (NaN or inf): the model "
+                             f"{self.checkpoint or '(untrained)'} holds non-finite weights (a "
+                             f"diverged run or a corrupt checkpoint); nothing was evaluated")
+
+    def classes(self, column):
+        """The classes of a label column: its distinct non-blank values over the whole
+        manifest, sorted, so that every split and task uses the same class indices."""
+        if column not in self.columns:
+            raise ValueError(f"--label-column {column!r}: {self.manifest} has no such column; "
+                             f"its columns are {self.columns}")
+        if column in data.LABELS:
+            raise ValueError(f"--label-column {column!r} is a CheXpert label column (1 / 0 / -1); "
+                             f"those are evaluated without --label-column")
+        names = sorted({r[column].strip() for r in self.rows if r[column].strip()})
+        if len(names) < 2:
+            raise ValueError(f"--label-column {column!r}: {len(names)} distinct class value(s) "
+                             f"{names} in {self.manifest}; at least two are needed")
+        return names
+
+    def class_targets(self, split, column):
+        """-> (class names, (N,) class index of each image of the split, -1 = blank, notes)."""
+        names = self.classes(column)
+        index = {c: i for i, c in enumerate(names)}
+        y = np.array([index.get(r[column].strip(), -1) for r in self.images(split)["rows"]])
+        notes = []
+        if (y < 0).any():
+            notes.append(f"{int((y < 0).sum())} of {len(y)} images of split {split!r} have no "
+                         f"value in column {column!r}: left out")
+        absent = [c for i, c in enumerate(names) if not (y == i).any()]
+        if absent:
+            notes.append(f"classes absent from split {split!r}: {absent}")
+        return names, y, notes
 
 
 def five_way_labels(labels, label_names, rows):
@@ -603,6 +724,10 @@ def five_way_labels(labels, label_names, rows):
     the index of its one positive column among them."""
     y = _np(labels) == 1
     cols = [j for j in range(y.shape[1]) if y[:, j].any() and label_names[j] != "No Finding"]
+    if not cols:
+        raise ValueError(f"split {rows[0]['split']!r}: no image has a positive CheXpert label, so "
+                         f"the 5-way protocol (one positive label column per image) cannot run; "
+                         f"for a column of class names use --label-column NAME")
     y = y[:, cols]
     bad = np.flatnonzero(y.sum(1) != 1)
     if len(bad):
@@ -611,50 +736,143 @@ def five_way_labels(labels, label_names, rows):
     return [label_names[j] for j in cols], y.argmax(1)
 
 
+def choose_prompts(ev, args):
+    """-> (prompt set or None, its name, whether the user chose it). Default: the class names
+    themselves for --label-column; else "synth" for a SynthCXR manifest (data.generate_synthetic
+    writes meta.json beside it) and GLoRIA's "chexpert" grid for anything else."""
+    if args.prompts or args.prompt_set:
+        name = args.prompts or args.prompt_set
+        return load_prompt_set(name), name, True
+    if args.label_column:
+        return None, "class names", False
+    name = "synth" if (ev.manifest.parent / "meta.json").is_file() else "chexpert"
+    return load_prompt_set(name), name, False
+
+
 def run_zeroshot(ev, args):
-    name = args.prompts or args.prompt_set
-    if name is None:        # data.generate_synthetic writes meta.json beside the manifest
-        name = "synth" if (ev.manifest.parent / "meta.json").is_file() else "chexpert"
-    prompt_set = load_prompt_set(name)
-    out = {"prompt_set": name}
+    ev.check_split(args.split)
+    prompt_set, name, chosen = choose_prompts(ev, args)
+    if args.label_column:
+        return _zeroshot_label_column(ev, args, prompt_set, name)
+    out = {"prompt_set": name, "multiclass": None, "binary": None, "notes": []}
+    used = set()
     if args.with_5x and ev.split_sizes.get("test_5x"):
         feats = ev.images("test_5x")
         classes, y = five_way_labels(feats["labels"], ev.label_names, feats["rows"])
         missing = [c for c in classes if c not in prompt_set["positive"]]
         if missing:
-            raise ValueError(f"prompt set {out['prompt_set']!r} has no prompts for {missing}")
-        class_emb = class_embeddings(ev.encode_texts, {c: prompt_set["positive"][c] for c in classes})
+            raise ValueError(f"prompt set {name!r} has no prompts for {missing}, classes of "
+                             f"the 5-way split test_5x")
+        class_emb = class_embeddings(ev.text_embeddings, {c: prompt_set["positive"][c] for c in classes})
         mc = zeroshot_multiclass(feats["embed"], y, class_emb, classes)
         mc.pop("predictions")
         mc["split"], mc["n_prompts"] = "test_5x", {c: len(prompt_set["positive"][c]) for c in classes}
         out["multiclass"] = mc
+        used.update(classes)
     else:
-        out["multiclass"] = None
-        out["note"] = "no test_5x split (or --no-5x): multi-class zero-shot skipped"
-    findings = [f for f in ev.label_names
+        out["notes"].append("5-way zero-shot skipped: " + (
+            "--no-5x" if ev.split_sizes.get("test_5x") else
+            "no test_5x split (the CheXpert-style 5xN set); for a column of class names use "
+            "--label-column NAME"))
+    labelled = [f for f in ev.label_names if any(r[f] for r in ev.rows)]   # not blank throughout
+    findings = [f for f in labelled
                 if f in prompt_set["positive"] and negative_prompts(prompt_set, f) is not None]
-    if findings and not ev.split_sizes.get(args.split):
-        out["binary"] = None
-        out["note_binary"] = (f"no {args.split!r} split in the manifest: binary zero-shot skipped "
-                              f"(choose another with --split)")
-    elif findings:
+    if findings:
         feats = ev.images(args.split)
         cols = [ev.label_names.index(f) for f in findings]
-        pos = class_embeddings(ev.encode_texts, {f: prompt_set["positive"][f] for f in findings})
-        neg = class_embeddings(ev.encode_texts, {f: negative_prompts(prompt_set, f) for f in findings})
+        pos = class_embeddings(ev.text_embeddings, {f: prompt_set["positive"][f] for f in findings})
+        neg = class_embeddings(ev.text_embeddings, {f: negative_prompts(prompt_set, f) for f in findings})
         out["binary"] = zeroshot_binary(feats["embed"], score_labels(feats["labels"])[:, cols],
                                         pos, neg, findings)
         out["binary"]["split"] = args.split
+        used.update(findings)
+        if math.isnan(out["binary"]["mean_auroc"]):
+            out["notes"].append(f"binary zero-shot: no finding has both classes in split "
+                                f"{args.split!r}, so there is no AUROC")
+    else:
+        out["notes"].append(f"binary zero-shot skipped: no labelled CheXpert column of the manifest "
+                            f"({', '.join(labelled) or 'it has none'}) has prompts in {name!r}")
+    unused = [c for c in prompt_set["positive"] if c not in used]
+    if chosen and len(unused) == len(prompt_set["positive"]):
+        raise ValueError(f"prompts {name!r}: none of their classes {unused} was used: "
+                         + "; ".join(out["notes"]))
+    if chosen and unused:
+        out["notes"].append(f"prompts of {name!r} not used (no such class here): {unused}")
+    if out["multiclass"] is None and (out["binary"] is None or math.isnan(out["binary"]["mean_auroc"])):
+        out["skipped"] = "; ".join(out["notes"])
     return out
 
 
+def _zeroshot_label_column(ev, args, prompt_set, name):
+    """N-way zero-shot over the classes of --label-column, on --split."""
+    classes, y, notes = ev.class_targets(args.split, args.label_column)
+    if prompt_set is None:
+        prompts = {c: [c] for c in classes}
+        notes.append("no --prompts given: each class's one prompt is its own name")
+    else:
+        missing = [c for c in classes if c not in prompt_set["positive"]]
+        if missing:
+            raise ValueError(f"prompts {name!r} have no prompts for the classes {missing} of column "
+                             f"{args.label_column!r} (the prompts' classes: {list(prompt_set['positive'])})")
+        extra = [c for c in prompt_set["positive"] if c not in classes]
+        if extra:
+            notes.append(f"prompts of {name!r} for classes not in column {args.label_column!r}, "
+                         f"not used: {extra}")
+        if prompt_set["negative"]:
+            notes.append(f"the negative prompts of {name!r} are not used by N-way zero-shot")
+        prompts = {c: prompt_set["positive"][c] for c in classes}
+    keep = y >= 0
+    class_emb = class_embeddings(ev.text_embeddings, prompts)
+    mc = zeroshot_multiclass(ev.images(args.split)["embed"][torch.as_tensor(keep)], y[keep],
+                             class_emb, classes)
+    mc.pop("predictions")
+    mc["split"], mc["n_prompts"] = args.split, {c: len(p) for c, p in prompts.items()}
+    return {"prompt_set": name, "label_column": args.label_column, "multiclass": mc,
+            "binary": None, "notes": notes}
+
+
+def _fmt(v):
+    return "  nan" if v is None or math.isnan(v) else f"{v:.3f}"
+
+
+def _print_notes(notes, indent="  "):
+    for note in notes:
+        print(f"{indent}note: {note}")
+
+
+def print_zeroshot(res):
+    mc = res["multiclass"]
+    if mc:
+        print(f"zero-shot {len(mc['classes'])}-way on {mc['split']} (n={mc['n']}, prompts "
+              f"{res['prompt_set']}): accuracy {_fmt(mc['accuracy'])}  macro-F1 {_fmt(mc['macro_f1'])}"
+              f"  (chance {_fmt(mc['chance_accuracy'])})")
+        for c in mc["classes"]:
+            print(f"  {c:<28} recall {_fmt(mc['per_class_recall'][c])}  prompts {mc['n_prompts'][c]}")
+    if res.get("binary"):
+        b = res["binary"]
+        print(f"zero-shot binary on {b['split']}: mean AUROC {_fmt(b['mean_auroc'])}")
+        for name, a in b["auroc"].items():
+            print(f"  {name:<28} AUROC {_fmt(a)}  positives {b['n_positive'][name]}")
+        _print_notes(b["notes"])
+    if res.get("skipped"):
+        print(f"zero-shot skipped: {res['skipped']}")
+    else:
+        _print_notes(res["notes"], "zero-shot ")
+
+
 def run_fewshot(ev, args):
+    ev.check_split(args.split)
+    for split in ("train", "valid"):
+        ev.check_split(split, "the probe trains on 'train' and chooses its weight decay on 'valid'")
+    if args.label_column:
+        return _fewshot_label_column(ev, args)
     splits = {s: ev.images(s) for s in ("train", "valid", args.split)}
     y = {s: score_labels(f["labels"]) for s, f in splits.items()}
 
     def both_classes(s, j):
         return (y[s][:, j] == 1).any() and (y[s][:, j] == 0).any()
 
+    notes = []
     if args.labels:
         names = [n.strip() for n in args.labels.split(",")]
         unknown = [n for n in names if n not in ev.label_names]
@@ -663,37 +881,142 @@ def run_fewshot(ev, args):
     else:
         names = [n for j, n in enumerate(ev.label_names)
                  if both_classes("train", j) and both_classes(args.split, j)]
+        left_out = [n for j, n in enumerate(ev.label_names) if n not in names
+                    and any((y[s][:, j] == 1).any() for s in y)]
+        if left_out:
+            notes.append(f"labels without both classes in train and {args.split}, left out: {left_out}")
     if not names:
-        raise ValueError(f"no label has both classes in train and {args.split}")
+        why = (f"no CheXpert label column has both classes in train and {args.split} (columns: "
+               f"{', '.join(ev.label_names) or 'none'}); for a column of class names use --label-column NAME")
+        return {"kind": "multi-label", "labels": [], "split": args.split, "results": {},
+                "notes": notes + [why], "skipped": why}
     cols = [ev.label_names.index(n) for n in names]
     part = {s: (splits[s]["features"], y[s][:, cols]) for s in splits}
     results = linear_probe(part["train"], part["valid"], part[args.split], names, args.shots,
                            args.fractions, range(args.seeds), args.weight_decays)
-    return {"labels": names, "split": args.split, "shots": list(args.shots),
+    return {"kind": "multi-label", "labels": names, "split": args.split, "shots": list(args.shots),
             "fractions": list(args.fractions), "seeds": list(range(args.seeds)),
             "weight_decays": list(args.weight_decays), "selection": "best mean AUROC on valid",
-            "uncertain": "excluded (-1); blank = negative", "results": results}
+            "uncertain": "excluded (-1); blank = negative", "results": results, "notes": notes}
+
+
+def _fewshot_label_column(ev, args):
+    """Multi-class probe over the classes of --label-column; rows without a class left out."""
+    if args.labels:
+        raise ValueError("--labels picks CheXpert label columns; with --label-column the probe "
+                         "is multi-class over that column's classes")
+    part, notes = {}, []
+    for split in dict.fromkeys(("train", "valid", args.split)):
+        classes, y, split_notes = ev.class_targets(split, args.label_column)
+        keep = y >= 0
+        part[split] = (ev.images(split)["features"][torch.as_tensor(keep)], y[keep])
+        notes += split_notes
+    results = linear_probe_multiclass(part["train"], part["valid"], part[args.split], classes,
+                                      args.shots, args.fractions, range(args.seeds), args.weight_decays)
+    return {"kind": "multi-class", "label_column": args.label_column, "classes": classes,
+            "split": args.split, "shots": list(args.shots), "fractions": list(args.fractions),
+            "seeds": list(range(args.seeds)), "weight_decays": list(args.weight_decays),
+            "selection": "best accuracy on valid", "results": results, "notes": notes}
+
+
+def print_fewshot(res):
+    if res.get("skipped"):
+        print(f"linear probe skipped: {res['skipped']}")
+    elif res["kind"] == "multi-class":
+        print(f"linear probe, {len(res['classes'])} classes of column {res['label_column']!r}, on "
+              f"{res['split']} ({len(res['seeds'])} seeds; chance accuracy {_fmt(1 / len(res['classes']))})")
+        for name, r in res["results"].items():
+            print(f"  {name:<9} accuracy {_fmt(r['accuracy_mean'])} ± {_fmt(r['accuracy_std'])}  "
+                  f"macro-F1 {_fmt(r['macro_f1_mean'])} ± {_fmt(r['macro_f1_std'])}  "
+                  f"train rows {r['train_rows_per_seed'][0]}")
+    else:
+        print(f"linear probe on {res['split']} (labels: {', '.join(res['labels'])}; "
+              f"{len(res['seeds'])} seeds)")
+        for name, r in res["results"].items():
+            print(f"  {name:<9} AUROC {_fmt(r['auroc_mean'])} ± {_fmt(r['auroc_std'])}  "
+                  f"train rows {r['train_rows_per_seed'][0]}")
+    _print_notes([n for n in res["notes"] if n != res.get("skipped")])
 
 
 def run_retrieval(ev, args):
+    ev.check_split(args.split)
     out = {}
     with_5x = args.with_5x and ev.split_sizes.get("test_5x")
     for split in dict.fromkeys([args.split] + (["test_5x"] if with_5x else [])):
         if not any(r["text"].strip() for r in ev.rows if r["split"] == split):
-            out[split] = {"note": "labels-only split (no report texts): retrieval skipped"}
+            out[split] = {"note": f"split {split!r} has no report texts (labels only): retrieval skipped"}
             continue
         feats = ev.images(split)
         image_rows, texts, text_of_image = retrieval_pool(feats["rows"])
-        classes = None
-        if split == "test_5x":
+        classes, notes = None, []
+        if args.label_column:                       # class-level P@K over the column's classes
+            _, y, _ = ev.class_targets(split, args.label_column)
+            classes = y[image_rows]
+            if (classes < 0).any():
+                classes = None
+                notes.append(f"some images have no value in column {args.label_column!r}: "
+                             f"class-level P@K skipped")
+        elif split == "test_5x":
             _, classes = five_way_labels(feats["labels"][image_rows], ev.label_names,
                                          [feats["rows"][i] for i in image_rows])
-        out[split] = evaluate_retrieval(feats["embed"][image_rows], ev.encode_texts(texts),
+        out[split] = evaluate_retrieval(feats["embed"][image_rows], ev.text_embeddings(texts),
                                         text_of_image, classes, args.ks, args.chunk_size)
+        if notes:
+            out[split]["notes"] = notes
     return out
 
 
+def print_retrieval(res):
+    for split, r in res.items():
+        if "note" in r:
+            print(f"retrieval on {split}: {r['note']}")
+            continue
+        print(f"retrieval on {split}: {r['n_images']} images, {r['n_texts']} distinct texts")
+        for d in ("i2t", "t2i"):
+            print(f"  {d}  " + "  ".join(f"{k} {_fmt(v) if k != 'median_rank' else v}"
+                                         for k, v in r[d].items()))
+        _print_notes(r.get("notes", []))
+
+
+def run_pixel_probe(args):
+    """The pixel probe needs only a manifest (--data, or the dataset of --config)."""
+    manifest = Path(args.data) if args.data else msd.prepare_data(msd.load_config(args.config))
+    rows = data.read_manifest(manifest)
+    splits = dict(collections.Counter(r["split"] for r in rows))
+    for split in ("train", args.split):
+        if split not in splits:
+            raise ValueError(f"pixel-probe: {manifest} has no split {split!r}; its splits are "
+                             f"{splits}")
+    start = time.perf_counter()
+    res = pixel_probe(manifest, args.split, args.epochs)
+    res["manifest"], res["seconds"] = str(manifest), time.perf_counter() - start
+    if not res["auroc"]:
+        res["skipped"] = (f"no CheXpert label column of {manifest} has both classes in "
+                          f"{args.split}")
+    return res
+
+
+def print_pixel_probe(res):
+    print(f"pixel probe (a CNN trained on the train split's pixels, {res['epochs']} epochs at "
+          f"{res['image_size']} px) on {res['split']}, {res['seconds']:.1f} s")
+    for name, value in res["auroc"].items():
+        print(f"{name:28s} AUROC {value:.3f}  (test positives {res['n_positive'][name]})")
+    print(f"{'mean':28s} AUROC {_fmt(res['mean_auroc'])}")
+    if res.get("skipped"):
+        print(f"pixel probe: nothing to score: {res['skipped']}")
+
+
 TASKS = {"zeroshot": run_zeroshot, "fewshot": run_fewshot, "retrieval": run_retrieval}
+PRINTERS = {"zeroshot": print_zeroshot, "fewshot": print_fewshot, "retrieval": print_retrieval,
+            "pixel-probe": print_pixel_probe}
+
+
+def skipped_reason(task, res):
+    """Why a task computed nothing (None when it computed something)."""
+    if task == "retrieval":
+        notes = [f"{split}: {r['note']}" for split, r in res.items() if "note" in r]
+        return "; ".join(notes) if len(notes) == len(res) else None
+    return res.get("skipped")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1344,41 +1667,14 @@ def run_ablation(args):
 BENCHMARKS = {"efficiency": run_efficiency, "ablation": run_ablation, "plots": run_plots}
 
 
+# -----------------------------------------------------------------------------------------------
+# (9) Command line: load a checkpoint (or an untrained model), run the tasks, print, write JSON.
+
+
 def print_results(task, res):
     """A readable table per task."""
-    def f(v):
-        return "  nan" if v is None or math.isnan(v) else f"{v:.3f}"
-
-    if task == "zeroshot":
-        mc = res["multiclass"]
-        if mc:
-            print(f"zero-shot {len(mc['classes'])}-way on {mc['split']} (n={mc['n']}, prompts "
-                  f"{res['prompt_set']}): accuracy {f(mc['accuracy'])}  macro-F1 {f(mc['macro_f1'])}"
-                  f"  (chance {f(mc['chance_accuracy'])})")
-            for c in mc["classes"]:
-                print(f"  {c:<28} recall {f(mc['per_class_recall'][c])}  prompts {mc['n_prompts'][c]}")
-        if res.get("binary"):
-            b = res["binary"]
-            print(f"zero-shot binary on {b['split']}: mean AUROC {f(b['mean_auroc'])}")
-            for name, a in b["auroc"].items():
-                print(f"  {name:<28} AUROC {f(a)}  positives {b['n_positive'][name]}")
-            for note in b["notes"]:
-                print(f"  note: {note}")
-    elif task == "fewshot":
-        print(f"linear probe on {res['split']} (labels: {', '.join(res['labels'])}; "
-              f"{len(res['seeds'])} seeds)")
-        for name, r in res["results"].items():
-            print(f"  {name:<9} AUROC {f(r['auroc_mean'])} ± {f(r['auroc_std'])}  "
-                  f"train rows {r['train_rows_per_seed'][0]}")
-    elif task == "retrieval":
-        for split, r in res.items():
-            if "note" in r:
-                print(f"retrieval on {split}: {r['note']}")
-                continue
-            print(f"retrieval on {split}: {r['n_images']} images, {r['n_texts']} distinct texts")
-            for d in ("i2t", "t2i"):
-                print(f"  {d}  " + "  ".join(f"{k} {f(v) if k != 'median_rank' else v}"
-                                             for k, v in r[d].items()))
+    if task in PRINTERS:                         # the tasks of sections (4)-(6)
+        PRINTERS[task](res)
     elif task == "efficiency":
         print_efficiency(res)
     elif task == "ablation":
@@ -1423,32 +1719,45 @@ def _floats(text):
     return tuple(float(v) for v in text.split(","))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate an MSD checkpoint (PROTOCOLS.md §2).")
-    p.add_argument("--task", default="all", choices=[*TASKS, "all", *BENCHMARKS],
-                   help="efficiency and ablation train or time models themselves (no checkpoint)")
+def _ints(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate an MSD checkpoint: zero-shot, linear "
+                                "probe, retrieval; or a benchmark that needs no checkpoint.")
+    p.add_argument("--task", default="all", choices=[*TASKS, "all", "pixel-probe", *BENCHMARKS],
+                   help="all = zeroshot, fewshot and retrieval; pixel-probe, efficiency and "
+                        "ablation train or time models themselves (no checkpoint)")
     p.add_argument("--checkpoint", help="ckpt.pt, or 'random' for an untrained model of --config "
                                         "(default: the run of --config)")
     p.add_argument("--config", default="configs/small.json")
     p.add_argument("--data", help="manifest CSV (default: the run's own dataset)")
-    p.add_argument("--split", default="test", help="the test split (binary zero-shot, probe, retrieval)")
+    p.add_argument("--split", default="test",
+                   help="the split evaluated: N-way zero-shot with --label-column, binary "
+                        "zero-shot, probe, retrieval (the 5-way CheXpert protocol always uses test_5x)")
+    p.add_argument("--label-column", dest="label_column",
+                   help="a manifest column holding one class name per row: N-way zero-shot and "
+                        "a multi-class probe over its classes")
     p.add_argument("--out", default="results.json")
-    p.add_argument("--prompt-set", dest="prompt_set", choices=list(PROMPT_SETS),
-                   help="built-in prompts (default: synth for a synthetic manifest, else chexpert; "
-                        "use pneumonia for RSNA)")
-    p.add_argument("--prompts", help="JSON prompt file; overrides --prompt-set")
-    p.add_argument("--labels", help="comma-separated labels to probe (default: both classes "
-                                    "present in train and test)")
-    p.add_argument("--shots", type=lambda s: tuple(int(v) for v in s.split(",")), default=(1, 2, 4, 8, 16))
+    p.add_argument("--prompt-set", dest="prompt_set", choices=prompt_set_names(),
+                   help="a shipped prompt set, configs/prompts/NAME.json (default: synth for a "
+                        "synthetic manifest, the class names with --label-column, else chexpert; "
+                        "pneumonia for RSNA)")
+    p.add_argument("--prompts", help="your own JSON prompt file, keyed by class names")
+    p.add_argument("--labels", help="comma-separated CheXpert labels to probe (default: those "
+                                    "with both classes in train and --split)")
+    p.add_argument("--shots", type=_ints, default=(1, 2, 4, 8, 16))
     p.add_argument("--fractions", type=_floats, default=(0.01, 0.1, 1.0))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--weight-decays", dest="weight_decays", type=_floats, default=WEIGHT_DECAYS)
-    p.add_argument("--ks", type=lambda s: tuple(int(v) for v in s.split(",")), default=(1, 5, 10))
+    p.add_argument("--ks", type=_ints, default=(1, 5, 10))
     p.add_argument("--chunk-size", dest="chunk_size", type=int, default=256)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--no-5x", dest="with_5x", action="store_false",
                    help="skip everything on the test_5x split (e.g. when tuning on --split valid)")
+    p.add_argument("--epochs", type=int, default=8, help="pixel-probe: training epochs")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="ablation: skip the probe")
     p.add_argument("--steps", type=int, default=5, help="efficiency: optimizer steps timed per row")
     p.add_argument("--sweep", action="store_true",
@@ -1458,33 +1767,64 @@ def main(argv=None):
     p.add_argument("--ablation", default="configs/ablation.json", help="ablation: the run list")
     p.add_argument("--ablation-dir", dest="ablation_dir", default="runs/ablation",
                    help="ablation: where runs are trained (finished runs are reused)")
+    return p
+
+
+def check_options(p, args):
+    """Options that the chosen task would ignore are errors, never silent no-ops."""
+    uses = {"prompts": ("zeroshot", "all"), "prompt_set": ("zeroshot", "all"),
+            "label_column": (*TASKS, "all"), "labels": ("fewshot", "all")}
+    for key, tasks in uses.items():
+        if getattr(args, key) is not None and args.task not in tasks:
+            p.error(f"--{key.replace('_', '-')} is not used by --task {args.task} "
+                    f"(only by {', '.join(tasks)})")
+    if args.prompts and args.prompt_set:
+        p.error("give --prompts FILE or --prompt-set NAME, not both")
+
+
+def main(argv=None):
+    p = build_parser()
     args, overrides = p.parse_known_args(argv)
     args.overrides = overrides  # efficiency: --key=value config overrides, as for msd.py
     if overrides and args.task != "efficiency":
         p.error(f"unrecognized arguments: {' '.join(overrides)}")
+    check_options(p, args)
 
+    problems = []
     if args.task in BENCHMARKS:
         results = BENCHMARKS[args.task](args)
         print_results(args.task, results)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(to_json(results), indent=1, allow_nan=False))
-        print(f"wrote {args.out}")
-        return results
-
-    model, tokenizer, cfg, manifest, step, checkpoint = load_for_eval(args)
-    ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size)
-    print(f"checkpoint {checkpoint or 'random (untrained)'} | step {step} | manifest {manifest} | "
-          f"splits {ev.split_sizes}")
-    results = {"checkpoint": str(checkpoint) if checkpoint else "random", "step": step,
-               "manifest": str(manifest), "split_sizes": ev.split_sizes, "config": asdict(cfg)}
-    for task in (TASKS if args.task == "all" else [args.task]):
-        results[task] = TASKS[task](ev, args)
-        print_results(task, results[task])
+    elif args.task == "pixel-probe":
+        results = run_pixel_probe(args)
+        print_results(args.task, results)
+        if results.get("skipped"):
+            problems.append(f"--task pixel-probe: {results['skipped']}")
+    else:
+        model, tokenizer, cfg, manifest, step, checkpoint = load_for_eval(args)
+        ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size)
+        print(f"checkpoint {checkpoint or 'random (untrained)'} | step {step} | manifest {manifest} | "
+              f"splits {ev.split_sizes}")
+        results = {"checkpoint": str(checkpoint) if checkpoint else "random", "step": step,
+                   "manifest": str(manifest), "split_sizes": ev.split_sizes, "config": asdict(cfg)}
+        tasks = list(TASKS) if args.task == "all" else [args.task]
+        skipped = {}
+        for task in tasks:
+            results[task] = TASKS[task](ev, args)
+            print_results(task, results[task])
+            if skipped_reason(task, results[task]):
+                skipped[task] = skipped_reason(task, results[task])
+        if args.task != "all" or len(skipped) == len(tasks):   # all: a task that does not apply
+            problems += [f"--task {task}: {why}" for task, why in skipped.items()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(to_json(results), indent=1, allow_nan=False))
     print(f"wrote {args.out}")
+    if problems:
+        raise SystemExit("error: nothing computed for what was asked: " + "; ".join(problems))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as e:    # bad input: one clear line
+        sys.exit(f"evaluate.py: error: {e}")

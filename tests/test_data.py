@@ -1,7 +1,9 @@
 """Tests for data.py: manifest, report sections, tokenizer, transforms, PairDataset, SynthCXR."""
 import csv
 import math
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,7 +285,8 @@ def test_unreadable_and_truncated_images_name_file_and_row(tmp_path, good_png):
     path = _write(tmp_path, [[good_png, "ok", "train", "s1", "p1", "PA", ""],
                              ["cut.png", "ok", "train", "s2", "p2", "PA", "0"]])
     tok = data.Tokenizer.build(["ok"], min_freq=1)
-    ds = data.PairDataset(path, "train", tok, data.ImageTransform(16, train=False))
+    # the lazy path, when an image breaks after construction (the check at construction: below)
+    ds = data.PairDataset(path, "train", tok, data.ImageTransform(16, train=False), check_images=False)
     assert ds[0][0].shape == (1, 16, 16)
     with pytest.raises(ValueError, match=r"m\.csv, row 2: cannot read image .*cut\.png"):
         ds[1]
@@ -297,3 +300,102 @@ def test_write_manifest_stores_relative_paths(tmp_path, good_png):
         back = next(csv.DictReader(f))
     assert back["image"] == "../a.png" and back["Edema"] == "1" and back["Cardiomegaly"] == ""
     assert "_row" not in back and list(back)[:6] == list(data.REQUIRED_COLUMNS)
+
+
+def test_manifest_not_utf8_bom_and_unknown_split(tmp_path, good_png, capsys):
+    header = "image,text,split,study_id,patient_id,view,Edema\n"
+    path = tmp_path / "m.csv"
+    path.write_bytes((header + f"{good_png},caf\xe9 ok,train,s1,p1,PA,1\n").encode("latin-1"))
+    with pytest.raises(data.ManifestError, match=r"m\.csv: not UTF-8 text \(byte \d+, line 2"):
+        data.read_manifest(path)
+    # Excel's "CSV UTF-8" starts with a byte-order mark: the first column is still 'image'
+    path.write_bytes((header + f"{good_png},café ok,train,s1,p1,PA,1\n").encode("utf-8-sig"))
+    assert data.read_manifest(path)[0]["image"] == good_png
+    # a split outside train / valid / test / test_5x is an error naming row and value, never dropped
+    path = _write(tmp_path, [[good_png, "ok", "train", "s1", "p1", "PA", ""],
+                             [good_png, "ok", "Train", "s2", "p2", "PA", ""]])
+    with pytest.raises(data.ManifestError, match=r"m\.csv, row 2, column 'split': unknown split 'Train'"):
+        data.read_manifest(path)
+    assert len(data.read_manifest(path, skip_bad=True)) == 1
+    assert "unknown split (1)" in capsys.readouterr().err
+
+
+def _bad_image_manifest(tmp_path, good_png):
+    """A manifest whose rows 2-4 point at a truncated PNG, a text file and a truncated JPEG."""
+    big = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:300])
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    Image.fromarray(big).save(tmp_path / "full.jpg", quality=95)
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:-200])
+    return _write(tmp_path, [[good_png, "ok", "train", "s1", "p1", "PA", ""],
+                             ["cut.png", "ok", "train", "s2", "p2", "PA", "0"],
+                             ["junk.png", "ok", "train", "s3", "p3", "PA", "0"],
+                             ["cut.jpg", "ok", "train", "s4", "p4", "PA", "0"],
+                             ["full.jpg", "ok", "train", "s5", "p5", "PA", "0"]])
+
+
+def test_bad_images_all_reported_at_construction(tmp_path, good_png, capsys):
+    path = _bad_image_manifest(tmp_path, good_png)
+    tok = data.Tokenizer.build(["ok"], min_freq=1)
+    with pytest.raises(data.ManifestError) as e:
+        data.PairDataset(path, "train", tok, data.ImageTransform(16, train=False))
+    message = str(e.value)
+    assert "3 unreadable image(s)" in message
+    for row, name in ((2, "cut.png"), (3, "junk.png"), (4, "cut.jpg")):   # all of them, at once
+        assert re.search(rf"row {row}: .*{re.escape(name)}", message), message
+    assert "full.jpg" not in message and "row 1" not in message
+    ds = data.PairDataset(path, "train", tok, data.ImageTransform(16, train=False), skip_bad=True)
+    assert [r["_row"] for r in ds.rows] == [1, 5] and len(ds.texts) == len(ds.pair_ids) == 2
+    assert "skipped 3 rows of split 'train': unreadable image (3)" in capsys.readouterr().err
+
+
+def test_image_check_is_paid_once_per_image(tmp_path, good_png, monkeypatch):
+    path = _write(tmp_path, [[good_png, "ok", "train", "s1", "p1", "PA", ""]])
+    Image.fromarray(np.full((8, 8), 50, np.uint8)).save(tmp_path / "b.png")
+    tok = data.Tokenizer.build(["ok"], min_freq=1)
+    calls = []
+    original = data.check_image
+    monkeypatch.setattr(data, "check_image", lambda p: calls.append(Path(p).name) or original(p))
+    data.PairDataset(path, "train", tok, data.ImageTransform(16, train=False))
+    assert calls == ["a.png"] and (tmp_path / "m.image_check.json").is_file()
+    data.PairDataset(path, "train", tok, data.ImageTransform(16, train=False))
+    assert calls == ["a.png"]                                  # cached: not checked again
+    path = _write(tmp_path, [[good_png, "ok", "train", "s1", "p1", "PA", ""],
+                             ["b.png", "ok", "train", "s2", "p2", "PA", ""]])
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")     # a.png rewritten
+    os.utime(tmp_path / "a.png", ns=(1, 1))
+    data.PairDataset(path, "train", tok, data.ImageTransform(16, train=False))
+    assert sorted(calls) == ["a.png", "a.png", "b.png"]        # the changed and the new image only
+
+
+def test_check_image_cases(tmp_path):
+    big = np.random.default_rng(1).integers(0, 256, (40, 40), dtype=np.uint8)
+    for fmt in ("PNG", "JPEG", "BMP"):
+        Image.fromarray(big).save(tmp_path / f"ok.{fmt.lower()}", format=fmt)
+        assert data.check_image(tmp_path / f"ok.{fmt.lower()}") is None
+    (tmp_path / "cut.jpeg").write_bytes((tmp_path / "ok.jpeg").read_bytes()[:-100])
+    assert "truncated JPEG" in data.check_image(tmp_path / "cut.jpeg")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:-30])
+    assert data.check_image(tmp_path / "cut.png") is not None
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert data.check_image(tmp_path / "empty.png") is not None
+
+
+def test_report_text_html_is_unescaped_and_tags_dropped():
+    report = ("FINDINGS: Heart size normal.<BR>Lungs clear.<br/>Nodule &gt; 5 mm [&lt;XXXX]. "
+              "Lucency &amp;gt; 2 cm, score < 3 and <5 mm, A &amp; B.\nIMPRESSION: <b>No</b> acute disease.")
+    assert data.extract_report_text(report) == (
+        "Heart size normal. Lungs clear. Nodule > 5 mm [<XXXX]. Lucency > 2 cm, score < 3 and <5 mm, "
+        "A & B. No acute disease.")
+    assert data.extract_report_text("  A chest CT,&nbsp;axial<BR>view. ", sections=False) == \
+        "A chest CT, axial view."
+
+
+def test_truncated_share_counts_cls_and_sep():
+    texts = ["one two three", "one two three four", "", "a b c d e f"]   # 3, 4, 6 tokens (+2)
+    assert data.truncated_share(texts, 5) == pytest.approx(2 / 3)        # 6 and 8 > 5
+    assert data.truncated_share(texts, 6) == pytest.approx(1 / 3)
+    assert data.truncated_share(texts, 8) == 0.0
+    assert math.isnan(data.truncated_share(["", " "], 8))
+    assert data.truncated_share(["a-b"], 4, tokenize=str.split) == 0.0

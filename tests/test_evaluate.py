@@ -1,8 +1,9 @@
-"""Tests of evaluate.py: metrics against the scikit-learn reference values of PROTOCOLS §3,
-properties of the zero-shot / probe / retrieval code on feature tensors, and an end-to-end run
-of every task on a tiny trained checkpoint."""
+"""Tests of evaluate.py: metrics against reference values computed with scikit-learn, properties
+of the zero-shot / probe / retrieval code on feature tensors, and end-to-end runs of every task
+on a tiny trained checkpoint, including what a bad input or a bad model must produce."""
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,8 +143,12 @@ def fake_encoder(dim=16):
     return encode
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def test_chexpert_grid_has_glorias_prompt_counts():
     prompts = ev.load_prompt_set("chexpert")["positive"]
+    assert ev.load_prompt_set(str(REPO / "configs" / "prompts" / "chexpert.json"))["positive"] == prompts
     assert {c: len(p) for c, p in prompts.items()} == {
         "Atelectasis": 210, "Cardiomegaly": 15, "Consolidation": 192, "Edema": 18,
         "Pleural Effusion": 54}
@@ -222,6 +227,32 @@ def test_prompt_sets_negatives_and_json(tmp_path):
         ev.load_prompt_set("nope")
 
 
+def test_prompt_sets_are_found_from_the_repository_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {"chexpert", "pneumonia", "synth"} <= set(ev.prompt_set_names())
+    synth = ev.load_prompt_set("synth")
+    assert synth == ev.load_prompt_set(str(REPO / "configs" / "prompts" / "synth.json"))
+    assert synth["negative"]["Cardiomegaly"] == ["heart size is normal.", "normal heart size.", "no cardiomegaly."]
+    assert "No Finding" not in synth["negative"] and len(synth["positive"]["Atelectasis"]) == 24
+    with pytest.raises(FileNotFoundError, match="neither a shipped set"):   # a path is not a set name
+        ev.load_prompt_set("prompts/synth")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('["Edema", "no edema"]', "expected a JSON object .* got a list"),
+    ('{"positive": {"Edema": ["edema"]}, "negatives": {}}', "unknown top-level keys ['negatives']"),
+    ('{"positive": ["edema"]}', "'positive' must be an object"),
+    ('{"Edema": "edema"}', "positive prompts of 'Edema': expected a non-empty list"),
+    ("{}", "no classes"),
+])
+def test_malformed_prompt_file_is_an_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "mine.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(f"prompt file {path}: ") + message.replace("[", r"\[")):
+        ev.load_prompt_set(str(path))
+
+
 # --------------------------------------------------------------------------- (4) probe
 
 def test_few_shot_sampling_is_seeded_and_balanced():
@@ -274,6 +305,51 @@ def test_logistic_regression_ignores_unknown_labels():
     a = ev.train_logistic_regression(x, y_nan, 0.01)
     b = ev.train_logistic_regression(x[10:], y[10:], 0.01)
     assert torch.allclose(a.weight, b.weight, atol=2e-3)     # same optimum, up to L-BFGS tolerance
+
+
+def test_few_shot_per_class_sampling_is_seeded():
+    y = np.array([0] * 10 + [1] * 3 + [2] * 20)
+    a = ev.sample_shots_per_class(y, 4, 0, num_classes=4)
+    assert a.tolist() == ev.sample_shots_per_class(y, 4, 0, 4).tolist()
+    assert a.tolist() != ev.sample_shots_per_class(y, 4, 1, 4).tolist()
+    assert [int((y[a] == c).sum()) for c in range(4)] == [4, 3, 4, 0]   # all 3 of class 1
+    assert (np.diff(a) > 0).all()
+
+
+def test_softmax_regression_reaches_the_optimum_of_its_objective():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    head = ev.train_softmax_regression(x, y, 3, weight_decay=0.1)
+    loss = F.cross_entropy(head(x), y) + 0.05 * head.weight.pow(2).sum()
+    grads = torch.autograd.grad(loss, list(head.parameters()))
+    assert max(float(gr.abs().max()) for gr in grads) < 1e-4          # a stationary point: the optimum
+
+
+def make_multiclass_data(seed=0, n=(120, 40, 60), dim=12, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, classes, generator=g)
+    splits = []
+    for m in n:
+        x = torch.randn(m, dim, generator=g)
+        splits.append((x, (x @ w).argmax(1).numpy()))
+    return splits
+
+
+def test_multiclass_probe_learns_and_never_uses_the_test_split():
+    train, valid, test = make_multiclass_data()
+    kw = dict(class_names=["a", "b", "c", "d"], shots=(1, 8), fractions=(1.0,), seeds=range(2),
+              weight_decays=(1e-3, 1.0))
+    out = ev.linear_probe_multiclass(train, valid, test, **kw)
+    assert set(out) == {"1-shot", "8-shot", "100%"}
+    assert out["100%"]["accuracy_mean"] > 0.8 and out["100%"]["accuracy_std"] == 0.0
+    assert out["1-shot"]["train_rows_per_seed"] == [4, 4] and out["8-shot"]["train_rows_per_seed"] == [32, 32]
+    assert out["8-shot"]["accuracy_mean"] > 0.25 + 0.2
+    assert 0 < out["100%"]["macro_f1_mean"] <= 1 and len(out["8-shot"]["macro_f1_per_seed"]) == 2
+    other_test = (torch.randn(60, 12), np.random.default_rng(5).integers(0, 4, 60))
+    out2 = ev.linear_probe_multiclass(train, valid, other_test, **kw)
+    for key in out:
+        assert out2[key]["weight_decay_per_seed"] == out[key]["weight_decay_per_seed"]
+        assert out2[key]["train_rows_per_seed"] == out[key]["train_rows_per_seed"]
 
 
 # --------------------------------------------------------------------------- (5) retrieval
@@ -443,7 +519,7 @@ def test_rsna_like_labels_only_manifest_without_5x_split(trained, tmp_path):
     ev.main(["--task", "all", "--checkpoint", str(trained["ckpt"]), "--data", str(manifest),
              "--prompt-set", "pneumonia", "--out", str(out), *FAST])
     r = strict_json(out)
-    assert r["zeroshot"]["multiclass"] is None and "test_5x" in r["zeroshot"]["note"]
+    assert r["zeroshot"]["multiclass"] is None and "test_5x" in " ".join(r["zeroshot"]["notes"])
     assert list(r["zeroshot"]["binary"]["auroc"]) == ["Pneumonia"]
     assert r["fewshot"]["labels"] == ["Pneumonia"]
     assert list(r["retrieval"]) == ["test"] and "skipped" in r["retrieval"]["test"]["note"]
@@ -518,3 +594,177 @@ def test_tuning_mode_reads_no_test_split(trained, tmp_path, monkeypatch):
     assert set(seen) == {"valid"}
     r = strict_json(out)
     assert list(r["retrieval"]) == ["valid"]
+
+
+# ------------------------------------------------------- any labelled split, bad input, bad model
+
+
+def with_label_column(trained, tmp_path, name="label"):
+    """The tiny synthetic manifest plus a column of class names: 'normal' / 'abnormal'."""
+    rows = [{**r, "image": r["_path"], name: "normal" if r["No Finding"] == "1" else "abnormal"}
+            for r in data.read_manifest(msd.prepare_data(trained["cfg"])) if r["split"] != "test_5x"]
+    manifest = tmp_path / "labelled" / "manifest.csv"
+    data.write_manifest(manifest, rows)
+    return manifest
+
+
+def test_label_column_zeroshot_prompts_default_missing_and_extra(trained, tmp_path, capsys):
+    manifest = with_label_column(trained, tmp_path)
+    base = ["--task", "zeroshot", "--checkpoint", str(trained["ckpt"]), "--data", str(manifest),
+            "--label-column", "label", "--out", str(tmp_path / "z.json")]
+    r = ev.main(base + ["--split", "valid"])["zeroshot"]
+    mc = r["multiclass"]
+    assert mc["classes"] == ["abnormal", "normal"] and mc["split"] == "valid" and r["binary"] is None
+    assert mc["n"] == sum(row["split"] == "valid" for row in data.read_manifest(manifest))
+    assert mc["n_prompts"] == {"abnormal": 1, "normal": 1} and r["prompt_set"] == "class names"
+    out = capsys.readouterr().out
+    assert "zero-shot 2-way on valid" in out and "each class's one prompt is its own name" in out
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"normal": ["no acute process.", "the lungs are clear."],
+                                   "abnormal": ["pleural effusion.", "consolidation."],
+                                   "dog": ["a dog."]}))
+    r = ev.main(base + ["--prompts", str(prompts)])["zeroshot"]
+    assert r["multiclass"]["n_prompts"] == {"abnormal": 2, "normal": 2}
+    assert "not used: ['dog']" in capsys.readouterr().out              # printed, not only written
+    prompts.write_text(json.dumps({"normal": ["the lungs are clear."]}))
+    with pytest.raises(ValueError, match=r"no prompts for the classes \['abnormal'\] of column 'label'"):
+        ev.main(base + ["--prompts", str(prompts)])
+    with pytest.raises(ValueError, match="no such column; its columns are .*'label'"):
+        ev.main(base[:-4] + ["--label-column", "lable", "--out", str(tmp_path / "z.json")])
+
+
+def test_label_column_probe_and_retrieval_by_class(trained, tmp_path, capsys):
+    manifest = with_label_column(trained, tmp_path)
+    r = ev.main(["--task", "all", "--checkpoint", str(trained["ckpt"]), "--data", str(manifest),
+                 "--label-column", "label", "--out", str(tmp_path / "a.json"), *FAST])
+    fs = r["fewshot"]
+    assert fs["kind"] == "multi-class" and fs["classes"] == ["abnormal", "normal"]
+    assert fs["results"]["1-shot"]["train_rows_per_seed"] == [2, 2]
+    assert fs["selection"] == "best accuracy on valid"
+    assert {"P@1", "P@10"} <= set(r["retrieval"]["test"]["i2t"])
+    assert "linear probe, 2 classes of column 'label'" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--labels picks CheXpert label columns"):
+        ev.main(["--task", "fewshot", "--checkpoint", str(trained["ckpt"]), "--data", str(manifest),
+                 "--label-column", "label", "--labels", "Edema", "--out", str(tmp_path / "b.json"), *FAST])
+
+
+@pytest.mark.parametrize("task", ["zeroshot", "fewshot", "retrieval", "all", "pixel-probe"])
+def test_unknown_split_is_an_error_listing_the_splits(trained, tmp_path, task):
+    with pytest.raises(ValueError, match=r"no split 'tset'; its splits are \{'train'.*'test_5x'"):
+        ev.main(["--task", task, "--checkpoint", str(trained["ckpt"]), "--config", str(trained["config"]),
+                 "--split", "tset", "--out", str(tmp_path / "x.json"), *FAST])
+
+
+def rsna_like(trained, tmp_path, name="rsna", positive=("Pneumonia", "Consolidation", "Lung Opacity")):
+    rows = [{**{c: r[c] for c in data.REQUIRED_COLUMNS}, "image": r["_path"], "text": "",
+             "Pneumonia": 1 if any(r[c] == "1" for c in positive) else 0}
+            for r in data.read_manifest(msd.prepare_data(trained["cfg"])) if r["split"] != "test_5x"]
+    manifest = tmp_path / name / "manifest.csv"
+    data.write_manifest(manifest, rows)
+    return manifest
+
+
+def test_what_was_asked_but_cannot_be_computed_exits_non_zero(trained, tmp_path, capsys):
+    manifest = rsna_like(trained, tmp_path)
+    common = ["--checkpoint", str(trained["ckpt"]), "--data", str(manifest), "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit, match="--task retrieval: test: split 'test' has no report texts"):
+        ev.main(["--task", "retrieval", *common])
+    assert strict_json(tmp_path / "r.json")["retrieval"]["test"]["note"]   # the JSON is still written
+    # default prompts (GLoRIA's grid) have no Pneumonia and there is no test_5x: nothing to compute
+    with pytest.raises(SystemExit, match="--task zeroshot: 5-way zero-shot skipped: no test_5x split"):
+        ev.main(["--task", "zeroshot", *common])
+    assert "zero-shot skipped: 5-way zero-shot skipped" in capsys.readouterr().out
+    # prompts given but matching nothing: an error, never a silent no-op (also under --task all)
+    prompts = tmp_path / "own.json"
+    prompts.write_text(json.dumps({"cat": ["a cat"], "dog": ["a dog"]}))
+    with pytest.raises(ValueError, match=r"none of their classes \['cat', 'dog'\] was used"):
+        ev.main(["--task", "all", "--prompts", str(prompts), *common, *FAST])
+    # --task all: a task that does not apply is skipped with its reason, the others run
+    r = ev.main(["--task", "all", "--prompt-set", "pneumonia", *common, *FAST])
+    assert r["zeroshot"]["binary"]["auroc"].keys() == {"Pneumonia"} and "note" in r["retrieval"]["test"]
+    assert r["fewshot"]["labels"] == ["Pneumonia"]
+    with pytest.raises(SystemExit, match="--task fewshot: no CheXpert label column has both classes"):
+        ev.main(["--task", "fewshot", "--checkpoint", str(trained["ckpt"]), "--out", str(tmp_path / "f.json"),
+                 "--data", str(rsna_like(trained, tmp_path, "negatives", positive=())), *FAST])
+    assert "linear probe skipped: no CheXpert label column" in capsys.readouterr().out
+    # options the task would ignore are refused by the parser
+    for bad in (["--task", "retrieval", "--prompts", str(prompts)], ["--task", "fewshot", "--prompt-set", "synth"],
+                ["--task", "zeroshot", "--prompts", str(prompts), "--prompt-set", "synth"],
+                ["--task", "pixel-probe", "--label-column", "label"]):
+        with pytest.raises(SystemExit) as e:
+            ev.main(bad + common)
+        assert e.value.code == 2
+
+
+def test_nonfinite_model_is_an_error_not_chance(trained):
+    args = ev.build_parser().parse_args(["--task", "zeroshot"])
+    for part in ("vision_proj", "text_proj"):
+        model, tokenizer, cfg, ckpt = msd.load_checkpoint(trained["ckpt"])
+        with torch.no_grad():
+            for p in getattr(model.student, part).parameters():
+                p.fill_(float("nan"))
+        evaluation = ev.Evaluation(model, tokenizer, cfg, msd.prepare_data(cfg), ckpt["step"])
+        with pytest.raises(ValueError, match="not finite.*non-finite weights"):
+            ev.run_zeroshot(evaluation, args)
+
+
+def test_feature_cache_truncated_or_planted_is_recomputed(trained, tmp_path, monkeypatch):
+    run = ["--task", "retrieval", "--no-5x", "--checkpoint", str(trained["ckpt"]), "--out", str(tmp_path / "r.json")]
+    first = ev.main(run)["retrieval"]
+    model, tokenizer, cfg, ckpt = msd.load_checkpoint(trained["ckpt"])
+    path = ev.Evaluation(model, tokenizer, cfg, msd.prepare_data(cfg), ckpt["step"], trained["ckpt"])._cache_path("test")
+    good = path.read_bytes()
+    loads, encodes = [], []
+    real_load, real_encode = torch.load, ev.encode_images
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loads.append(k) if "features_" in str(f) else None)
+                        or real_load(f, *a, **k))
+    monkeypatch.setattr(ev, "encode_images", lambda *a, **k: encodes.append(1) or real_encode(*a, **k))
+    marker = tmp_path / "payload_ran"
+    for damaged in (good[: len(good) // 2], planted_payload(tmp_path, marker)):
+        path.write_bytes(damaged)
+        assert ev.main(run)["retrieval"] == first                    # recomputed, same numbers
+        assert path.read_bytes() != damaged and real_load(path, weights_only=True).keys() == {
+            "features", "embed", "labels"}
+    assert len(encodes) == 2 and not marker.exists()
+    assert loads and all(k.get("weights_only") is True for k in loads)
+    assert not list(path.parent.glob("*.tmp"))
+    ev.main(run)
+    assert len(encodes) == 2                                         # the rewritten cache is used
+    # written atomically: a run killed while writing leaves the old file or none, never half of one
+    path.unlink()
+    real_save = torch.save
+
+    def killed_while_writing(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(run)
+    assert not path.exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    for leftover in path.parent.glob(f"{path.name}.*.tmp"):         # what the killed run left
+        leftover.unlink()
+
+
+class Planted:
+    """Unpickling this would create a file: what a malicious 'feature cache' could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def planted_payload(tmp_path, marker):
+    torch.save({"features": Planted(marker)}, tmp_path / "planted.pt")
+    return (tmp_path / "planted.pt").read_bytes()
+
+
+def test_pixel_probe_task(trained, tmp_path, capsys):
+    r = ev.main(["--task", "pixel-probe", "--config", str(trained["config"]), "--epochs", "1",
+                 "--out", str(tmp_path / "p.json")])
+    assert r["split"] == "test" and r["auroc"] and set(r["auroc"]) <= set(data.LABELS)
+    assert all(0 <= a <= 1 for a in r["auroc"].values())
+    assert r["mean_auroc"] == pytest.approx(np.mean(list(r["auroc"].values())))
+    assert "AUROC" in capsys.readouterr().out and strict_json(tmp_path / "p.json")["n_train"] == r["n_train"]

@@ -703,3 +703,131 @@ def test_mimic_config_trains_a_few_steps_on_the_prepared_miniature(tmp_path):
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     model, tokenizer, loaded, ckpt = msd.load_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert ckpt["step"] == 2 and int(model.image_queue.filled) == 4
+
+
+# --------------------------------------------------------------------------- IU X-Ray: the real cases
+
+def test_iu_xray_real_cases(tmp_path, capsys):
+    """Miniature OpenI XML files that reproduce what the real release holds: a report that lists
+    no image, HTML inside the report (escaped, twice escaped, and as an element), XXXX glued to
+    other characters, and images that the projections file does not know."""
+    root = make_iu_xml(tmp_path / "iu")
+    xml = lambda uid, findings, impression, images: IU_XML.format(   # noqa: E731
+        uid=uid, findings=f'<AbstractText Label="FINDINGS">{findings}</AbstractText>',
+        impression=f'<AbstractText Label="IMPRESSION">{impression}</AbstractText>',
+        images="\n  ".join(IU_IMAGE.format(id=i) for i in images))
+    cases = {
+        "21": ("Heart normal.", "No disease.", []),                                    # no image listed
+        "22": ("Nodule &amp;gt; 5 mm [&amp;lt;XXXX].&lt;BR&gt;Lungs clear.", "Stable.<BR/>Normal.",
+               ["CXR22_IM-2222-1001"]),
+        "23": ("Stable on 4XXXX at XXXXPM.", "Normal chest x-XXXX. No XXXX, pneumothorax.",
+               ["CXR23_IM-2323-1001"]),
+        "24": ("Clear lungs.", "Normal.", ["CXR24_IM-2424-2001", "CXR24_IM-2424-1001"]),  # unlisted views
+    }
+    for uid, (findings, impression, images) in cases.items():
+        (root / "ecgen-radiology" / f"{uid}.xml").write_text(xml(uid, findings, impression, images))
+        for i in images:
+            write_image(root / "NLMCXR_png" / f"{i}.png")
+    with open(root / "indiana_projections.csv", "a", newline="") as f:   # 24's images: not in it
+        csv.writer(f).writerows([["22", "22_IM-2222-1001.dcm.png", "Frontal"],
+                                 ["23", "23_IM-2323-1001.dcm.png", "Frontal"]])
+    summary = data.prepare("iu-xray", root, tmp_path / "iu.csv", deid="remove")
+    studies = by_study(read_rows(tmp_path / "iu.csv"))
+    assert summary["skipped"]["no image listed"] == 1 and "21" not in studies
+    assert summary["skipped"]["missing image"] == 1                      # report 4: listed, not on disk
+    assert studies["22"]["text"] == "Nodule > 5 mm [<]. Lungs clear. Stable. Normal."
+    assert studies["23"]["text"] == "Stable on at. Normal chest. No, pneumothorax."
+    # projections file present: view information exists, so only frontal images are taken
+    assert "24" not in studies
+    assert summary["skipped"]["no frontal view (view unknown: not in indiana_projections.csv)"] == 1
+    assert summary["views"] == {"FRONTAL": len(studies)}
+    # without it: the first listed image, view UNKNOWN, counted, and the projections file advised
+    (root / "indiana_projections.csv").unlink()
+    summary = data.prepare("iu-xray", root, tmp_path / "iu2.csv")
+    out = capsys.readouterr().out
+    studies = by_study(read_rows(tmp_path / "iu2.csv"))
+    assert studies["24"]["image"].endswith("CXR24_IM-2424-2001.png") and studies["24"]["view"] == "UNKNOWN"
+    assert summary["views"] == {"UNKNOWN": len(studies)}
+    assert f"{len(studies)} of {len(studies)} rows have view UNKNOWN" in out and "indiana_projections.csv" in out
+    assert any("indiana_projections.csv" in n for n in summary["notes"])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Normal chest x-XXXX.", "Normal chest."),
+    ("Seen on 4XXXX and 5XXXX at XXXXPM.", "Seen on and at."),
+    ("There are no XXXX of a pleural effusion.", "There are no of a pleural effusion."),
+    ("___-year-old man. Dr. ___ was called.", "man. Dr. was called."),
+    ("EXXXX", ""),
+])
+def test_deid_remove_leaves_no_fragments(text, expected):
+    assert data._deid(text, True) == expected
+    assert data._deid(text, False) == text
+
+
+def test_prepare_prints_the_share_of_truncated_texts(tmp_path, capsys):
+    root = make_roco(tmp_path / "roco")
+    long = " ".join(["word"] * 60)                                   # 60 tokens + [CLS] + [SEP]
+    (root / "data" / "test" / "radiology" / "captions.txt").write_text(f"ROCO_20001\t {long}\n")
+    summary = data.prepare("roco", root, tmp_path / "roco.csv")
+    # 4 texts, one of 62 tokens: cut short at max_len 48 (and 62 > 48, not > 64)
+    assert summary["truncated"] == {48: 0.25, 64: 0.0, 96: 0.0, 128: 0.0}
+    assert "48: 25.0%, 64: 0.0%, 96: 0.0%, 128: 0.0%" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- your own image folder
+
+def write_folder(root, layout):
+    """layout: {relative image path: caption or None}."""
+    for rel, caption in layout.items():
+        write_image(root / rel, size=(12, 10))
+        if caption is not None:
+            (root / rel).with_suffix(".txt").write_text(caption)
+    return root
+
+
+def test_image_folder_class_folders_seeded_split(tmp_path):
+    layout = {f"{c}/{c}{i}.png": f"a {c} &amp; more <b>number</b> {i}" for c in ("cat", "dog") for i in range(10)}
+    root = write_folder(tmp_path / "pets", layout)
+    (root / "cat" / "readme.md").write_text("x")
+    (root / "dog" / "orphan.txt").write_text("a caption without its image")
+    (root / "dog" / "nested").mkdir()
+    summary = data.prepare("image-folder", root, tmp_path / "a.csv", valid_frac=0.2, test_frac=0.2, seed=1)
+    assert summary["skipped"] == {"not an image file": 1, "caption without an image": 1,
+                                  "folder inside a class folder (not read)": 1}
+    rows = data.read_manifest(tmp_path / "a.csv")
+    assert len(rows) == 20 and not set(data.LABELS) & set(rows[0])
+    assert by_study(rows)["cat/cat3"]["text"] == "a cat & more number 3"
+    for c in ("cat", "dog"):                                          # per class: 6 / 2 / 2
+        assert collections_count([r["split"] for r in rows if r["label"] == c]) == {"train": 6, "valid": 2, "test": 2}
+    data.prepare("image-folder", root, tmp_path / "b.csv", valid_frac=0.2, test_frac=0.2, seed=1)
+    data.prepare("image-folder", root, tmp_path / "c.csv", valid_frac=0.2, test_frac=0.2, seed=2)
+    split = lambda p: {r["image"]: r["split"] for r in read_rows_plain(p)}   # noqa: E731
+    assert split(tmp_path / "a.csv") == split(tmp_path / "b.csv") != split(tmp_path / "c.csv")
+
+
+def test_image_folder_split_folders_and_captions(tmp_path):
+    layout = {"train/a/1.png": "one", "train/a/2.png": None, "train/b/3.png": "three",
+              "val/a/4.png": "four", "val/b/5.png": "five", "test/a/6.jpg": "six", "test/b/7.png": "seven"}
+    root = write_folder(tmp_path / "own", layout)
+    summary = data.prepare("image-folder", root, tmp_path / "own.csv")
+    assert summary["skipped"] == {"no caption": 1} and summary["splits"] == {"train": 2, "valid": 2, "test": 2}
+    rows = data.read_manifest(tmp_path / "own.csv")
+    assert {(r["split"], r["label"], r["text"]) for r in rows} >= {("valid", "a", "four"), ("test", "b", "seven")}
+    # no caption anywhere: a labels-only manifest, for evaluation
+    for txt in root.rglob("*.txt"):
+        txt.unlink()
+    data.prepare("image-folder", root, tmp_path / "bare.csv")
+    rows = data.read_manifest(tmp_path / "bare.csv")
+    assert len(rows) == 7 and all(r["text"] == "" for r in rows)
+    (root / "extra").mkdir()                                          # split and class folders mixed
+    with pytest.raises(ValueError, match="mixes split folders"):
+        data.prepare("image-folder", root, tmp_path / "x.csv")
+
+
+def collections_count(values):
+    return {v: values.count(v) for v in set(values)}
+
+
+def read_rows_plain(manifest):
+    with open(manifest, newline="") as f:
+        return list(csv.DictReader(f))
