@@ -313,7 +313,9 @@ def check_image(path):
 # tok(texts) -> (input_ids, attention_mask), encode, vocab_size, pad/cls/sep/unk ids, unk_rate,
 # truncated_share, to_dict; tokenizer_from_dict restores either from a checkpoint.
 
-SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]  # ids 0..4
+# ids 0..4. [MASK] is never used (no masked-language objective here); it keeps its id so that the
+# word ids, and so the initial embedding rows of every word, stay those of earlier vocabularies.
+SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 _TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?|_+|[^\sa-z\d_]")  # words | numbers (3.5) | ___ | one symbol
 
 
@@ -328,7 +330,7 @@ class Tokenizer:
             raise ValueError(f"max_len must be >= 3 ([CLS] token [SEP]), got {max_len}")
         self.vocab, self.max_len = list(vocab), int(max_len)
         self.token_to_id = {t: i for i, t in enumerate(self.vocab)}
-        self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id = range(5)
+        self.pad_id, self.cls_id, self.sep_id, self.unk_id = range(4)
 
     @property
     def vocab_size(self):
@@ -450,7 +452,6 @@ class WordPieceTokenizer:
             raise ValueError(f"the WordPiece vocabulary has no {missing} token")
         self.pad_id, self.cls_id, self.sep_id, self.unk_id = (
             self.token_to_id[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]"))
-        self.mask_id = self.token_to_id.get("[MASK]")
         specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in self.token_to_id]
         self._special = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
         self.do_lower_case = bool(do_lower_case)
@@ -1777,7 +1778,7 @@ def _cache_one(job):
     return None
 
 
-def cache_images(rows, root, cache_dir, size=256, workers=1, skipped=None):
+def write_resized_copies(rows, root, cache_dir, size=256, workers=1, skipped=None):
     """Decode every image once into cache_dir/<its path under root>.png, longest side <= size,
     so that epochs are not bound by decoding multi-megapixel JPEGs; rows then point at the
     copies. Unreadable images are dropped and counted in skipped."""
@@ -1835,7 +1836,7 @@ def _notes(dataset, rows):
 def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, **options):
     """Convert the dataset at root into the manifest out (see PREPARERS); returns a summary dict
     {"rows", "skipped", "splits", "views", "truncated", "notes"} and prints it. With cache, images
-    are first written as resized PNG copies (cache_images) and the manifest points at those."""
+    are first written as resized PNG copies (write_resized_copies) and the manifest points at those."""
     if dataset not in PREPARERS:
         raise ValueError(f"unknown dataset {dataset!r}; one of {sorted(PREPARERS)}")
     root, out = Path(root).absolute(), Path(out)  # absolute: write_manifest stores paths relative to out
@@ -1843,7 +1844,7 @@ def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, **options
         raise FileNotFoundError(f"--root {root}: no such folder")
     rows, skipped = PREPARERS[dataset](root, **options)
     if cache:
-        rows = cache_images(rows, root, Path(cache).absolute(), cache_size, workers, skipped)
+        rows = write_resized_copies(rows, root, Path(cache).absolute(), cache_size, workers, skipped)
     if not rows:
         raise ValueError(f"{dataset}: no rows left from {root}; skipped {dict(skipped)}")
     write_manifest(out, rows, [] if dataset in WITHOUT_CHEXPERT_LABELS else LABELS)

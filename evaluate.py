@@ -1020,9 +1020,10 @@ def skipped_reason(task, res):
 
 
 # -----------------------------------------------------------------------------------------------
-# (7) Efficiency: time, peak memory and FLOPs of one optimizer step, MSD vs end-to-end CLIP.
-# Each configuration runs in a fresh process, so that its peak memory is its own. The batches
-# are random tensors of the configured shapes: this times the training step, not the loader.
+# (7) Efficiency: time, peak memory and FLOPs of one optimizer step, MSD vs end-to-end CLIP, on
+# random tensors of the configured shapes (this times the training step, not the loader). On the
+# CPU each configuration runs in a fresh process, so that its peak memory is its own; on CUDA the
+# allocator's peak is reset between configurations instead.
 
 
 def efficiency_configs(cfg, max_factor=8):
@@ -1231,7 +1232,109 @@ def print_efficiency(res):
 
 
 # -----------------------------------------------------------------------------------------------
-# (7b) Pictures: SVG written by hand (no plotting library) from the files in results/:
+# (8) Ablation: train every configuration of an ablation file for several seeds, evaluate each
+# checkpoint with the protocols above, and tabulate mean +- std. Finished runs are reused.
+
+
+def ablation_metrics(ev, args):
+    """The few numbers of the quality table, from the three tasks above. For tuning on the valid
+    split ("eval": {"split": "valid", "with_5x": false, "probe": false}) nothing is read from a
+    test split: no 5xN zero-shot, no probe (it would choose and report on one split)."""
+    zs, rt = run_zeroshot(ev, args), run_retrieval(ev, args)
+    m = {}
+    if zs["multiclass"]:
+        m.update(zs_acc=zs["multiclass"]["accuracy"], zs_f1=zs["multiclass"]["macro_f1"])
+    m["zs_auroc"] = zs["binary"]["mean_auroc"]
+    if args.probe:
+        fs = run_fewshot(ev, args)
+        m.update({f"probe_{name}": r["auroc_mean"] for name, r in fs["results"].items()})
+    for d in ("i2t", "t2i"):
+        m.update({f"{d}_{k}": v for k, v in rt[args.split][d].items() if k.startswith("R@")})
+    return m
+
+
+ABLATION_KEYS = ("base", "shared", "seeds", "runs", "eval", "pretrain")
+
+
+def run_is_done(ckpt_path, cfg):
+    """A finished run of exactly this config (and, with init_from, of exactly that checkpoint)."""
+    if not ckpt_path.is_file():
+        return False
+    ckpt = msd.read_checkpoint(ckpt_path)
+    if ckpt["config"] != asdict(cfg):
+        return False
+    return not cfg.init_from or (ckpt.get("init_from") or {}).get("sha256") == \
+        msd.read_checkpoint(cfg.init_from)["sha256"]
+
+
+def run_ablation(args):
+    """Train every run of an ablation file for every seed (finished runs are reused), evaluate
+    each checkpoint with the protocol of the file's "eval" entry, tabulate mean and std over seeds.
+    The first row is the floor: the untrained model ("random"), or, when the runs start from a
+    checkpoint ("init_from" in "shared"), that checkpoint itself ("warm_start", no second stage).
+    "pretrain": the config whose run writes that checkpoint; it is trained first if missing."""
+    spec_path = Path(args.ablation)
+    spec = json.loads(spec_path.read_text())
+    unknown = set(spec) - set(ABLATION_KEYS)
+    if unknown:
+        raise KeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected {', '.join(ABLATION_KEYS)}")
+    # the evaluation protocol of the table: the command line's, with the file's "eval" on top
+    protocol = argparse.Namespace(**{**vars(args), **{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in spec.get("eval", {}).items()}})
+    shared = [f"--{k}={v}" for k, v in spec.get("shared", {}).items()]
+    init_from = spec.get("shared", {}).get("init_from")
+    if init_from and not Path(init_from).is_file():
+        if "pretrain" not in spec:
+            raise FileNotFoundError(f"{spec_path}: init_from {init_from} does not exist")
+        print(f"== pretraining {spec['pretrain']} -> {init_from}", flush=True)
+        msd.pretrain(msd.load_config(spec["pretrain"], ["--progress=false"]))
+    floor = "warm_start" if init_from else "random"
+    table = {}
+    for name, overrides in {floor: None, **spec["runs"]}.items():
+        per_seed = []
+        for seed in spec["seeds"]:
+            run_dir = Path(args.ablation_dir) / name / f"seed{seed}"
+            cfg = msd.load_config(spec["base"], shared + [f"--seed={seed}", f"--out_dir={run_dir}"]
+                                  + [f"--{k}={v}" for k, v in (overrides or {}).items()])
+            manifest, ckpt_path, seconds = msd.prepare_data(cfg), run_dir / "ckpt.pt", None
+            if overrides is None and init_from:               # the warm checkpoint, as it is
+                model, tokenizer, _, ckpt = msd.load_checkpoint(init_from)
+                step, ckpt_path = ckpt["step"], Path(init_from)
+            elif overrides is None:                           # the untrained floor
+                (model, tokenizer), step, ckpt_path = untrained_model(cfg, manifest), 0, None
+            else:
+                if not run_is_done(ckpt_path, cfg):
+                    print(f"== training {name} seed {seed} -> {run_dir}"
+                          + (" (replacing a run of another config)" if ckpt_path.is_file() else ""),
+                          flush=True)
+                    seconds = msd.pretrain(cfg, overwrite=True)["seconds"]
+                model, tokenizer, cfg, ckpt = msd.load_checkpoint(ckpt_path)
+                step = ckpt["step"]
+            ev = Evaluation(model, tokenizer, cfg, manifest, step, ckpt_path, args.batch_size)
+            metrics = ablation_metrics(ev, protocol)
+            metrics["train_seconds"] = seconds
+            per_seed.append(metrics)
+            print(f"   {name} seed {seed}: " + "  ".join(
+                f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+        keys = [k for k in per_seed[0] if k != "train_seconds"]
+        table[name] = {"overrides": overrides, "seeds": spec["seeds"], "per_seed": per_seed,
+                       **{k: (float(np.nanmean([r[k] for r in per_seed])),
+                              float(np.nanstd([r[k] for r in per_seed]))) for k in keys}}
+    return {"ablation": str(spec_path), "base": spec["base"], "shared": spec.get("shared", {}),
+            "eval": spec.get("eval", {}), "table": table}
+
+
+def print_ablation(res):
+    """One row per run: mean ± std over seeds of every metric of the table."""
+    cols = [k for k in next(iter(res["table"].values())) if k.startswith(("zs_", "probe_", "i2t", "t2i"))]
+    print(f"ablation {res['ablation']} (base {res['base']}): mean ± std over seeds")
+    print(f"  {'run':<26}" + "".join(f"{c:>15}" for c in cols))
+    for name, r in res["table"].items():
+        print(f"  {name:<26}" + "".join(f"{r[c][0]:>8.3f}±{r[c][1]:<6.3f}" for c in cols))
+
+
+# -----------------------------------------------------------------------------------------------
+# (9) Pictures: SVG written by hand (no plotting library) from the files in results/:
 #   results/efficiency*.json -> memory of one step against the effective batch ("growth:" rows)
 #   results/ablation*.json   -> the quality table as grouped bars with ±std whiskers
 #   results/*log.jsonl       -> training curves (a run's log.jsonl, copied there from runs/)
@@ -1570,121 +1673,25 @@ def run_plots(args):
     return {"plots": written, "missing": missing}
 
 
-# -----------------------------------------------------------------------------------------------
-# (8) Ablation: train every configuration of an ablation file for several seeds, evaluate each
-# checkpoint with the protocols above, and tabulate mean +- std. Finished runs are reused.
-
-
-def ablation_metrics(ev, args):
-    """The few numbers of the quality table, from the three tasks above. For tuning on the valid
-    split ("eval": {"split": "valid", "with_5x": false, "probe": false}) nothing is read from a
-    test split: no 5xN zero-shot, no probe (it would choose and report on one split)."""
-    zs, rt = run_zeroshot(ev, args), run_retrieval(ev, args)
-    m = {}
-    if zs["multiclass"]:
-        m.update(zs_acc=zs["multiclass"]["accuracy"], zs_f1=zs["multiclass"]["macro_f1"])
-    m["zs_auroc"] = zs["binary"]["mean_auroc"]
-    if args.probe:
-        fs = run_fewshot(ev, args)
-        m.update({f"probe_{name}": r["auroc_mean"] for name, r in fs["results"].items()})
-    for d in ("i2t", "t2i"):
-        m.update({f"{d}_{k}": v for k, v in rt[args.split][d].items() if k.startswith("R@")})
-    return m
-
-
-ABLATION_KEYS = ("base", "shared", "seeds", "runs", "eval", "pretrain")
-
-
-def run_is_done(ckpt_path, cfg):
-    """A finished run of exactly this config (and, with init_from, of exactly that checkpoint)."""
-    if not ckpt_path.is_file():
-        return False
-    ckpt = msd.read_checkpoint(ckpt_path)
-    if ckpt["config"] != asdict(cfg):
-        return False
-    return not cfg.init_from or (ckpt.get("init_from") or {}).get("sha256") == \
-        msd.read_checkpoint(cfg.init_from)["sha256"]
-
-
-def run_ablation(args):
-    """Train every run of an ablation file for every seed (finished runs are reused), evaluate
-    each checkpoint with the protocol of the file's "eval" entry, tabulate mean and std over seeds.
-    The first row is the floor: the untrained model ("random"), or, when the runs start from a
-    checkpoint ("init_from" in "shared"), that checkpoint itself ("warm_start", no second stage).
-    "pretrain": the config whose run writes that checkpoint; it is trained first if missing."""
-    spec_path = Path(args.ablation)
-    spec = json.loads(spec_path.read_text())
-    unknown = set(spec) - set(ABLATION_KEYS)
-    if unknown:
-        raise KeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected {', '.join(ABLATION_KEYS)}")
-    # the evaluation protocol of the table: the command line's, with the file's "eval" on top
-    protocol = argparse.Namespace(**{**vars(args), **{k: tuple(v) if isinstance(v, list) else v
-                                                       for k, v in spec.get("eval", {}).items()}})
-    shared = [f"--{k}={v}" for k, v in spec.get("shared", {}).items()]
-    init_from = spec.get("shared", {}).get("init_from")
-    if init_from and not Path(init_from).is_file():
-        if "pretrain" not in spec:
-            raise FileNotFoundError(f"{spec_path}: init_from {init_from} does not exist")
-        print(f"== pretraining {spec['pretrain']} -> {init_from}", flush=True)
-        msd.train(msd.load_config(spec["pretrain"], ["--progress=false"]))
-    floor = "warm_start" if init_from else "random"
-    table = {}
-    for name, overrides in {floor: None, **spec["runs"]}.items():
-        per_seed = []
-        for seed in spec["seeds"]:
-            run_dir = Path(args.ablation_dir) / name / f"seed{seed}"
-            cfg = msd.load_config(spec["base"], shared + [f"--seed={seed}", f"--out_dir={run_dir}"]
-                                  + [f"--{k}={v}" for k, v in (overrides or {}).items()])
-            manifest, ckpt_path, seconds = msd.prepare_data(cfg), run_dir / "ckpt.pt", None
-            if overrides is None and init_from:               # the warm checkpoint, as it is
-                model, tokenizer, _, ckpt = msd.load_checkpoint(init_from)
-                step, ckpt_path = ckpt["step"], Path(init_from)
-            elif overrides is None:                           # the untrained floor
-                tokenizer = msd.build_tokenizer(cfg, manifest)
-                model, step, ckpt_path = msd.build_model(cfg, tokenizer.vocab_size).eval(), 0, None
-            else:
-                if not run_is_done(ckpt_path, cfg):
-                    print(f"== training {name} seed {seed} -> {run_dir}"
-                          + (" (replacing a run of another config)" if ckpt_path.is_file() else ""),
-                          flush=True)
-                    seconds = msd.train(cfg, overwrite=True)["seconds"]
-                model, tokenizer, cfg, ckpt = msd.load_checkpoint(ckpt_path)
-                step = ckpt["step"]
-            ev = Evaluation(model, tokenizer, cfg, manifest, step, ckpt_path, args.batch_size)
-            metrics = ablation_metrics(ev, protocol)
-            metrics["train_seconds"] = seconds
-            per_seed.append(metrics)
-            print(f"   {name} seed {seed}: " + "  ".join(
-                f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
-        keys = [k for k in per_seed[0] if k != "train_seconds"]
-        table[name] = {"overrides": overrides, "seeds": spec["seeds"], "per_seed": per_seed,
-                       **{k: (float(np.nanmean([r[k] for r in per_seed])),
-                              float(np.nanstd([r[k] for r in per_seed]))) for k in keys}}
-    return {"ablation": str(spec_path), "base": spec["base"], "shared": spec.get("shared", {}),
-            "eval": spec.get("eval", {}), "table": table}
-
-
 BENCHMARKS = {"efficiency": run_efficiency, "ablation": run_ablation, "plots": run_plots}
 
 
 # -----------------------------------------------------------------------------------------------
-# (9) Command line: load a checkpoint (or an untrained model), run the tasks, print, write JSON.
+# (10) Command line: load a checkpoint (or an untrained model), run the tasks, print, write JSON.
 
 
 def print_results(task, res):
-    """A readable table per task."""
-    if task in PRINTERS:                         # the tasks of sections (4)-(6)
-        PRINTERS[task](res)
-    elif task == "efficiency":
-        print_efficiency(res)
-    elif task == "ablation":
-        cols = [k for k in next(iter(res["table"].values())) if k.startswith(("zs_", "probe_", "i2t", "t2i"))]
-        print(f"ablation {res['ablation']} (base {res['base']}): mean ± std over seeds")
-        print(f"  {'run':<26}" + "".join(f"{c:>15}" for c in cols))
-        for name, r in res["table"].items():
-            print(f"  {name:<26}" + "".join(f"{r[c][0]:>8.3f}±{r[c][1]:<6.3f}" for c in cols))
-    else:                                        # a task without its own table yet
-        print(json.dumps(to_json(res), indent=1))
+    """A readable table per task; each printer sits beside its task's code (plots print as they go)."""
+    printer = {**PRINTERS, "efficiency": print_efficiency, "ablation": print_ablation}.get(task)
+    if printer is not None:
+        printer(res)
+
+
+def untrained_model(cfg, manifest):
+    """The model of cfg as initialised (seeded by cfg.seed), with the vocabulary of the
+    manifest's training split: `--checkpoint random` and the floor row of an ablation."""
+    tokenizer = msd.build_tokenizer(cfg, manifest)
+    return msd.build_model(cfg, tokenizer.vocab_size).eval(), tokenizer
 
 
 def load_for_eval(args):
@@ -1693,9 +1700,8 @@ def load_for_eval(args):
     if args.checkpoint == "random":
         cfg = msd.load_config(args.config)
         manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
-        tokenizer = msd.build_tokenizer(cfg, manifest)
-        model = msd.build_model(cfg, tokenizer.vocab_size).to(device).eval()
-        return model, tokenizer, cfg, manifest, 0, None
+        model, tokenizer = untrained_model(cfg, manifest)
+        return model.to(device), tokenizer, cfg, manifest, 0, None
     path = args.checkpoint or Path(msd.load_config(args.config).out_dir) / "ckpt.pt"
     model, tokenizer, cfg, ckpt = msd.load_checkpoint(path, map_location=device)
     manifest = Path(args.data) if args.data else msd.prepare_data(cfg)

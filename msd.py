@@ -14,17 +14,20 @@ stop-gradient teacher feature, the loss is a plain mean of independent per-pair 
 effective batch of B = N * b pairs can be processed as N micro-batches of b with EXACTLY the
 gradient of one batch of B.
 
-Read top to bottom, with the paper (and ../shared/PAPER.md) beside it:
+Read top to bottom, with docs/method.md (the equations, with this file's names) beside it:
   1. Config                 every knob, its default and its meaning
-  2. Encoders               Attention, MLP, Block, VisionTransformer, TextTransformer,
-                            PostLNBlock, BertTextTransformer (text_arch "bert"), DualEncoder
-  2b. Pretrained weights    read_safetensors, read_weights, the BERT and timm-ViT name maps
-  3. Momentum teacher       copy_params, momentum_update
-  4. Queues                 FeatureQueue: a ring buffer of teacher features and their pair ids
-  5. Losses                 msd_loss (PAPER.md section 3) and clip_loss (the end-to-end baseline)
+  2. Encoders               Attention, MLP, Block, VisionTransformer, TextTransformer, and
+                            PostLNBlock, BertTextTransformer (text_arch "bert"); DualEncoder
+  2b. Pretrained weights    (an aside) read_safetensors, read_weights, the BERT and timm-ViT name maps
+  3. Momentum teacher       copy_params, momentum_update                          (method.md §1)
+  4. Queues                 FeatureQueue: a ring buffer of teacher features and pair ids (§1)
+  5. Losses                 msd_loss, clip_loss (the end-to-end baseline)         (method.md §2)
   6. The model              MSD = student + teacher + queues + temperature
-  7. Training               get_lr, get_alpha, train_step (PAPER.md section 5), train
-  8. Checkpoints and CLI
+  7. Training               get_lr, get_alpha, configure_optimizer, Batch, train_step (§3, §4)
+  8. More than one process  (an aside) torchrun / DDP: Dist, all_gather          (method.md §5)
+  9. A training run         pretrain: start a run (fresh, --resume, init_from), the loop, logging
+  10. Checkpoints and CLI   save_checkpoint, read_checkpoint, load_checkpoint, main
+"Section N" below means a section of this file; "method.md §N" means docs/method.md.
 """
 
 import argparse
@@ -225,9 +228,9 @@ def check_config(cfg):
 
 
 # -----------------------------------------------------------------------------
-# 2. Encoders: a ViT for images, a BERT-lite for reports (PAPER.md section 2)
+# 2. Encoders: a ViT for images, a BERT-lite for reports (method.md §1)
 # LayerNorm only, never BatchNorm: every operation is per sample, which is what makes the
-# accumulation of section 7 exact.
+# accumulation of section 7 exact (method.md §3).
 # -----------------------------------------------------------------------------
 
 
@@ -853,7 +856,7 @@ def soft_cross_entropy(logits, target):
 
 def msd_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_keys, text_keys,
              row_ids, key_ids, logit_scale, alpha):
-    """The MSD loss of PAPER.md section 3 for b rows of the effective batch.
+    """The MSD loss of method.md §2 for b rows of the effective batch.
 
     image_feat, text_feat      (b, d) student features v_i, t_i (with gradient)
     image_feat_m, text_feat_m  (b, d) teacher features v'_i, t'_i of the same rows
@@ -996,8 +999,8 @@ def trim_padding(input_ids, attention_mask, lengths, multiple=1):
 
 
 def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
-    """One optimizer step on an effective batch of B = N * b pairs: the six steps of README.md,
-    "One optimizer step". With W processes (section 8), `batch` holds this process's N * b pairs
+    """One optimizer step on an effective batch of B = N * b pairs: the six steps of method.md
+    §4 (README.md, "One optimizer step"). With W processes (section 8), `batch` holds this process's N * b pairs
     of a global batch of W * N * b, and the keys are the teacher features of the global batch.
 
     Returns "loss", "grad_norm" and "tau" as 0-d tensors on the device, plus "lr" and "alpha".
@@ -1337,48 +1340,64 @@ def truncate_log(path, step):
     os.replace(tmp, path)
 
 
-def print_run_summary(cfg, device, manifest, train_set, tokenizer, model, B, steps_per_epoch,
-                      total_steps, dist, compiled):
+def print_run_summary(cfg, run, dist, compiled):
     """The derived quantities a reader should know before the first step."""
-    valid_texts = [r["text"] for r in data.read_manifest(manifest) if r["split"] == "valid"]
+    tokenizer, train_set, B = run.tokenizer, run.train_set, run.B
+    valid_texts = [r["text"] for r in data.read_manifest(run.manifest) if r["split"] == "valid"]
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    print(f"device {device} | manifest {manifest} | {len(train_set)} training pairs | "
+    print(f"device {run.device} | manifest {run.manifest} | {len(train_set)} training pairs | "
           f"vocabulary {tokenizer.vocab_size} | unknown-token rate: train "
           f"{tokenizer.unk_rate(train_set.texts):.2%}, valid "
           f"{tokenizer.unk_rate(valid_texts) if valid_texts else float('nan'):.2%} | reports cut at "
           f"max_len {cfg.max_len}: {tokenizer.truncated_share(train_set.texts):.1%} of train")
     W = f"{dist.world_size} processes x " if dist.world_size > 1 else ""
     print(f"effective batch B = {W}{cfg.accum_steps} x {cfg.batch_size} = {B} pairs | "
-          f"{steps_per_epoch} optimizer steps per epoch | {total_steps} steps in all")
-    print(f"student {count_params(model.student) / 1e6:.2f} M parameters | method {cfg.method} | "
+          f"{run.steps_per_epoch} optimizer steps per epoch | {run.total_steps} steps in all")
+    print(f"student {count_params(run.model.student) / 1e6:.2f} M parameters | method {cfg.method} | "
           f"torch.compile {compiled}")
     if cfg.method == "msd":
         half_life = math.log(0.5) / math.log(cfg.momentum) if 0 < cfg.momentum < 1 else float("inf")
         print(f"teacher half-life {half_life:.0f} optimizer steps (m = {cfg.momentum}) | queue "
               f"K = {cfg.queue_size} fills in {math.ceil(cfg.queue_size / B)} steps | alpha "
-              f"{cfg.alpha} reached after {alpha_ramp_steps(cfg, steps_per_epoch)} steps")
+              f"{cfg.alpha} reached after {alpha_ramp_steps(cfg, run.steps_per_epoch)} steps")
         if cfg.queue_size > len(train_set) - B:
             print(f"warning: queue_size {cfg.queue_size} > training pairs - B = "
                   f"{len(train_set) - B}: a pair's own older copy will often sit in the queue")
+    if run.source is not None:
+        print(f"init_from {cfg.init_from}: student, teacher and tau from its step "
+              f"{run.source['step']}; queues empty, optimizer and step fresh")
+    if run.step:
+        print(f"resuming from {Path(cfg.out_dir) / 'ckpt.pt'} at step {run.step}")
 
 
-def train(cfg, resume=False, overwrite=False, stop_after=None):
-    """Train for cfg.max_steps optimizer steps (or cfg.epochs), checkpointing into cfg.out_dir.
-    resume: continue the run in out_dir. overwrite: start over in an out_dir that holds a run.
-    cfg.init_from: a new run that starts from another run's student. `stop_after` ends the run
-    early after that many steps, as an interruption would (for tests). Returns a summary dict."""
-    dist = init_distributed(cfg)
-    device = dist.device or pick_device(cfg.device)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+@dataclass
+class Run:
+    """What start_run prepares for the loop."""
+    model: nn.Module              # MSD: student, teacher, queues, temperature
+    optimizer: torch.optim.Optimizer
+    tokenizer: object             # data.Tokenizer or data.WordPieceTokenizer
+    train_set: data.PairDataset
+    manifest: Path
+    device: torch.device
+    B: int                        # the effective batch (global, with several processes)
+    steps_per_epoch: int
+    total_steps: int
+    step: int                     # optimizer steps already done (> 0 after --resume)
+    source: dict = None           # the init_from checkpoint, if any
+
+
+def start_run(cfg, dist, resume, overwrite):
+    """A fresh start, --resume, or init_from: the data, the vocabulary, the model and the
+    optimizer, checked, initialised or restored."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     if not resume and ckpt_path.is_file() and not overwrite:
         raise FileExistsError(
-            f"{out_dir} already holds a run ({ckpt_path}). Continue it with --resume, start over "
-            f"there with --overwrite (its checkpoint and log are replaced), or choose another "
+            f"{cfg.out_dir} already holds a run ({ckpt_path}). Continue it with --resume, start "
+            f"over there with --overwrite (its checkpoint and log are replaced), or choose another "
             f"--out_dir.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
 
     # where the weights and the vocabulary come from: the checkpoint to resume, the checkpoint
     # to start from (init_from), or nowhere (a fresh start: the vocabulary of the training split)
@@ -1400,16 +1419,15 @@ def train(cfg, resume=False, overwrite=False, stop_after=None):
     train_set = data.PairDataset(manifest, "train", tokenizer,
                                  data.ImageTransform(cfg.image_size, train=True),
                                  seed=cfg.seed, cache_images=cfg.cache_images)
-
     B = cfg.batch_size * cfg.accum_steps * dist.world_size  # the (global) effective batch
-    share = slice(dist.rank * B // dist.world_size, (dist.rank + 1) * B // dist.world_size)
     steps_per_epoch = len(train_set) // B
     if steps_per_epoch == 0:
         raise ValueError(f"the training split has {len(train_set)} pairs, fewer than one "
                          f"effective batch of {B}")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
-    # seeds the RNG with cfg.seed, then initialises (from published weights only on a fresh start)
+    # the model: seeded by cfg.seed, initialised (from published weights on a fresh start only),
+    # then the weights of the checkpoint to resume or to start from
+    device = dist.device or pick_device(cfg.device)
     model = build_model(cfg, tokenizer.vocab_size, (ckpt or source or {}).get("bert_config"),
                         pretrained=ckpt is None and source is None)
     if source is not None:
@@ -1419,106 +1437,132 @@ def train(cfg, resume=False, overwrite=False, stop_after=None):
     step = restore(model, optimizer, ckpt, dist, device) if ckpt is not None else 0
     if dist.world_size > 1 and ckpt is None:
         torch.manual_seed(cfg.seed * 1000 + 1 + dist.rank)  # dropout: other masks in each process
-    compiled = compile_towers(model, cfg, device)
+    return Run(model, optimizer, tokenizer, train_set, manifest, device, B, steps_per_epoch,
+               cfg.max_steps or cfg.epochs * steps_per_epoch, step, source)
+
+
+class RunLog:
+    """log.jsonl: one JSON record per log_every steps, written by rank 0 alone. On --resume the
+    records after the checkpoint's step are dropped first: the run does those steps again."""
+
+    def __init__(self, path, resume, step, dist, echo):
+        self.file, self.echo = None, echo
+        if dist.is_main:
+            if resume:
+                truncate_log(path, step)
+            self.file = open(path, "a" if resume else "w")
+
+    def write(self, record):
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.echo:
+                print(json.dumps(record), flush=True)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def stop_if_not_finite(first_bad, dist, ckpt_path):
+    """One read of the device per log interval: was the loss or the gradient norm of any step so
+    far NaN or inf? first_bad holds the first such step on the device (-1: none)."""
+    bad = first_bad.clone()
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+    if int(bad) >= 0:
+        raise NonFiniteError(
+            f"step {int(bad)}: the loss or the gradient norm is not finite (NaN or inf). Training "
+            f"stopped; nothing was written after step {int(bad) - 1}, and the last good "
+            f"checkpoint {ckpt_path} (if any) is kept. Lower lr, or check the data.")
+
+
+def pretrain(cfg, resume=False, overwrite=False, stop_after=None):
+    """Train for cfg.max_steps optimizer steps (or cfg.epochs), checkpointing into cfg.out_dir.
+    resume: continue the run in out_dir. overwrite: start over in an out_dir that holds a run.
+    cfg.init_from: a new run that starts from another run's student. `stop_after` ends the run
+    early after that many steps, as an interruption would (for tests). Returns a summary dict."""
+    dist = init_distributed(cfg)
+    run = start_run(cfg, dist, resume, overwrite)
+    model, optimizer, step, B = run.model, run.optimizer, run.step, run.B
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    compiled = compile_towers(model, cfg, run.device)
     if dist.world_size > 1:
         dist.ddp_student = torch.nn.parallel.DistributedDataParallel(
-            model.student, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = autocast_for(cfg, device)
-    end = total_steps if stop_after is None else min(total_steps, stop_after)
-
+            model.student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if dist.is_main:
-        print_run_summary(cfg, device, manifest, train_set, tokenizer, model, B, steps_per_epoch,
-                          total_steps, dist, compiled)
-        if source is not None:
-            print(f"init_from {cfg.init_from}: student, teacher and tau from its step "
-                  f"{source['step']}; queues empty, optimizer and step fresh")
-        if step:
-            print(f"resuming from {ckpt_path} at step {step}")
+        print_run_summary(cfg, run, dist, compiled)
+    end = run.total_steps if stop_after is None else min(run.total_steps, stop_after)
     if step >= end:
         if dist.is_main:
             print(f"nothing to do: {ckpt_path} is at step {step}, the run ends at step {end} "
                   f"(raise max_steps or epochs to train longer)")
         return {"steps": step, "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
-                "peak_memory_mb": peak_memory_mb(device), "checkpoint": str(ckpt_path)}
-    if dist.is_main:
-        if resume:
-            truncate_log(log_path, step)
-        log_file = open(log_path, "a" if resume else "w")
+                "peak_memory_mb": peak_memory_mb(run.device), "checkpoint": str(ckpt_path)}
 
-    def stop_if_not_finite():
-        """One read of the device per log interval: was any step since the start not finite?"""
-        bad = first_bad.clone()
-        if dist.world_size > 1:
-            torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
-        if int(bad) >= 0:
-            raise NonFiniteError(
-                f"step {int(bad)}: the loss or the gradient norm is not finite (NaN or inf). "
-                f"Training stopped; nothing was written after step {int(bad) - 1}, and the last "
-                f"good checkpoint {ckpt_path} (if any) is kept. Lower lr, or check the data.")
-
-    model.train()
+    autocast = autocast_for(cfg, run.device)
+    share = slice(dist.rank * B // dist.world_size, (dist.rank + 1) * B // dist.world_size)
+    first_bad = torch.full((), -1, device=run.device)  # first step with a NaN / inf loss or grad norm
+    log = RunLog(Path(cfg.out_dir) / "log.jsonl", resume, step, dist, echo=not cfg.progress)
     bar = tqdm(total=end, initial=step, disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
     start, pairs_done, last = time.perf_counter(), 0, {}
-    first_bad = torch.full((), -1, device=device)  # the first step whose loss / grad norm was not finite
-    pin = device.type == "cuda"
-    while step < end:
-        epoch, first = divmod(step, steps_per_epoch)
-        train_set.set_epoch(epoch)
-        batches = [batch[share] for batch in epoch_batches(len(train_set), B, cfg.seed, epoch)[first:]]
-        # a private generator: creating a loader must not consume the global RNG (dropout's), or
-        # a resumed run would draw different dropout masks than an uninterrupted one
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, pin_memory=pin,
-                                             num_workers=cfg.num_workers,
-                                             generator=torch.Generator().manual_seed(cfg.seed))
-        for images, input_ids, attention_mask, pair_ids, _ in loader:
-            batch = Batch(*(x.to(device, non_blocking=True)
-                            for x in (images, input_ids, attention_mask, pair_ids)),
-                          text_lengths=attention_mask.sum(1).tolist())  # counted on the host
-            out = train_step(model, optimizer, batch, cfg, get_lr(step, cfg, total_steps),
-                             get_alpha(step, cfg, steps_per_epoch), autocast, dist)
-            step += 1
-            pairs_done += B
-            bad = ~(torch.isfinite(out["loss"]) & torch.isfinite(out["grad_norm"]))
-            first_bad.masked_fill_(bad & (first_bad < 0), step)  # on the device: no waiting
-            bar.update(1)
-            write_log = step % cfg.log_every == 0 or step == total_steps
-            write_ckpt = cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < end
-            if write_log or write_ckpt:
-                stop_if_not_finite()
-            if write_log:
-                loss = out["loss"].clone()
-                if dist.world_size > 1:  # the mean over the global batch
-                    torch.distributed.all_reduce(loss)
-                    loss /= dist.world_size
-                    check_replicas_agree(model, dist, step)
-                last = {"loss": loss.item(), "grad_norm": out["grad_norm"].item(), "lr": out["lr"],
-                        "alpha": out["alpha"], "tau": out["tau"].item(),
-                        "pairs_per_s": pairs_done / (time.perf_counter() - start)}
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.1e}",
-                                alpha=f"{last['alpha']:.2f}", tau=f"{last['tau']:.3f}",
-                                pairs_s=f"{last['pairs_per_s']:.0f}")
-                if dist.is_main:
-                    log_file.write(json.dumps({"step": step, "epoch": epoch, **last}) + "\n")
-                    log_file.flush()
-                    if not cfg.progress:
-                        print(json.dumps({"step": step, "epoch": epoch, **last}), flush=True)
-            if write_ckpt:
-                save_checkpoint(ckpt_path, model, optimizer, step, cfg, tokenizer, dist, source)
-            if step >= end:
-                break
-    bar.close()
-    if dist.is_main:
-        log_file.close()
-    stop_if_not_finite()
-    save_checkpoint(ckpt_path, model, optimizer, step, cfg, tokenizer, dist, source)
+    model.train()
+    try:
+        while step < end:
+            epoch, first = divmod(step, run.steps_per_epoch)
+            run.train_set.set_epoch(epoch)
+            batches = [b[share] for b in epoch_batches(len(run.train_set), B, cfg.seed, epoch)[first:]]
+            # a private generator: creating a loader must not consume the global RNG (dropout's),
+            # or a resumed run would draw different dropout masks than an uninterrupted one
+            loader = torch.utils.data.DataLoader(run.train_set, batch_sampler=batches,
+                                                 num_workers=cfg.num_workers,
+                                                 pin_memory=run.device.type == "cuda",
+                                                 generator=torch.Generator().manual_seed(cfg.seed))
+            for images, input_ids, attention_mask, pair_ids, _ in loader:
+                batch = Batch(*(x.to(run.device, non_blocking=True)
+                                for x in (images, input_ids, attention_mask, pair_ids)),
+                              text_lengths=attention_mask.sum(1).tolist())  # counted on the host
+                out = train_step(model, optimizer, batch, cfg, get_lr(step, cfg, run.total_steps),
+                                 get_alpha(step, cfg, run.steps_per_epoch), autocast, dist)
+                step += 1
+                pairs_done += B
+                bad = ~(torch.isfinite(out["loss"]) & torch.isfinite(out["grad_norm"]))
+                first_bad.masked_fill_(bad & (first_bad < 0), step)  # on the device: no waiting
+                bar.update(1)
+                write_log = step % cfg.log_every == 0 or step == run.total_steps
+                write_ckpt = cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < end
+                if write_log or write_ckpt:  # nothing is written after a non-finite step
+                    stop_if_not_finite(first_bad, dist, ckpt_path)
+                if write_log:
+                    loss = out["loss"].clone()
+                    if dist.world_size > 1:  # the mean over the global batch
+                        torch.distributed.all_reduce(loss)
+                        loss /= dist.world_size
+                        check_replicas_agree(model, dist, step)
+                    last = {"loss": loss.item(), "grad_norm": out["grad_norm"].item(),
+                            "lr": out["lr"], "alpha": out["alpha"], "tau": out["tau"].item(),
+                            "pairs_per_s": pairs_done / (time.perf_counter() - start)}
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.1e}",
+                                    alpha=f"{last['alpha']:.2f}", tau=f"{last['tau']:.3f}",
+                                    pairs_s=f"{last['pairs_per_s']:.0f}")
+                    log.write({"step": step, "epoch": epoch, **last})
+                if write_ckpt:
+                    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist, run.source)
+                if step >= end:
+                    break
+    finally:
+        bar.close()
+        log.close()
+    stop_if_not_finite(first_bad, dist, ckpt_path)
+    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist, run.source)
     seconds = time.perf_counter() - start
     summary = {"steps": step, "seconds": seconds, "pairs_per_s": pairs_done / max(seconds, 1e-9),
-               "final_loss": last.get("loss"), "peak_memory_mb": peak_memory_mb(device),
+               "final_loss": last.get("loss"), "peak_memory_mb": peak_memory_mb(run.device),
                "checkpoint": str(ckpt_path)}
     if dist.is_main:
         print(f"done: {step} steps in {seconds:.1f} s | {summary['pairs_per_s']:.0f} pairs/s | "
               f"final loss {summary['final_loss']} | peak memory {summary['peak_memory_mb']:.0f} MB "
-              f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}) | {ckpt_path}")
+              f"({'CUDA allocated' if run.device.type == 'cuda' else 'process RSS'}) | {ckpt_path}")
     return summary
 
 
@@ -1654,7 +1698,7 @@ def main(argv=None):
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e.args[0] if e.args else e}\n")
     try:
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
+        pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
     except (CheckpointError, NonFiniteError, FileExistsError, FileNotFoundError,
             data.ManifestError, OSError) as e:
         parser.exit(1, f"error: {e}\n")

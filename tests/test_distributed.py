@@ -40,7 +40,7 @@ def _worker(rank, world_size, init_file, cfg_dict, steps, B, out_dir):
         optimizer = msd.configure_optimizer(model, cfg)
         dist = msd.Dist(rank, world_size, torch.device("cpu"),
                         torch.nn.parallel.DistributedDataParallel(model.student))
-        share = slice(rank * B // world_size, (rank + 1) * B // world_size)  # as msd.train slices
+        share = slice(rank * B // world_size, (rank + 1) * B // world_size)  # as msd.pretrain slices
         states = []
         for images, ids, mask, pair_ids in batches(cfg, steps, B):
             batch = msd.Batch(images[share].double(), ids[share], mask[share], pair_ids[share])
@@ -117,4 +117,4 @@ def test_torchrun_trains_tiny_on_two_cpu_processes(tmp_path):
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
     with pytest.raises(msd.CheckpointError, match="written by 2 process"):
-        msd.train(msd.load_config(common[1], common[2:] + ["--max_steps=6"]), resume=True)
+        msd.pretrain(msd.load_config(common[1], common[2:] + ["--max_steps=6"]), resume=True)

@@ -387,7 +387,7 @@ def trained(tmp_path_factory):
     config.update(overrides)
     (root / "tiny.json").write_text(json.dumps(config))
     cfg = msd.load_config(root / "tiny.json")
-    msd.train(cfg)
+    msd.pretrain(cfg)
     return {"root": root, "ckpt": root / "run" / "ckpt.pt", "config": root / "tiny.json", "cfg": cfg}
 
 

@@ -1,4 +1,4 @@
-"""Tests of msd.py: every invariant of PAPER.md has a test here that fails if it breaks."""
+"""Tests of msd.py: every invariant of docs/method.md has a test here that fails if it breaks."""
 import contextlib
 import copy
 import json
@@ -438,11 +438,11 @@ def test_resume_is_bit_identical(tmp_path, synth_dir):
     so the RNG state must travel in the checkpoint too."""
     extra = ["--max_steps=10", "--dropout=0.1"]
     straight = tiny_run_cfg(tmp_path / "straight", synth_dir, *extra)
-    msd.train(straight)
+    msd.pretrain(straight)
     resumed = tiny_run_cfg(tmp_path / "resumed", synth_dir, *extra)
-    msd.train(resumed, stop_after=3)
+    msd.pretrain(resumed, stop_after=3)
     assert msd.read_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
-    msd.train(resumed, resume=True)
+    msd.pretrain(resumed, resume=True)
     a = msd.read_checkpoint(tmp_path / "straight" / "ckpt.pt")
     b = msd.read_checkpoint(tmp_path / "resumed" / "ckpt.pt")
     assert a["step"] == b["step"] == 10

@@ -98,7 +98,7 @@ def test_own_image_folder_end_to_end(tmp_path, capsys):
     cfg = msd.load_config(ROOT / "configs" / "tiny.json", [
         f"--data={tmp_path / 'shapes.csv'}", f"--out_dir={tmp_path / 'run'}", "--max_steps=12",
         "--min_freq=1", "--queue_size=16", "--progress=false"])
-    summary = msd.train(cfg)
+    summary = msd.pretrain(cfg)
     assert summary["steps"] == 12 and math.isfinite(summary["final_loss"])
 
     # 3. zero-shot with prompts of our own, a multi-class probe, retrieval with class P@K

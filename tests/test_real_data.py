@@ -699,7 +699,7 @@ def test_mimic_config_trains_a_few_steps_on_the_prepared_miniature(tmp_path):
         "--vision_layers=1", "--text_layers=1", "--batch_size=1", "--accum_steps=2",
         "--max_steps=2", "--warmup_steps=1", "--num_workers=0", "--min_freq=1", "--progress=false"])
     assert (cfg.vision_width, cfg.embed_dim, cfg.queue_size) == (768, 256, 65536)
-    summary = msd.train(cfg)
+    summary = msd.pretrain(cfg)
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     model, tokenizer, loaded, ckpt = msd.load_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert ckpt["step"] == 2 and int(model.image_queue.filled) == 4

@@ -31,7 +31,7 @@ def cfg_for(out_dir, synth, *overrides):
 def finished_run(tmp_path_factory, synth_dir):
     """A finished 4-step run; tests copy it before changing anything."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    msd.train(cfg_for(out, synth_dir))
+    msd.pretrain(cfg_for(out, synth_dir))
     return out
 
 
@@ -106,7 +106,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, s
     monkeypatch.setattr(msd, "msd_loss", loss_nan_from_step_3)
     monkeypatch.setattr(msd, "save_checkpoint", save_and_remember)
     with pytest.raises(msd.NonFiniteError, match="step 3: the loss or the gradient norm is not finite"):
-        msd.train(cfg)
+        msd.pretrain(cfg)
     assert list(saved) == [2]
     assert (out / "ckpt.pt").read_bytes() == saved[2]
     assert [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
@@ -200,7 +200,7 @@ def test_a_rerun_into_a_used_out_dir_is_refused(tmp_path, finished_run, synth_di
 def test_resuming_a_finished_run_writes_nothing(tmp_path, finished_run, synth_dir, capsys):
     run = copy_run(finished_run, tmp_path / "run")
     before = (run / "ckpt.pt").read_bytes()
-    msd.train(cfg_for(run, synth_dir), resume=True)
+    msd.pretrain(cfg_for(run, synth_dir), resume=True)
     assert "nothing to do" in capsys.readouterr().out
     assert (run / "ckpt.pt").read_bytes() == before
 
@@ -211,9 +211,9 @@ def test_resuming_a_finished_run_writes_nothing(tmp_path, finished_run, synth_di
 def test_resume_refuses_a_changed_config_and_lists_the_keys(tmp_path, finished_run, synth_dir):
     run = copy_run(finished_run, tmp_path / "run")
     with pytest.raises(msd.CheckpointError, match=r"batch_size 8 -> 4; lr 0.001 -> 0.002"):
-        msd.train(cfg_for(run, synth_dir, "--batch_size=4", "--lr=0.002", "--max_steps=6"), resume=True)
+        msd.pretrain(cfg_for(run, synth_dir, "--batch_size=4", "--lr=0.002", "--max_steps=6"), resume=True)
     # keys that change neither the model, the optimizer state nor the data order may change
-    summary = msd.train(cfg_for(run, synth_dir, "--max_steps=6", "--log_every=3", "--ckpt_every=5",
+    summary = msd.pretrain(cfg_for(run, synth_dir, "--max_steps=6", "--log_every=3", "--ckpt_every=5",
                                 "--teacher_batch=3"), resume=True)
     assert summary["steps"] == 6
 
@@ -232,10 +232,10 @@ def test_resume_truncates_the_log_to_the_checkpoint(tmp_path, synth_dir, monkeyp
 
     monkeypatch.setattr(msd, "train_step", killed_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        msd.train(cfg)
+        msd.pretrain(cfg)
     monkeypatch.setattr(msd, "train_step", real_step)
     assert msd.read_checkpoint(out / "ckpt.pt")["step"] == 4
-    msd.train(cfg, resume=True)
+    msd.pretrain(cfg, resume=True)
     steps = [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 7]
 
@@ -260,7 +260,7 @@ def test_init_from_starts_from_the_checkpoints_student_exactly(tmp_path, finishe
 
     monkeypatch.setattr(msd, "train_step", look_before_the_first_step)
     out = tmp_path / "warm"
-    msd.train(cfg_for(out, synth_dir, f"--init_from={finished_run / 'ckpt.pt'}", "--max_steps=2",
+    msd.pretrain(cfg_for(out, synth_dir, f"--init_from={finished_run / 'ckpt.pt'}", "--max_steps=2",
                       "--lr=0.0005", "--seed=7"))
     assert "init_from" in capsys.readouterr().out
     for key, value in seen["student"].items():
@@ -275,10 +275,10 @@ def test_init_from_starts_from_the_checkpoints_student_exactly(tmp_path, finishe
 
 def test_init_from_refuses_another_architecture_and_non_checkpoints(tmp_path, finished_run, synth_dir):
     with pytest.raises(msd.CheckpointError, match="vision_width 32 in the checkpoint, 48 now"):
-        msd.train(cfg_for(tmp_path / "a", synth_dir, f"--init_from={finished_run / 'ckpt.pt'}",
+        msd.pretrain(cfg_for(tmp_path / "a", synth_dir, f"--init_from={finished_run / 'ckpt.pt'}",
                           "--vision_width=48"))
     manifest = msd.prepare_data(cfg_for(tmp_path / "b", synth_dir))
     with pytest.raises(msd.CheckpointError, match="cannot be read as a checkpoint"):
-        msd.train(cfg_for(tmp_path / "b", synth_dir, f"--init_from={manifest}"))
+        msd.pretrain(cfg_for(tmp_path / "b", synth_dir, f"--init_from={manifest}"))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        msd.train(cfg_for(tmp_path / "c", synth_dir, f"--init_from={tmp_path / 'nope.pt'}"))
+        msd.pretrain(cfg_for(tmp_path / "c", synth_dir, f"--init_from={tmp_path / 'nope.pt'}"))
