@@ -573,7 +573,7 @@ def test_ablation_trains_evaluates_and_reuses_finished_runs(tmp_path, monkeypatc
     ckpt = msd.read_checkpoint(tmp_path / "runs" / "msd" / "seed1" / "ckpt.pt")
     assert ckpt["config"]["seed"] == 1 and ckpt["config"]["method"] == "msd"
     # a second call finds every run finished and trains nothing
-    monkeypatch.setattr(msd, "train", lambda cfg: pytest.fail(f"retrained {cfg.out_dir}"))
+    monkeypatch.setattr(msd, "pretrain", lambda cfg, **kw: pytest.fail(f"retrained {cfg.out_dir}"))
     ev.main(args)
 
 
