@@ -71,6 +71,7 @@ def assert_states_close(a, b, tol):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=tol, rtol=tol, msg=f"differs: {key}")
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
 
 
 def test_two_processes_equal_one_process_with_twice_the_micro_batches(tmp_path):
@@ -80,9 +81,9 @@ def test_two_processes_equal_one_process_with_twice_the_micro_batches(tmp_path):
     ddp_cfg = tiny_cfg(batch_size=4, accum_steps=2, queue_size=24)
     single = run_single(replace(ddp_cfg, accum_steps=4), steps=2, B=16)
     ranks = run_ddp(ddp_cfg, world_size=2, steps=2, B=16, tmp_path=tmp_path)
-    for step in range(2):
-        for r in range(2):
-            assert_states_close(ranks[r][step], single[step], tol=1e-10)
+    worst = max(assert_states_close(ranks[r][step], single[step], tol=1e-10)
+                for step in range(2) for r in range(2))
+    print(f"W=2 x N=2 against N=4: largest difference {worst:.1e} (float64)")  # seen with -s
     assert ranks[0][1]["buffer:image_queue.ptr"].item() == 32 % 24
     assert torch.equal(ranks[0][1]["buffer:text_queue.ids"], ranks[1][1]["buffer:text_queue.ids"])
 
