@@ -1000,8 +1000,9 @@ def trim_padding(input_ids, attention_mask, lengths, multiple=1):
 
 def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
     """One optimizer step on an effective batch of B = N * b pairs: the six steps of method.md
-    §4 (README.md, "One optimizer step"). With W processes (section 8), `batch` holds this process's N * b pairs
-    of a global batch of W * N * b, and the keys are the teacher features of the global batch.
+    §4 (README.md, "One optimizer step"). With W processes (section 8), `batch` holds this
+    process's N * b pairs of a global batch of W * N * b, and the keys are the teacher features
+    of the global batch.
 
     Returns "loss", "grad_norm" and "tau" as 0-d tensors on the device, plus "lr" and "alpha".
     Nothing here waits for the GPU (no .item(), no int(tensor)): the loop reads the numbers once
