@@ -442,6 +442,19 @@ def _mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def select_on_valid(fit, score_on_valid, weight_decays):
+    """One head per weight decay, fit(wd); keep the best score_on_valid(head) (a NaN score counts
+    as worst; ties: the first, smaller decay). -> (weight decay, head)."""
+    best = None
+    for wd in weight_decays:
+        head = fit(wd)
+        score = score_on_valid(head)
+        score = -math.inf if math.isnan(score) else score
+        if best is None or score > best[0]:
+            best = (score, wd, head)
+    return best[1], best[2]
+
+
 def linear_probe(train, valid, test, label_names, shots=(1, 2, 4, 8, 16),
                  fractions=(0.01, 0.1, 1.0), seeds=range(5), weight_decays=WEIGHT_DECAYS):
     """Multi-label. train / valid / test: (features (N, D), scoring labels (N, L)). For every
@@ -457,17 +470,14 @@ def linear_probe(train, valid, test, label_names, shots=(1, 2, 4, 8, 16),
         per_seed, per_label, chosen_wd, n_rows = [], [], [], []
         for seed in seeds:
             rows = draw(seed)                                   # indices into the TRAIN split
-            best = None
-            for wd in weight_decays:
-                head = train_logistic_regression(xs["train"][rows], train[1][rows], wd)
-                val = nanmean(auroc_per_label(valid[1], probe_scores(head, xs["valid"])))
-                val = -1.0 if math.isnan(val) else val
-                if best is None or val > best[0]:              # ties: the first (smaller) decay
-                    best = (val, wd, head)
-            test_auc = auroc_per_label(test[1], probe_scores(best[2], xs["test"]))
+            wd, head = select_on_valid(
+                lambda wd: train_logistic_regression(xs["train"][rows], train[1][rows], wd),
+                lambda head: nanmean(auroc_per_label(valid[1], probe_scores(head, xs["valid"]))),
+                weight_decays)
+            test_auc = auroc_per_label(test[1], probe_scores(head, xs["test"]))
             per_seed.append(nanmean(test_auc))
             per_label.append(test_auc)
-            chosen_wd.append(best[1])
+            chosen_wd.append(wd)
             n_rows.append(int(len(rows)))
         mean, std = _mean_std(per_seed)
         results[name] = {
@@ -495,16 +505,14 @@ def linear_probe_multiclass(train, valid, test, class_names, shots=(1, 2, 4, 8, 
         acc, f1, chosen_wd, n_rows = [], [], [], []
         for seed in seeds:
             rows = draw(seed)                                   # indices into the TRAIN split
-            best = None
-            for wd in weight_decays:
-                head = train_softmax_regression(xs["train"][rows], y["train"][rows], C, wd)
-                val = accuracy(y["valid"], probe_scores(head, xs["valid"]).argmax(1))
-                if best is None or val > best[0]:
-                    best = (val, wd, head)
-            pred = probe_scores(best[2], xs["test"]).argmax(1)
+            wd, head = select_on_valid(
+                lambda wd: train_softmax_regression(xs["train"][rows], y["train"][rows], C, wd),
+                lambda head: accuracy(y["valid"], probe_scores(head, xs["valid"]).argmax(1)),
+                weight_decays)
+            pred = probe_scores(head, xs["test"]).argmax(1)
             acc.append(accuracy(y["test"], pred))
             f1.append(macro_f1(y["test"], pred, C))
-            chosen_wd.append(best[1])
+            chosen_wd.append(wd)
             n_rows.append(int(len(rows)))
         (acc_mean, acc_std), (f1_mean, f1_std) = _mean_std(acc), _mean_std(f1)
         results[name] = {

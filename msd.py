@@ -1107,7 +1107,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     device: torch.device = None
-    ddp_student: nn.Module = None  # DistributedDataParallel(model.student), set by train()
+    ddp_student: nn.Module = None  # DistributedDataParallel(model.student), set by pretrain()
 
     @property
     def is_main(self):  # rank 0 alone logs, shows progress and writes checkpoints
