@@ -12,6 +12,7 @@ import torch
 
 import evaluate
 import msd
+from test_msd import tiny_run_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,9 +23,8 @@ def synth_dir(tmp_path_factory):
 
 
 def cfg_for(out_dir, synth, *overrides):
-    return msd.load_config(ROOT / "configs" / "tiny.json",
-                           [f"--out_dir={out_dir}", f"--synth_dir={synth}", "--progress=false",
-                            "--max_steps=4", *overrides])
+    """configs/tiny.json for 4 steps (test_msd's recipe)."""
+    return tiny_run_cfg(out_dir, synth, "--max_steps=4", *overrides)
 
 
 @pytest.fixture(scope="module")
