@@ -3,7 +3,7 @@ MSD: Momentum Self-Distillation for medical vision-language pretraining, in one 
 
 Paper: P. Pham, N. Pham, N. Q. Ly, "Boosting Medical Vision-Language Pretraining via Momentum
 Self-Distillation under Limited Computing Resources", WACV 2026 (arXiv 2512.02438).
-The authors released no code; this is an independent implementation. README.md says which
+The authors released no code; this is an independent implementation. docs/choices.md says which
 choices are the paper's and which are ours.
 
 What the method does, in one breath: a student image/text dual encoder is trained CLIP-style, but
@@ -33,11 +33,14 @@ Read top to bottom, with docs/method.md (the equations, with this file's names) 
 import argparse
 import contextlib
 import copy
+import difflib
 import errno
 import hashlib
 import json
 import math
 import os
+import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -70,7 +73,8 @@ class Config:
     min_freq: int = 2                 # a word needs this many training occurrences for the vocabulary
     num_workers: int = 0              # DataLoader worker processes (0 = load in the main process)
     cache_images: bool = True         # keep decoded images in memory (fine for small data)
-    # model (ViT + BERT-lite from scratch, or published pretrained towers: README "Training on MIMIC-CXR")
+    allow_split_overlap: bool = False  # train although a patient/study is in train and in valid/test
+    # model (ViT + BERT-lite from scratch, or published pretrained towers: docs/mimic.md)
     patch_size: int = 8               # ViT patch side; image_size must be a multiple
     vision_width: int = 128           # ViT hidden size
     vision_layers: int = 4            # ViT blocks
@@ -87,6 +91,7 @@ class Config:
     vision_weights: str = ""          # a timm ViT file (.safetensors / .bin / .pth) to start f_v from; "" = CLIP init
     # method
     method: str = "msd"               # "msd" (momentum teacher + queue + distillation) or "clip" (end to end)
+    clip_accum: str = "naive"         # method "clip" with accum_steps > 1: "naive" (N small batches) or "exact" (GradCache)
     momentum: float = 0.995           # EMA momentum m per optimizer step
     alpha: float = 0.4                # weight of the teacher's soft target in the mix
     alpha_ramp_steps: int = -1        # optimizer steps over which alpha ramps from 0; -1 = one epoch
@@ -107,7 +112,7 @@ class Config:
     teacher_batch: int = 256          # pairs per teacher forward chunk (it keeps no activations)
     # run
     seed: int = 0                     # model init, data order, augmentation, dropout
-    out_dir: str = "runs/small"       # ckpt.pt and log.jsonl go here
+    out_dir: str = "runs/default"     # ckpt.pt and log.jsonl go here; a --config FILE's default is runs/<FILE's name>
     device: str = "auto"              # "auto" (cuda > mps > cpu), "cuda", "mps" or "cpu"
     amp: bool = True                  # bf16 autocast on CUDA (ignored elsewhere)
     compile: str = "auto"             # torch.compile the encoders: "auto" (CUDA only), "on", "off", "reduce-overhead"
@@ -156,20 +161,37 @@ def load_config(path=None, overrides=()):
         for key, value in from_file.items():
             values[key], where[key] = value, f"in {path}"
     from_cli = set()
-    for item in overrides:
-        if not item.startswith("--") or "=" not in item:
-            raise ValueError(f"override {item!r}: expected --key=value")
+    for item in key_value_pairs(overrides):
         key, value = item[2:].split("=", 1)
         values[key], where[key] = value, "on the command line"
         from_cli.add(key)
     for key, value in values.items():
         if key not in valid:
-            raise KeyError(f"unknown config key '{key}' {where[key]}; "
-                           f"valid keys: {', '.join(sorted(valid))}")
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            raise KeyError(f"unknown config key '{key}' {where[key]}"
+                           + (f"; did you mean '{close[0]}'?" if close else ".")
+                           + f" Valid keys: {', '.join(sorted(valid))}")
         values[key] = _coerce(key, value, getattr(defaults, key), from_cli=key in from_cli)
+    if "out_dir" not in values:  # each config trains into a folder of its own name
+        values["out_dir"] = f"runs/{path.stem}" if path is not None else defaults.out_dir
     cfg = Config(**values)
     check_config(cfg)
     return cfg
+
+
+def key_value_pairs(items):
+    """Command-line overrides as ["--key=value", ...]; "--key value" is accepted as well."""
+    items, pairs = list(items), []
+    while items:
+        item = items.pop(0)
+        if not item.startswith("--") or item == "--":
+            raise ValueError(f"override {item!r}: expected --key=value or --key value")
+        if "=" not in item:
+            if not items or items[0].startswith("--"):
+                raise ValueError(f"override {item!r} has no value: expected {item}=VALUE or {item} VALUE")
+            item = f"{item}={items.pop(0)}"
+        pairs.append(item)
+    return pairs
 
 
 def config_from_dict(saved, source):
@@ -196,6 +218,10 @@ def check_config(cfg):
         if f.type in (float, "float"):
             need(math.isfinite(getattr(cfg, f.name)), f.name, "a finite number")
     need(cfg.method in ("msd", "clip"), "method", "'msd' or 'clip'")
+    need(cfg.clip_accum in ("naive", "exact"), "clip_accum", "'naive' or 'exact'")
+    if cfg.clip_accum != "naive" and cfg.method != "clip":
+        raise ValueError(f"config key 'clip_accum' ({cfg.clip_accum!r}) is only read with method "
+                         f"'clip'; MSD's accumulation is exact already. Leave it 'naive' or set --method=clip")
     need(cfg.attn_impl in ("sdpa", "manual"), "attn_impl", "'sdpa' or 'manual'")
     need(cfg.compile in COMPILE_MODES, "compile", " or ".join(map(repr, COMPILE_MODES)))
     need(cfg.text_arch in ("lite", "bert"), "text_arch", "'lite' or 'bert'")
@@ -215,6 +241,8 @@ def check_config(cfg):
         need(getattr(cfg, key) >= 0, key, "a value >= 0")
     need(cfg.max_len >= 3, "max_len", "at least 3 ([CLS], one token, [SEP])")
     need(cfg.lr > 0, "lr", "a learning rate > 0")
+    need(cfg.min_lr <= cfg.lr, "min_lr", f"a floor of the schedule <= lr ({cfg.lr})")
+    need(cfg.out_dir.strip() != "", "out_dir", "a folder for ckpt.pt and log.jsonl (not empty)")
     need(cfg.temperature > 0, "temperature", "a temperature > 0")
     need(0.0 <= cfg.momentum <= 1.0, "momentum", "a value in [0, 1]")
     need(0.0 <= cfg.alpha <= 1.0, "alpha", "a value in [0, 1]")
@@ -485,97 +513,165 @@ class DualEncoder(nn.Module):
 # At paper scale f_t starts from Bio_ClinicalBERT and f_v from an ImageNet ViT-B/16. Their
 # published files are read here without transformers, timm or safetensors: each name map below
 # says once which tensor of theirs becomes which parameter of ours, and a file that does not fit
-# is refused with one error listing every missing, unexpected and mis-shaped tensor. Nothing is
-# ever downloaded (README, "Training on MIMIC-CXR", says which files to fetch by hand).
+# is refused with one error listing every missing, unexpected, mis-shaped, integer or NaN / inf
+# tensor. A config.json is checked against its weights file before a tower is built from it, and
+# a file is trusted for nothing its bytes do not back. Nothing is ever downloaded (docs/mimic.md says which files to fetch by hand).
 # tests/test_pretrained.py checks all of it against the reference libraries' own outputs.
 # -----------------------------------------------------------------------------
+
+class WeightsError(ValueError):
+    """A published weights file (or its config.json) that cannot be used; the message names it."""
+
 
 TIMM_VIT_LN_EPS = 1e-6  # timm's ViTs use LayerNorm(eps=1e-6); PyTorch's default (from scratch) is 1e-5
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library refuses longer headers too
 
 
-def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}. The format: 8 bytes (little-endian) giving the header
-    length n; n bytes of JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} plus an
-    optional "__metadata__"; then the tensors' raw little-endian bytes, offsets counted from the
-    end of the header."""
-    path = Path(path)
-    if sys.byteorder != "little":
-        raise ValueError(f"{path}: this safetensors reader assumes a little-endian machine")
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else None
-    if n is None or 8 + n > len(raw):
-        raise ValueError(f"{path}: truncated or not a safetensors file ({len(raw)} bytes, header "
-                         f"length {n})")
+def read_safetensors_header(path, f):
+    """The header of the open .safetensors file f -> (where its data section starts, [(name,
+    dtype, shape, begin, end)] in file order), checked against the file's size. Every byte of the
+    data section must belong to exactly one tensor: no two tensors may share bytes, and no bytes
+    may lie between or after them (what no header entry names is never read; the format allows
+    none). Nothing but the header has been read when this returns."""
+    file_size = os.fstat(f.fileno()).st_size
+    first = f.read(8)
+    n = int.from_bytes(first, "little") if len(first) == 8 else None
+    if n is None or 8 + n > file_size:
+        raise WeightsError(f"{path}: truncated or not a safetensors file ({file_size} bytes, "
+                           f"header length {n})")
+    if n > SAFETENSORS_MAX_HEADER:
+        raise WeightsError(f"{path}: not a safetensors file (a header of {n} bytes; the format "
+                           f"allows {SAFETENSORS_MAX_HEADER})")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
+        header = json.loads(f.read(n).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+        raise WeightsError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        raise WeightsError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
-    data = memoryview(raw)[8 + n:]
-    tensors = {}
+    data_size, entries = file_size - 8 - n, []
     for name, info in header.items():
         try:
             kind, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             shape = None
         if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"{path}: tensor {name!r}: bad header entry {info!r} (expected dtype, "
-                             f"shape, data_offsets)")
+            raise WeightsError(f"{path}: tensor {name!r}: bad header entry {info!r} (expected "
+                               f"dtype, shape, data_offsets)")
         if kind not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {kind}, which this reader does not "
-                             f"read (it reads {', '.join(SAFETENSORS_DTYPES)})")
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {kind}, which this reader does "
+                               f"not read (it reads {', '.join(SAFETENSORS_DTYPES)})")
         dtype = SAFETENSORS_DTYPES[kind]
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= len(data)
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size
                 and end - begin == size):
-            raise ValueError(f"{path}: tensor {name!r} ({kind} {shape}, {size} bytes) has "
-                             f"data_offsets [{begin}, {end}] in a data section of {len(data)} bytes: "
-                             f"the file is truncated or corrupt")
-        tensors[name] = (torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
-                         if size else torch.zeros(shape, dtype=dtype))
+            raise WeightsError(f"{path}: tensor {name!r} ({kind} {shape}, {size} bytes) has "
+                               f"data_offsets [{begin}, {end}] in a data section of {data_size} "
+                               f"bytes: the file is truncated or corrupt")
+        entries.append((name, dtype, shape, begin, end))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    covered, previous = 0, None  # bytes [0, covered) belong to the tensors seen so far
+    for name, _, _, begin, end in entries:
+        if begin != covered:
+            what = (f"overlaps tensor {previous!r}, which ends at byte {covered}" if begin < covered
+                    else f"leaves bytes [{covered}, {begin}) that no tensor names")
+            raise WeightsError(f"{path}: tensor {name!r} at data_offsets [{begin}, {end}] {what}: "
+                               f"not a valid safetensors file")
+        covered, previous = end, name
+    if covered != data_size:
+        raise WeightsError(f"{path}: the header names {covered} bytes of tensor data, but "
+                           f"{data_size} bytes follow it: {data_size - covered} bytes that no "
+                           f"tensor names, which are not read; not a valid safetensors file")
+    return 8 + n, entries
+
+
+def read_safetensors(path, meta=False):
+    """A .safetensors file -> {name: tensor}. The format: 8 bytes (little-endian) giving the header
+    length n; n bytes of JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} plus an
+    optional "__metadata__"; then the tensors' raw little-endian bytes, offsets counted from the
+    end of the header. Each tensor's bytes are read where the header says (seek), after the
+    whole header is checked. meta=True: tensors on the "meta" device (dtype and shape, no data)."""
+    path = Path(path)
+    if sys.byteorder != "little":
+        raise WeightsError(f"{path}: this safetensors reader assumes a little-endian machine")
+    tensors = {}
+    with open(path, "rb") as f:
+        start, entries = read_safetensors_header(path, f)
+        for name, dtype, shape, begin, end in entries:
+            if meta or begin == end:
+                tensors[name] = torch.zeros(shape, dtype=dtype, device="meta" if meta else "cpu")
+                continue
+            buffer = bytearray(end - begin)
+            f.seek(start + begin)
+            if f.readinto(buffer) != len(buffer):  # the file shrank since its size was read
+                raise WeightsError(f"{path}: tensor {name!r}: the file ends early (truncated)")
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
     return tensors
 
 
-def read_weights(path):
+def read_weights(path, meta=False):
     """A weights file -> {name: tensor}: .safetensors by the reader above; .bin / .pth / .pt
-    (PyTorch's pickle format) by torch.load(weights_only=True), which refuses arbitrary objects."""
+    (PyTorch's pickle format) by torch.load(weights_only=True), which refuses arbitrary objects.
+    meta=True: dtypes and shapes only, as "meta" tensors (for .bin / .pth the file is memory-
+    mapped where its format allows, so its tensor data is not read either)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, meta)
     if path.suffix not in (".bin", ".pth", ".pt"):
-        raise ValueError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors, "
-                         f".bin, .pth or .pt")
+        raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors, "
+                           f".bin, .pth or .pt")
     try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=meta)
+        except RuntimeError as e:  # mmap needs the zip format of torch >= 1.6: read it all
+            if not (meta and "mmap" in str(e)):
+                raise
+            weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors share no base class
-        raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it: {e}") from e
+        raise WeightsError(f"{path}: torch.load(weights_only=True) cannot read it: {e}") from e
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         keys = list(weights)[:6] if isinstance(weights, dict) else []
-        raise ValueError(f"{path}: expected a flat {{name: tensor}} state dict, got "
-                         f"{type(weights).__name__} {keys}; if it wraps one (e.g. under 'model' or "
-                         f"'state_dict'), save that inner dict to its own file")
+        raise WeightsError(f"{path}: expected a flat {{name: tensor}} state dict, got "
+                           f"{type(weights).__name__} {keys}; if it wraps one (e.g. under 'model' "
+                           f"or 'state_dict'), save that inner dict to its own file")
+    if meta:
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in weights.items()}
     return dict(weights)
+
+
+def unusable(tensor):
+    """None, or why a tensor of a weights file cannot be a weight: an integer dtype, NaN / inf
+    values (a "meta" tensor, which has no values, is judged by its dtype alone)."""
+    if not tensor.is_floating_point():
+        return f"{tensor.dtype}: weights must be floating point"
+    if not tensor.is_meta and not torch.isfinite(tensor).all():
+        return f"{(~torch.isfinite(tensor)).sum().item()} NaN / inf values"
+    return None
 
 
 def load_mapped(module, weights, name_map, transforms, ignored, source):
     """Copy `weights` (their names) into `module` (our names, through name_map: ours -> theirs, a
     tuple of theirs being concatenated along dim 0), after transforms[ours] where given. Tensors
-    whose names start with one of `ignored` are allowed to stay unused; every other problem is
-    collected and raised as ONE error. Returns the names of the ignored tensors."""
+    whose names start with one of `ignored` are allowed to stay unused; every other problem
+    (missing, unexpected, mis-shaped, not floating point, NaN / inf) is collected and raised as
+    ONE error. "meta" module and weights check names, shapes and dtypes without any data.
+    Returns the names of the ignored tensors."""
     target = module.state_dict()
     assert set(name_map) == set(target), "the name map must cover exactly the module's parameters"
-    converted, missing, wrong = {}, [], []
+    converted, missing, wrong, bad = {}, [], [], []
     for ours, theirs in name_map.items():
         theirs = (theirs,) if isinstance(theirs, str) else theirs
         if any(t not in weights for t in theirs):
             missing += [t for t in theirs if t not in weights]
             continue
+        for t in theirs:
+            why = unusable(weights[t])
+            if why:
+                bad.append(f"{t} ({why})")
         try:
             raw = torch.cat([weights[t] for t in theirs]) if len(theirs) > 1 else weights[theirs[0]]
             value = transforms[ours](raw) if ours in transforms else raw
@@ -589,10 +685,11 @@ def load_mapped(module, weights, name_map, transforms, ignored, source):
         converted[ours] = value.to(target[ours].dtype)
     used = {t for theirs in name_map.values() for t in ((theirs,) if isinstance(theirs, str) else theirs)}
     unexpected = sorted(k for k in weights if k not in used and not k.startswith(ignored))
-    if missing or unexpected or wrong:
+    if missing or unexpected or wrong or bad:
         problems = [f"{what} ({len(names)}): {', '.join(names)}" for what, names in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
-        raise ValueError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                     ("unusable values", bad)) if names]
+        raise WeightsError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
     module.load_state_dict(converted)
     return sorted(k for k in weights if k not in used)
 
@@ -633,8 +730,10 @@ BERT_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_atten
 
 def read_bert_config(folder):
     """The shape of a BERT-family checkpoint, from its config.json -> a plain dict (stored in our
-    checkpoints, so that a trained model is rebuilt without the folder)."""
-    folder, help_ = Path(folder), 'see README, "Training on MIMIC-CXR"'
+    checkpoints, so that a trained model is rebuilt without the folder). The shape is checked
+    against the tensors in the folder's weights file (check_bert_fits) before it is returned, so
+    that no tower is ever built from a config.json that does not describe the file beside it."""
+    folder, help_ = Path(folder), 'see docs/mimic.md'
     if not folder.is_dir():
         raise FileNotFoundError(f"config key 'text_weights': folder not found: {folder} ({help_}: "
                                 f"it needs config.json, vocab.txt and model.safetensors or "
@@ -645,21 +744,27 @@ def read_bert_config(folder):
     try:
         c = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise WeightsError(f"{path}: expected a JSON object of BERT's settings")
     missing = [k for k in BERT_CONFIG_KEYS if not isinstance(c.get(k), int) or c[k] < 1]
     if missing:
-        raise ValueError(f"{path}: needs positive integers for {missing}")
+        raise WeightsError(f"{path}: needs positive integers for {missing}")
     for key, allowed in (("model_type", "bert"), ("hidden_act", "gelu"),
                          ("position_embedding_type", "absolute")):
         if c.get(key, allowed) != allowed:
-            raise ValueError(f"{path}: {key} {c[key]!r} is not supported; the BERT tower is "
-                             f"{key} {allowed!r} (BERT, BioBERT, Bio_ClinicalBERT, PubMedBERT, ...)")
+            raise WeightsError(f"{path}: {key} {c[key]!r} is not supported; the BERT tower is "
+                               f"{key} {allowed!r} (BERT, BioBERT, Bio_ClinicalBERT, PubMedBERT, ...)")
     if c["hidden_size"] % c["num_attention_heads"]:
-        raise ValueError(f"{path}: hidden_size {c['hidden_size']} is not divisible by "
-                         f"num_attention_heads {c['num_attention_heads']}")
-    return {**{k: c[k] for k in BERT_CONFIG_KEYS},
-            "layer_norm_eps": float(c.get("layer_norm_eps", 1e-12)),  # BERT's, if not written
-            "source": str(path)}
+        raise WeightsError(f"{path}: hidden_size {c['hidden_size']} is not divisible by "
+                           f"num_attention_heads {c['num_attention_heads']}")
+    eps = c.get("layer_norm_eps", 1e-12)  # BERT's, if not written
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise WeightsError(f"{path}: layer_norm_eps {eps!r} must be a positive number "
+                           f"(BERT's is 1e-12): LayerNorm divides by sqrt(variance + eps)")
+    config = {**{k: c[k] for k in BERT_CONFIG_KEYS}, "layer_norm_eps": float(eps), "source": str(path)}
+    check_bert_fits(config, find_bert_weights(folder))
+    return config
 
 
 def find_bert_weights(folder):
@@ -673,20 +778,55 @@ def find_bert_weights(folder):
                             f"in {folder} (it holds {there}; a sharded checkpoint is not supported)")
 
 
-def load_bert_weights(text, path):
-    """A BERT checkpoint file -> BertTextTransformer `text`, through BERT_NAMES / BERT_LAYER_NAMES.
-    Published files name things in two more ways, both read: BertForPreTraining / MaskedLM files
-    (Bio_ClinicalBERT's) put the encoder under "bert.", and TF-converted ones call LayerNorm's
-    weight and bias gamma and beta."""
+def read_bert_weights(path, meta=False):
+    """A BERT checkpoint file -> {HF BertModel name: tensor}. Published files name things in two
+    more ways, both read: BertForPreTraining / MaskedLM files (Bio_ClinicalBERT's) put the encoder
+    under "bert.", and TF-converted ones call LayerNorm's weight and bias gamma and beta."""
     weights = {}
-    for name, value in read_weights(path).items():
+    for name, value in read_weights(path, meta).items():
         name = name[len("bert."):] if name.startswith("bert.") else name
         weights[name.replace("LayerNorm.gamma", "LayerNorm.weight")
                     .replace("LayerNorm.beta", "LayerNorm.bias")] = value
+    return weights
+
+
+def load_bert_into(text, weights, path):
+    """BERT `weights` (read_bert_weights) -> BertTextTransformer `text`, through BERT_NAMES /
+    BERT_LAYER_NAMES; returns the names of the unused tensors (pooler, pretraining heads)."""
     name_map = expand_name_map(BERT_NAMES, BERT_LAYER_NAMES, len(text.blocks), "blocks.{}.",
                                "encoder.layer.{}.")
-    unused = load_mapped(text, weights, name_map, {"token_type_embedding": lambda t: t[0]},
-                         BERT_UNUSED, path)
+    return load_mapped(text, weights, name_map, {"token_type_embedding": lambda t: t[0]},
+                       BERT_UNUSED, path)
+
+
+def check_bert_fits(config, path):
+    """Does config.json (`config`, read_bert_config) describe the weights file at path? Checked
+    from the file's dtypes and shapes alone (its header; no tensor data) against a tower built
+    on the "meta" device (shapes, no memory), so that a config.json asking for a tower far
+    larger than its file is refused before anything is allocated. The layer count is compared
+    first: building even a meta tower costs time per layer."""
+    weights = read_bert_weights(path, meta=True)
+    layers = len({k.split(".")[2] for k in weights if k.startswith("encoder.layer.")})
+    held = sum(v.numel() for k, v in weights.items() if not k.startswith(BERT_UNUSED))
+    if layers != config["num_hidden_layers"]:
+        raise WeightsError(f"{config['source']} asks for num_hidden_layers "
+                           f"{config['num_hidden_layers']}, but {path} holds {layers} layers "
+                           f"({held:,} parameters): the config.json does not belong to these weights")
+    with torch.device("meta"):
+        text = BertTextTransformer(config, config["vocab_size"], 1, 0.0, "sdpa")
+    try:
+        load_bert_into(text, weights, path)
+    except WeightsError as e:
+        wanted = sum(p.numel() for p in text.parameters())
+        raise WeightsError(f"{e}\n  {config['source']} implies {wanted:,} parameters (hidden_size "
+                           f"{config['hidden_size']}, intermediate_size {config['intermediate_size']}, "
+                           f"vocab_size {config['vocab_size']}); the file holds {held:,}") from None
+
+
+def load_bert_weights(text, path):
+    """A BERT checkpoint file -> BertTextTransformer `text` (read_bert_weights, load_bert_into)."""
+    weights = read_bert_weights(path)
+    unused = load_bert_into(text, weights, path)
     print(f"text tower: BERT, {len(text.blocks)} layers, width {text.ln_embed.normalized_shape[0]}, "
           f"{len(weights) - len(unused)} tensors from {path} (unused: {len(unused)} pooler / "
           f"pretraining-head tensors)")
@@ -749,10 +889,10 @@ def load_vit_weights(visual, path):
         depth = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
         holds = (f"width {proj.shape[0]}, {depth} blocks, patch {proj.shape[-1]}"
                  if proj is not None and proj.dim() == 4 else f"{depth} blocks")
-        raise ValueError(f"{e}\n  the config asks for vision_width {width}, vision_layers "
-                         f"{len(visual.blocks)}, patch_size {patch}, MLP hidden "
-                         f"{visual.blocks[0].mlp.fc.out_features} (mlp_ratio); the file holds "
-                         f"{holds}") from None
+        raise WeightsError(f"{e}\n  the config asks for vision_width {width}, vision_layers "
+                           f"{len(visual.blocks)}, patch_size {patch}, MLP hidden "
+                           f"{visual.blocks[0].mlp.fc.out_features} (mlp_ratio); the file holds "
+                           f"{holds}") from None
     old = math.isqrt(weights["pos_embed"].shape[-2] - 1)
     print(f"vision tower: ViT, {len(visual.blocks)} blocks, width {width}, {len(name_map)} "
           f"tensors from {path}; patch embedding RGB -> grey; positions {old}x{old}"
@@ -837,10 +977,10 @@ class FeatureQueue(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-def positive_targets(row_ids, key_ids):
+def positive_targets(row_ids, key_ids, dtype=torch.float32):
     """y: the one-hot positive of each row; columns that carry the same pair id share the mass.
-    row_ids (b,), key_ids (M,) -> (b, M), rows sum to 1."""
-    y = (row_ids[:, None] == key_ids[None, :]).float()  # (b, M)
+    row_ids (b,), key_ids (M,) -> (b, M) in `dtype` (the features'), rows sum to 1."""
+    y = (row_ids[:, None] == key_ids[None, :]).to(dtype)  # (b, M)
     return y / y.sum(dim=1, keepdim=True)
 
 
@@ -871,7 +1011,7 @@ def msd_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_keys, text_
     sim_i2t = scale * image_feat @ text_keys.t()   # (b, M): logits of p_i (student prediction)
     sim_t2i = scale * text_feat @ image_keys.t()   # (b, M)
     with torch.no_grad():  # everything the targets are made of is stop-gradient
-        y = positive_targets(row_ids, key_ids)     # y_i: the positive is the row's own pair
+        y = positive_targets(row_ids, key_ids, image_feat.dtype)  # y_i: the row's own pair
         sim_i2t_m = scale * image_feat_m @ text_keys.t()  # logits of q_i (teacher prediction), same tau
         sim_t2i_m = scale * text_feat_m @ image_keys.t()
         target_i2t = soft_targets(sim_i2t_m, y, alpha)
@@ -886,7 +1026,7 @@ def clip_loss(image_feat, text_feat, row_ids, logit_scale):
     queue. Rows share negatives, so the loss of a batch is not a sum of per-row terms."""
     scale = logit_scale.exp()
     sim_i2t = scale * image_feat @ text_feat.t()   # (b, b)
-    y = positive_targets(row_ids, row_ids)         # the positive is column i (and repeats of its pair)
+    y = positive_targets(row_ids, row_ids, image_feat.dtype)  # column i (and repeats of its pair)
     return (soft_cross_entropy(sim_i2t, y) + soft_cross_entropy(sim_i2t.t(), y)) / 2
 
 
@@ -998,11 +1138,48 @@ def trim_padding(input_ids, attention_mask, lengths, multiple=1):
     return input_ids[:, :L], (None if min(lengths) >= L else attention_mask[:, :L])
 
 
+def encode_no_grad(encoder, images, reports, slices, autocast, rng_states=None):
+    """(B, d) image and text features of `encoder` over the row slices, without gradient. Nothing
+    is kept for a backward pass, so the slices may be much larger than a micro-batch. Used for the
+    teacher's pass (MSD) and for the cached pass of exact CLIP accumulation. rng_states: a list
+    that receives the RNG state before each slice, so that a second pass can replay its dropout."""
+    feats = []
+    with torch.no_grad(), autocast():
+        for rows in slices:
+            if rng_states is not None:
+                rng_states.append(get_rng_state(images.device))
+            feats.append((encoder.encode_image(images[rows]), encoder.encode_text(*reports(rows))))
+    return to_fp32(torch.cat([v for v, _ in feats])), to_fp32(torch.cat([t for _, t in feats]))
+
+
+def get_rng_state(device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def splice(cached, live, rows):
+    """The cached (M, d) features with rows `rows` replaced by `live` (b, d), which carry gradient."""
+    return torch.cat([cached[:rows.start], live, cached[rows.stop:]])
+
+
 def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
     """One optimizer step on an effective batch of B = N * b pairs: the six steps of method.md
     §4 (README.md, "One optimizer step"). With W processes (section 8), `batch` holds this
-    process's N * b pairs of a global batch of W * N * b, and the keys are the teacher features
-    of the global batch.
+    process's N * b pairs of a global batch of W * N * b, and the keys are the features of the
+    global batch.
+
+    Three ways to spend N micro-batches, side by side (method.md §3 and §6):
+      MSD              keys are stop-gradient TEACHER features: the loss is a mean of per-row
+                       terms, so each micro-batch's loss / N backpropagates its exact share;
+      CLIP "exact"     (GradCache, open_clip's accum_freq) keys are the STUDENT's own features,
+                       cached without gradient and recomputed with gradient one micro-batch at a
+                       time: each backward of the WHOLE loss gives its exact share, no / N;
+      CLIP "naive"     each micro-batch is its own small batch: N small-batch losses, not one.
 
     Returns "loss", "grad_norm" and "tau" as 0-d tensors on the device, plus "lr" and "alpha".
     Nothing here waits for the GPU (no .item(), no int(tensor)): the loop reads the numbers once
@@ -1015,32 +1192,40 @@ def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.null
     b = B // N  # micro-batch
     micro = [slice(j * b, (j + 1) * b) for j in range(N)]
     lengths = batch.text_lengths or batch.attention_mask.sum(1).tolist()
+    exact_clip = cfg.method == "clip" and cfg.clip_accum == "exact"
+    replay = exact_clip and cfg.dropout > 0  # dropout: both passes must draw the same masks
+    device = batch.images.device
 
     def reports(rows):  # input_ids, attention_mask of these rows, without unreached padding
         return trim_padding(batch.input_ids[rows], batch.attention_mask[rows], lengths[rows],
                             model.text_pad_multiple)
 
+    def gathered(*xs):  # W processes: the GLOBAL batch, in rank order (no gradient flows)
+        return [all_gather(x, dist) if ddp else x for x in xs]
+
     # 1. the loop has taken an effective batch of B = N * b pairs: `batch`
-    # 2. the teacher encodes ALL of it first, without gradient: V', T' (B, d). It keeps no
-    #    activations for a backward pass, so it runs in chunks of teacher_batch rows, not of b.
-    #    The keys K_v = [V'; Q_v], K_t = [T'; Q_t] are then fixed for the whole step: every row
-    #    of every micro-batch sees the same key set.
+    # 2. the keys of the whole effective batch are computed first, without gradient, and are then
+    #    fixed for the whole step: every row of every micro-batch sees the same key set.
     if cfg.method == "msd":
-        with torch.no_grad(), autocast():
-            feats_m = [(model.teacher.encode_image(batch.images[rows]),
-                        model.teacher.encode_text(*reports(rows)))
-                       for rows in chunks(B, cfg.teacher_batch)]
-        image_feat_m = to_fp32(torch.cat([v for v, _ in feats_m]))  # (B, d): V'
-        text_feat_m = to_fp32(torch.cat([t for _, t in feats_m]))   # (B, d): T'
-        # W processes: every process contrasts its rows with the teacher features of the
-        # GLOBAL batch, gathered in rank order (no gradient flows through them anyway)
-        image_all, text_all, ids_all = (all_gather(x, dist) if ddp else x
-                                        for x in (image_feat_m, text_feat_m, batch.pair_ids))
+        # MSD: the teacher encodes ALL B rows: V', T' (B, d). K_v = [V'; Q_v], K_t = [T'; Q_t]
+        image_feat_m, text_feat_m = encode_no_grad(model.teacher, batch.images, reports,
+                                                   chunks(B, cfg.teacher_batch), autocast)
+        image_all, text_all, ids_all = gathered(image_feat_m, text_feat_m, batch.pair_ids)
         queue_image, queue_ids = model.image_queue.keys()
         queue_text, _ = model.text_queue.keys()
         image_keys = torch.cat([image_all, queue_image])  # K_v = [V'; Q_v]   (W*B + filled, d)
         text_keys = torch.cat([text_all, queue_text])     # K_t = [T'; Q_t]   (W*B + filled, d)
         key_ids = torch.cat([ids_all, queue_ids])         # their pair ids    (W*B + filled,)
+    elif exact_clip:
+        # exact CLIP: the STUDENT encodes all B rows once without gradient, the cache V, T (B, d).
+        # With dropout the cache is made one micro-batch at a time from a saved RNG state, and
+        # step 3 replays that state, so the recomputed rows equal the cached ones exactly.
+        rng = [] if replay else None
+        image_cache, text_cache = encode_no_grad(model.student, batch.images, reports,
+                                                 micro if replay else chunks(B, cfg.teacher_batch),
+                                                 autocast, rng)
+        image_all, text_all, ids_all = gathered(image_cache, text_cache, batch.pair_ids)
+        offset = dist.rank * B if ddp else 0  # where this process's rows sit in the global batch
 
     # 3. the student encodes one micro-batch at a time; only b pairs of activations live at once
     optimizer.zero_grad(set_to_none=True)
@@ -1050,6 +1235,8 @@ def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.null
         # accumulate, so the all-reduce happens once per optimizer step, on the last micro-batch
         sync = student.no_sync() if ddp and j < N - 1 else contextlib.nullcontext()
         with sync:
+            if replay:
+                set_rng_state(rng[j], device)
             with autocast():
                 image_feat, text_feat = student(batch.images[rows], *reports(rows))  # (b, d) each
             image_feat, text_feat = to_fp32(image_feat), to_fp32(text_feat)
@@ -1057,19 +1244,35 @@ def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.null
                 loss = msd_loss(image_feat, text_feat, image_feat_m[rows], text_feat_m[rows],
                                 image_keys, text_keys, batch.pair_ids[rows], key_ids,
                                 model.logit_scale, alpha)
+                # divide by N: the loss of B rows is the mean of N equal-sized micro-batch means.
+                # Keys are stop-gradient, so the summed gradients equal the gradient of one batch
+                # of B exactly (and DDP's average over W processes makes it the mean over W * B).
+                (loss / N).backward()
+                total_loss = total_loss + loss.detach() / N
+            elif exact_clip:
+                # L of the whole (global) batch, with rows j live and every other row cached:
+                # backward gives dL/df_j * df_j/dtheta, and summed over j that is dL/dtheta
+                # exactly, so no / N. tau's own gradient must be counted once: only j = 0 sees it.
+                live = slice(offset + rows.start, offset + rows.stop)
+                loss = clip_loss(splice(image_all, image_feat, live), splice(text_all, text_feat, live),
+                                 ids_all, model.logit_scale if j == 0 else model.logit_scale.detach())
+                loss.backward()
+                total_loss = loss.detach()  # the same value in every micro-batch
             else:
                 # naive accumulation: each micro-batch only sees its own b - 1 negatives, so this
                 # is an average of N small-batch losses, NOT the loss of one batch of B
                 loss = clip_loss(image_feat, text_feat, batch.pair_ids[rows], model.logit_scale)
-            # divide by N: the loss of B rows is the mean of N equal-sized micro-batch means. Keys
-            # are stop-gradient, so the summed gradients equal the gradient of one batch of B
-            # exactly (and DDP's average over W processes makes it the mean over W * B rows).
-            (loss / N).backward()
-        total_loss = total_loss + loss.detach() / N
+                (loss / N).backward()
+                total_loss = total_loss + loss.detach() / N
         if cfg.method == "msd" and cfg.ema_per_micro_batch:
             momentum_update(model.teacher, model.student, cfg.momentum)  # THE COMMON BUG, kept
             # for the ablation: N EMA updates per optimizer step = momentum m^N
-    if ddp:  # tau lives outside the DDP-wrapped student: average its gradient by hand
+    if ddp:
+        if exact_clip:  # each process holds a part of ONE sum, and DDP averaged the parts: undo / W
+            for p in model.student.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(dist.world_size)
+        # tau lives outside the DDP-wrapped student: average its gradient by hand
         torch.distributed.all_reduce(model.logit_scale.grad)
         model.logit_scale.grad /= dist.world_size
 
@@ -1204,14 +1407,18 @@ def compile_towers(model, cfg, device):
 
 
 def prepare_data(cfg):
-    """The manifest CSV this run trains on; the synthetic set is generated on first use."""
+    """The manifest CSV this run trains on; the synthetic set is generated on first use. A
+    patient or study in 'train' and in another split is refused unless cfg.allow_split_overlap."""
     if cfg.data == "synth":
-        return data.ensure_synthetic(cfg.synth_dir, n=cfg.synth_n, size=cfg.synth_size,
-                                     seed=cfg.synth_seed, n_per_class_5x=cfg.synth_per_class_5x)
-    path = Path(cfg.data)
-    if not path.is_file():
-        raise FileNotFoundError(f"config key 'data': manifest not found: {path} "
-                                f"(use 'synth' for the built-in synthetic data)")
+        path = data.ensure_synthetic(cfg.synth_dir, n=cfg.synth_n, size=cfg.synth_size,
+                                     seed=cfg.synth_seed, n_per_class_5x=cfg.synth_per_class_5x,
+                                     progress=cfg.progress)
+    else:
+        path = Path(cfg.data)
+        if not path.is_file():
+            raise FileNotFoundError(f"config key 'data': manifest not found: {path} "
+                                    f"(use 'synth' for the built-in synthetic data)")
+    data.check_split_overlap(data.read_manifest(path), path, cfg.allow_split_overlap)
     return path
 
 
@@ -1280,6 +1487,7 @@ def config_changes(saved, cfg, keys):
 
 def check_resumable(ckpt, cfg, dist, path):
     """A resumed run must continue the same run: same model, optimizer and data order."""
+    config_from_dict(ckpt["config"], path)  # one rule with evaluate.py: unknown keys are refused
     unsafe = [f.name for f in fields(Config) if f.name not in RESUME_SAFE_KEYS]
     changed = config_changes(ckpt["config"], cfg, unsafe)
     if changed:
@@ -1335,10 +1543,151 @@ def truncate_log(path, step):
     later records (written after the checkpoint) would otherwise appear twice."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
+    kept = []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}, line {i}: not a log record ({line[:60]!r}); the log is damaged. "
+                             f"Delete that line (or move {path.name} away) and --resume again; "
+                             f"the checkpoint does not depend on it") from None
+        if record_step <= step:
+            kept.append(line)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # this process's own temporary file
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+class RunLockedError(RuntimeError):
+    """Another run holds the run folder (or a killed run left its lock behind)."""
+
+
+def check_output_paths(folder):
+    """Everything a run will write, checked before step 1: out_dir is (or can be) a folder, and
+    ckpt.pt and log.jsonl are files if they exist (a folder there would fail at the last save)."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"out_dir {folder} is a file, not a folder; choose another --out_dir")
+    for name in ("ckpt.pt", "log.jsonl"):
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise FileExistsError(f"{folder / name} exists and is not a file, so the run could not "
+                                  f"write it; move it away or choose another --out_dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create out_dir {folder}: {e.strerror}; choose another "
+                               f"--out_dir") from None
+
+
+def describe_lock(lock):
+    """Why a run folder is locked, and the way out."""
+    try:
+        pid, host = lock.read_text().split()[:2]
+        pid = int(pid)
+    except (OSError, ValueError):
+        return (f"{lock.parent} is locked ({lock} exists but cannot be read); if no run uses this "
+                f"folder, delete {lock} and start again")
+    if host == socket.gethostname() and not process_alive(pid):
+        return (f"{lock.parent} holds a stale lock {lock} of process {pid}, which is no longer "
+                f"running (a run that was killed). If no other run uses this folder, delete "
+                f"{lock} and start again (--resume continues the killed run)")
+    return (f"{lock.parent} is in use by another run (process {pid} on {host}, lock {lock}). Wait "
+            f"for it to end, or choose another --out_dir")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked_run_folder(out_dir, dist):
+    """The run folder, checked and locked for the whole run. run.lock is created with O_EXCL, so
+    of two runs started together into one folder exactly one gets it; it holds the pid and host
+    of its run and is removed when the run ends, however it ends (SIGTERM included: it is turned
+    into SystemExit while the run holds the lock). Rank 0 alone locks."""
+    folder = Path(out_dir)
+    check_output_paths(folder)
+    if not dist.is_main:
+        yield
+        return
+    lock = folder / "run.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise RunLockedError(describe_lock(lock)) from None
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write in out_dir {folder}: {e.strerror}; choose another "
+                               f"--out_dir") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    except ValueError:  # not the main thread: signals cannot be caught here
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        lock.unlink(missing_ok=True)
+
+
+def finished_run(cfg, resume, overwrite, dist):
+    """A fresh start into an out_dir whose run already finished with this same config is no
+    error: nothing is trained, and the summary says so (the quick start can be run twice). Any
+    other run already there is refused unless --resume or --overwrite."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if resume or overwrite or not ckpt_path.is_file():
+        return None
+    ckpt = read_checkpoint(ckpt_path)
+    keys = [f.name for f in fields(Config) if f.name not in ("out_dir", "progress")]  # where, and how shown
+    same = not config_changes(ckpt["config"], cfg, keys)
+    if not (same and ckpt.get("finished")):
+        raise FileExistsError(
+            f"{cfg.out_dir} already holds a run ({'unfinished' if same else 'of another config'}: "
+            f"{ckpt_path}, step {ckpt['step']}). Continue it with --resume, start over there with "
+            f"--overwrite (its checkpoint and log are replaced), or choose another --out_dir.")
+    if dist.is_main:
+        print(f"{cfg.out_dir}: already finished (step {ckpt['step']}, the same config); nothing to "
+              f"train. --overwrite trains it again.")
+    return {"steps": ckpt["step"], "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
+            "peak_memory_mb": float("nan"), "checkpoint": str(ckpt_path), "already_finished": True}
+
+
+def data_fingerprint(train_set):
+    """What a run trains on, cheaply: the manifest's SHA-256, the number of training rows, and a
+    SHA-256 of every training image's path, size and modification time (os.stat: no image is
+    read). Stored in the checkpoint; --resume refuses data that differ."""
+    images = hashlib.sha256()
+    for row in train_set.rows:
+        st = os.stat(row["_path"])
+        images.update(f"{row['_path']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"manifest": str(train_set.manifest_path), "train_rows": len(train_set.rows),
+            "manifest_sha256": hashlib.sha256(train_set.manifest_path.read_bytes()).hexdigest(),
+            "images_sha256": images.hexdigest()}
+
+
+def check_same_data(saved, now, path):
+    """--resume: the run must see the data it was trained on, or it silently trains on others."""
+    if saved is None:
+        print(f"warning: {path} records no fingerprint of its data (written by an earlier "
+              f"version); cannot check that the data are the same", file=sys.stderr)
+        return
+    what = {"train_rows": "training rows", "manifest_sha256": "the manifest's contents (SHA-256)",
+            "images_sha256": "the training images (paths, sizes or modification times; SHA-256)"}
+    short = lambda v: v[:12] if isinstance(v, str) else v  # noqa: E731
+    changed = [f"{label} {short(saved.get(k))} -> {short(now[k])}" for k, label in what.items()
+               if saved.get(k) != now[k]]
+    if changed:
+        raise CheckpointError(
+            f"--resume: {path} was trained on other data than {now['manifest']} holds now: "
+            + "; ".join(changed) + ". A resumed run must see the same data: restore them, or start "
+            f"a new run (another --out_dir, or --overwrite).")
 
 
 def print_run_summary(cfg, run, dist, compiled):
@@ -1385,6 +1734,7 @@ class Run:
     total_steps: int
     step: int                     # optimizer steps already done (> 0 after --resume)
     source: dict = None           # the init_from checkpoint, if any
+    data: dict = None             # data_fingerprint of the training split
 
 
 def start_run(cfg, dist, resume, overwrite):
@@ -1393,12 +1743,6 @@ def start_run(cfg, dist, resume, overwrite):
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    if not resume and ckpt_path.is_file() and not overwrite:
-        raise FileExistsError(
-            f"{cfg.out_dir} already holds a run ({ckpt_path}). Continue it with --resume, start "
-            f"over there with --overwrite (its checkpoint and log are replaced), or choose another "
-            f"--out_dir.")
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
 
     # where the weights and the vocabulary come from: the checkpoint to resume, the checkpoint
     # to start from (init_from), or nowhere (a fresh start: the vocabulary of the training split)
@@ -1420,6 +1764,9 @@ def start_run(cfg, dist, resume, overwrite):
     train_set = data.PairDataset(manifest, "train", tokenizer,
                                  data.ImageTransform(cfg.image_size, train=True),
                                  seed=cfg.seed, cache_images=cfg.cache_images)
+    fingerprint = data_fingerprint(train_set)
+    if ckpt is not None:
+        check_same_data(ckpt.get("data"), fingerprint, ckpt_path)
     B = cfg.batch_size * cfg.accum_steps * dist.world_size  # the (global) effective batch
     steps_per_epoch = len(train_set) // B
     if steps_per_epoch == 0:
@@ -1439,7 +1786,7 @@ def start_run(cfg, dist, resume, overwrite):
     if dist.world_size > 1 and ckpt is None:
         torch.manual_seed(cfg.seed * 1000 + 1 + dist.rank)  # dropout: other masks in each process
     return Run(model, optimizer, tokenizer, train_set, manifest, device, B, steps_per_epoch,
-               cfg.max_steps or cfg.epochs * steps_per_epoch, step, source)
+               cfg.max_steps or cfg.epochs * steps_per_epoch, step, source, fingerprint)
 
 
 class RunLog:
@@ -1482,9 +1829,19 @@ def pretrain(cfg, resume=False, overwrite=False, stop_after=None):
     """Train for cfg.max_steps optimizer steps (or cfg.epochs), checkpointing into cfg.out_dir.
     resume: continue the run in out_dir. overwrite: start over in an out_dir that holds a run.
     cfg.init_from: a new run that starts from another run's student. `stop_after` ends the run
-    early after that many steps, as an interruption would (for tests). Returns a summary dict."""
+    early after that many steps, as an interruption would (for tests). Returns a summary dict.
+    A run that already finished with this config is not trained again (see finished_run)."""
     dist = init_distributed(cfg)
-    run = start_run(cfg, dist, resume, overwrite)
+    with locked_run_folder(cfg.out_dir, dist):  # one run at a time in a folder
+        done = finished_run(cfg, resume, overwrite, dist)
+        if done is not None:
+            return done
+        run = start_run(cfg, dist, resume, overwrite)
+        return train_loop(cfg, run, dist, resume, stop_after)
+
+
+def train_loop(cfg, run, dist, resume, stop_after):
+    """The loop: effective batches in epoch order, one train_step each, logs and checkpoints."""
     model, optimizer, step, B = run.model, run.optimizer, run.step, run.B
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     compiled = compile_towers(model, cfg, run.device)
@@ -1548,14 +1905,16 @@ def pretrain(cfg, resume=False, overwrite=False, stop_after=None):
                                     pairs_s=f"{last['pairs_per_s']:.0f}")
                     log.write({"step": step, "epoch": epoch, **last})
                 if write_ckpt:
-                    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist, run.source)
+                    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist,
+                                    run.source, run.data)
                 if step >= end:
                     break
     finally:
         bar.close()
         log.close()
     stop_if_not_finite(first_bad, dist, ckpt_path)
-    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist, run.source)
+    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist, run.source,
+                    run.data, finished=step >= run.total_steps)
     seconds = time.perf_counter() - start
     summary = {"steps": step, "seconds": seconds, "pairs_per_s": pairs_done / max(seconds, 1e-9),
                "final_loss": last.get("loss"), "peak_memory_mb": peak_memory_mb(run.device),
@@ -1600,7 +1959,8 @@ def checkpoint_sha256(obj, h=None):
     return h.hexdigest() if top else None
 
 
-def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, source=None):
+def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, source=None,
+                    data_fingerprint=None, finished=False):
     """Everything needed to resume bit-identically, with a SHA-256 of it, written atomically
     (temporary file + rename). Non-finite weights are never written over a checkpoint."""
     dist = dist or Dist()
@@ -1625,9 +1985,11 @@ def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, sou
         "world_size": dist.world_size,
         "init_from": None if source is None else {"path": cfg.init_from, "sha256": source["sha256"],
                                                   "step": source["step"]},
+        "data": data_fingerprint,  # what the run trained on: --resume refuses other data
+        "finished": finished,      # the last step of the schedule is done
     }
     state["sha256"] = checkpoint_sha256(state)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # this process's own temporary file
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -1652,7 +2014,7 @@ def read_checkpoint(path):
             f"{path}: cannot be read as a checkpoint of this project (a corrupt checkpoint, not "
             f"a checkpoint at all, or one holding objects other than tensors and plain values, "
             f"which are refused because loading them could run code): "
-            f"{str(e).strip().splitlines()[0]}") from None
+            f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise CheckpointError(f"{path}: not a checkpoint of this project (expected the keys "
                               f"{', '.join(CHECKPOINT_KEYS)})")
@@ -1667,10 +2029,48 @@ def read_checkpoint(path):
                               f"recorded when it was written (the file was damaged afterwards); "
                               f"use another copy")
     ckpt["sha256"] = stored
+    if not isinstance(ckpt["model"], dict) or not all(map(torch.is_tensor, ckpt["model"].values())):
+        raise CheckpointError(f"{path}: its 'model' entry is not a {{name: tensor}} state dict")
     bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path}: non-finite values (NaN / inf) in {', '.join(bad[:4])}")
     return ckpt
+
+
+def _shape(state, key):
+    return tuple(state[key].shape) if key in state else "absent"
+
+
+def check_checkpoint_fits(ckpt, cfg, vocab_size, path):
+    """Before a model is built from a checkpoint's config: does that config describe the tensors
+    in the file? The layer counts are compared first (cheap), then every shape, against a model
+    built on the "meta" device (shapes, no memory). The SHA-256 inside a checkpoint is only a
+    checksum, which anyone can recompute: an edited config asking for a 3,000-layer tower must be
+    refused here, not by the machine running out of memory."""
+    state, bert = ckpt["model"], ckpt.get("bert_config")
+    text_layers = bert.get("num_hidden_layers") if isinstance(bert, dict) else cfg.text_layers
+    for tower, layers in (("visual", cfg.vision_layers), ("text", text_layers)):
+        prefix = f"student.{tower}.blocks."
+        held = len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+        if held != layers:
+            raise CheckpointError(f"{path}: its config asks for {layers} layers in the {tower} "
+                                  f"tower, its weights hold {held}: the checkpoint was edited or "
+                                  f"damaged; use another copy")
+    try:
+        with torch.device("meta"):
+            wanted = MSD(cfg, vocab_size, bert, pretrained=False).state_dict()
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the model its config describes cannot be built ({e}); "
+                              f"the checkpoint was edited or damaged") from None
+    differ = [k for k in sorted(wanted.keys() | state.keys()) if _shape(wanted, k) != _shape(state, k)]
+    if differ:
+        shown = "; ".join(f"{k}: config {_shape(wanted, k)}, file {_shape(state, k)}" for k in differ[:3])
+        raise CheckpointError(
+            f"{path}: its config does not describe its weights: {len(differ)} tensors differ "
+            f"({shown}{'; ...' if len(differ) > 3 else ''}); the config implies "
+            f"{sum(v.numel() for v in wanted.values()):,} values, the file holds "
+            f"{sum(v.numel() for v in state.values()):,}. The checkpoint was edited or damaged; "
+            f"use another copy")
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -1678,6 +2078,7 @@ def load_checkpoint(path, map_location="cpu"):
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"], path)
     tokenizer = data.tokenizer_from_dict(ckpt["tokenizer"])
+    check_checkpoint_fits(ckpt, cfg, tokenizer.vocab_size, path)  # before anything is allocated
     # the BERT tower's shape travels in the checkpoint; no weights file is read (pretrained=False)
     model = MSD(cfg, tokenizer.vocab_size, ckpt.get("bert_config"), pretrained=False)
     model.load_state_dict(ckpt["model"])
@@ -1693,19 +2094,35 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an out_dir that already holds a run (replaces it)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e.args[0] if e.args else e}\n")
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        parser.exit(2, f"msd.py: error: {one_line(e)}\n")
     try:
         pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (CheckpointError, NonFiniteError, FileExistsError, FileNotFoundError,
-            data.ManifestError, OSError) as e:
-        parser.exit(1, f"error: {e}\n")
+    except USER_ERRORS as e:  # bad input, a refused run, a full disk: one line, exit 1
+        if args.debug:
+            raise
+        parser.exit(1, f"msd.py: error: {one_line(e)}\n")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+# What a user can cause: a bad config, file or folder, a refused run, a full disk, a diverging
+# run. Their message says what and where; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, TypeError, OSError, NonFiniteError, RunLockedError)
+
+
+def one_line(e):
+    """An exception's message on one line (KeyError's str() would add quotes)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split()) or type(e).__name__
 
 
 if __name__ == "__main__":

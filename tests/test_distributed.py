@@ -1,6 +1,7 @@
 """Data parallelism (torchrun, DDP) on the CPU with gloo: W processes x N micro-batches x b pairs
 equal one process with W * N micro-batches of b, because every key is a stop-gradient teacher
-feature of the whole (all-gathered) global batch."""
+feature of the whole (all-gathered) global batch; and for exact CLIP accumulation, because every
+process contrasts its rows with the cached features of the whole global batch."""
 import json
 import os
 import subprocess
@@ -99,6 +100,18 @@ def test_clip_under_ddp_uses_per_process_negatives(tmp_path):
     assert_states_close(ranks[0][0], naive[0], tol=1e-10)
     with pytest.raises(AssertionError):
         assert_states_close(ranks[0][0], global_batch[0], tol=1e-6)
+
+
+def test_exact_clip_on_two_processes_equals_one_batch_of_the_global_batch(tmp_path):
+    """clip_accum "exact" with W = 2: every process contrasts its re-encoded rows with the
+    cached features of the GLOBAL batch, so W = 2 x N = 2 x b = 4 equals one process with
+    N = 4 (and so end-to-end CLIP on all 16 pairs): gradients, weights and tau, two steps."""
+    ddp_cfg = tiny_cfg(method="clip", clip_accum="exact", batch_size=4, accum_steps=2)
+    single = run_single(replace(ddp_cfg, accum_steps=4), steps=2, B=16)
+    ranks = run_ddp(ddp_cfg, world_size=2, steps=2, B=16, tmp_path=tmp_path)
+    worst = max(assert_states_close(ranks[r][step], single[step], tol=1e-10)
+                for step in range(2) for r in range(2))
+    print(f"exact CLIP, W=2 x N=2 against N=4: largest difference {worst:.1e} (float64)")
 
 
 @pytest.mark.slow

@@ -225,6 +225,52 @@ def test_repeated_pair_id_is_a_positive():
     torch.testing.assert_close(loss, (i2t + t2i) / 2)
 
 
+def albef_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                   idx, idx_queue, temp, alpha):
+    """ALBEF's image-text contrastive loss with momentum distillation, re-typed independently in
+    ALBEF's own layout (keys as COLUMNS: (d, M) tensors, the queue stored transposed) and with
+    its idx-based targets (models/model_retrieval.py): nothing of msd.py is used."""
+    image_feat_all = torch.cat([image_feat_m.t(), image_queue.t()], dim=1)   # (d, b + K)
+    text_feat_all = torch.cat([text_feat_m.t(), text_queue.t()], dim=1)
+    idx_all = torch.cat([idx, idx_queue]).view(1, -1)
+    pos_idx = torch.eq(idx.view(-1, 1), idx_all).to(image_feat.dtype)
+    sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
+    sim_i2t_m = image_feat_m @ text_feat_all / temp
+    sim_t2i_m = text_feat_m @ image_feat_all / temp
+    sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+    sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+    sim_i2t = image_feat @ text_feat_all / temp
+    sim_t2i = text_feat @ image_feat_all / temp
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+@pytest.mark.parametrize("K", [0, 16, 64])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("tau", [0.07, 0.5])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_msd_loss_equals_albef_in_float64(K, alpha, tau, repeats):
+    """msd_loss against the independent ALBEF formula: loss and gradients to 1e-12 in float64
+    (y must follow the features' dtype: a float32 y alone would stop this at ~1e-7)."""
+    b, d = 6, 8
+    g = torch.Generator().manual_seed(K + int(100 * alpha) + int(10 * tau) + repeats)
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)  # noqa: E731
+    v, t = unit(b, d).requires_grad_(), unit(b, d).requires_grad_()
+    v_m, t_m, q_v, q_t = unit(b, d), unit(b, d), unit(K, d), unit(K, d)
+    idx = torch.tensor([0, 1, 2, 2, 3, 4]) if repeats else torch.arange(b)   # a repeated study
+    idx_queue = torch.randint(0, 3 * b, (K,), generator=g) if repeats else torch.arange(100, 100 + K)
+    logit_scale = torch.tensor(math.log(1 / tau), dtype=torch.float64, requires_grad=True)
+    ours = msd.msd_loss(v, t, v_m, t_m, torch.cat([v_m, q_v]), torch.cat([t_m, q_t]), idx,
+                        torch.cat([idx, idx_queue]), logit_scale, alpha)
+    grads_ours = torch.autograd.grad(ours, (v, t))
+    theirs = albef_itc_loss(v, t, v_m, t_m, q_v, q_t, idx, idx_queue, tau, alpha)
+    grads_theirs = torch.autograd.grad(theirs, (v, t))
+    assert abs(ours.item() - theirs.item()) < 1e-12, (ours.item(), theirs.item())
+    for a, c in zip(grads_ours, grads_theirs):
+        assert (a - c).abs().max().item() < 1e-12
+
+
 # ---------------------------------------------------------------- the training step
 
 
@@ -266,6 +312,84 @@ def test_naive_clip_accumulation_is_not_exact():
     grads_big = torch.cat([p.grad.flatten() for p in m_big.student.parameters()])
     grads_small = torch.cat([p.grad.flatten() for p in m_small.student.parameters()])
     assert not torch.allclose(grads_big, grads_small, rtol=1e-3, atol=1e-6)
+
+
+def double_batch(B, cfg, seed):
+    images, ids, mask, pair_ids = fake_batch(B, cfg, seed=seed)
+    return msd.Batch(images.double(), ids, mask, pair_ids)
+
+
+def test_exact_clip_accumulation_equals_one_batch():
+    """clip_accum "exact" (GradCache): N x b equals end-to-end CLIP on one batch of N * b, in
+    gradients, weights after the step and tau, over two steps (float64, 1e-10)."""
+    big = tiny_cfg(method="clip", batch_size=8, accum_steps=1)
+    small = replace(big, batch_size=2, accum_steps=4, clip_accum="exact")
+    m_big, m_small = msd.build_model(big, VOCAB).double(), msd.build_model(small, VOCAB).double()
+    opt_big, opt_small = msd.configure_optimizer(m_big, big), msd.configure_optimizer(m_small, small)
+    m_big.train(), m_small.train()
+    for step in range(2):
+        batch = double_batch(8, big, seed=step)
+        out_big = msd.train_step(m_big, opt_big, batch, big, 1e-3, 0.0, no_autocast)
+        out_small = msd.train_step(m_small, opt_small, batch, small, 1e-3, 0.0, no_autocast)
+        assert math.isclose(float(out_big["loss"]), float(out_small["loss"]), rel_tol=1e-12)
+        assert m_small.logit_scale.grad is not None
+        assert_models_close(m_big, m_small, tol=1e-10)
+
+
+def test_exact_clip_accumulation_with_dropout_replays_the_masks():
+    """With dropout the cached pass and the re-encoding must draw the same masks (the RNG state
+    is saved and replayed). Reference: the gradient of ONE loss over the whole batch whose
+    features are encoded, with gradient, from the same RNG state micro-batch by micro-batch, so
+    with the same dropout masks as the cached pass."""
+    cfg = tiny_cfg(method="clip", batch_size=2, accum_steps=4, clip_accum="exact", dropout=0.3,
+                   grad_clip=0.0)  # .grad as backward left it
+    batch = double_batch(8, cfg, seed=0)
+    model = msd.build_model(cfg, VOCAB).double().train()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(123)
+    msd.train_step(model, msd.configure_optimizer(model, cfg), batch, cfg, 1e-3, 0.0, no_autocast)
+    torch.manual_seed(123)
+    lengths = batch.attention_mask.sum(1).tolist()
+    feats = [reference.student(batch.images[rows], *msd.trim_padding(
+                batch.input_ids[rows], batch.attention_mask[rows], lengths[rows]))
+             for rows in [slice(j * 2, j * 2 + 2) for j in range(4)]]
+    image_feat = torch.cat([v for v, _ in feats])  # (B, d), one graph over the whole batch
+    text_feat = torch.cat([t for _, t in feats])
+    msd.clip_loss(image_feat, text_feat, batch.pair_ids, reference.logit_scale).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-10, msg=f"grads differ: {name}")
+
+
+def test_msd_with_momentum_0_alpha_0_no_queue_is_clip_with_detached_keys():
+    """The "detached keys" row of the batch-size study: with m = 0 the teacher is the student of
+    the current step, with alpha = 0 and no queue the target is one-hot, so MSD's step is CLIP
+    whose key side carries no gradient (each tower learns only as a query)."""
+    cfg = tiny_cfg(momentum=0.0, alpha=0.0, queue_size=0, batch_size=2, accum_steps=4, grad_clip=0.0)
+    model = msd.build_model(cfg, VOCAB).double().train()
+    reference = copy.deepcopy(model.student)
+    scale = model.logit_scale.detach().clone().requires_grad_()
+    for step in range(2):  # step 2: the teacher is the student after step 1's EMA with m = 0
+        batch = double_batch(8, cfg, seed=step)
+        reference.load_state_dict(model.student.state_dict())
+        reference.zero_grad()
+        with torch.no_grad():
+            scale.copy_(model.logit_scale)
+        msd.train_step(model, msd.configure_optimizer(model, cfg), batch, cfg, 0.0, 0.0, no_autocast)
+        v, t = reference(batch.images, batch.input_ids, batch.attention_mask)
+        logits = scale.exp() * v @ t.detach().t()      # queries with gradient, keys without
+        target = torch.arange(8)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(scale.exp() * t @ v.detach().t(), target)) / 2
+        loss.backward()
+        for (name, p), q in zip(model.student.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-10, msg=f"grads differ: {name}")
+
+
+def test_clip_accum_is_checked():
+    with pytest.raises(ValueError, match="clip_accum"):
+        msd.check_config(tiny_cfg(method="msd", clip_accum="exact"))   # MSD is exact already
+    with pytest.raises(ValueError, match="'naive' or 'exact'"):
+        msd.check_config(tiny_cfg(method="clip", clip_accum="gradcache"))
 
 
 def test_ema_runs_once_per_optimizer_step():
@@ -539,9 +663,10 @@ def no_host_reads(optimizer):
         optimizer.step = real_step
 
 
-@pytest.mark.parametrize("method", ["msd", "clip"])
+@pytest.mark.parametrize("method", ["msd", "clip", "clip-exact"])
 def test_the_training_step_never_waits_for_the_device(method):
-    cfg = tiny_cfg(method=method, batch_size=2, accum_steps=4)
+    exact = dict(method="clip", clip_accum="exact", dropout=0.1) if method == "clip-exact" else {}
+    cfg = tiny_cfg(**{"method": method, "batch_size": 2, "accum_steps": 4, **exact})
     model = msd.build_model(cfg, VOCAB).train()
     opt = msd.configure_optimizer(model, cfg)
     for step in range(3):  # later steps read a non-empty queue

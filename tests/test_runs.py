@@ -183,16 +183,23 @@ def test_a_full_disk_says_so_and_leaves_no_temporary_file(tmp_path, finished_run
 
 
 def test_a_rerun_into_a_used_out_dir_is_refused(tmp_path, finished_run, synth_dir, capsys):
+    """The same config again over a finished run: nothing to do, exit 0 (the quick start can run
+    twice). Another config, or an unfinished run: refused, nothing touched."""
     run = copy_run(finished_run, tmp_path / "run")
     before = {n: (run / n).read_bytes() for n in ("ckpt.pt", "log.jsonl")}
     argv = ["--config", str(ROOT / "configs" / "tiny.json"), f"--out_dir={run}",
             f"--synth_dir={synth_dir}", "--progress=false", "--max_steps=4"]
+    msd.main(argv)                                      # the same finished run: returns, exit 0
+    assert "already finished (step 4" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
-        msd.main(argv)
+        msd.main(argv + ["--lr=0.002"])                 # another config
     assert exit_.value.code == 1
     err = capsys.readouterr().err
-    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert "already holds a run (of another config" in err and "--resume" in err and "--overwrite" in err
     assert {n: (run / n).read_bytes() for n in before} == before
+    msd.pretrain(cfg_for(tmp_path / "half", synth_dir), stop_after=2)  # an unfinished run
+    with pytest.raises(FileExistsError, match=r"already holds a run \(unfinished"):
+        msd.pretrain(cfg_for(tmp_path / "half", synth_dir))
     msd.main(argv + ["--overwrite", "--max_steps=2"])  # explicitly asked: starts over
     assert msd.read_checkpoint(run / "ckpt.pt")["step"] == 2
 
