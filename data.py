@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import re
 import sys
-import textwrap
 import time
 import types
 import unicodedata
@@ -45,7 +44,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# 1. Labels, manifest format, report text, image loading and checking
+# 1. Labels, manifest (reading, checks, split leakage), report text, image loading and checking
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
           "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity",
@@ -53,7 +52,7 @@ LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
           "Pneumothorax", "Support Devices"]  # CheXpert's 14 observations, in MIMIC csv order
 FIVE_CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 REQUIRED_COLUMNS = ("image", "text", "split", "study_id", "patient_id", "view")
-SPLITS = ("train", "valid", "test", "test_5x")  # test_5x: the 5xN zero-shot set (see README)
+SPLITS = ("train", "valid", "test", "test_5x")  # test_5x: the 5xN zero-shot set (docs/data.md)
 LABEL_VALUES = {"1": "1", "1.0": "1", "0": "0", "0.0": "0", "-1": "-1", "-1.0": "-1", "": ""}
 
 
@@ -85,21 +84,18 @@ def read_manifest(path, skip_bad=False):
         raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
                             "save the manifest as UTF-8 CSV") from None
     rows, skipped = [], collections.Counter()
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = reader.fieldnames or []
+    columns, records = read_csv_records(path, io.StringIO(text, newline=""))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise ManifestError(f"{path}: missing required column(s) {missing}; header is {columns}")
     label_columns = [c for c in LABELS if c in columns]  # real datasets may carry only some labels
-    records = list(reader)
     # No text in any row = a labels-only manifest (CheXpert, RSNA have no reports), fine for
     # image-label evaluation; one empty text among reports is a broken row.
-    labels_only = bool(records) and not any((r.get("text") or "").strip() for r in records)
-    for i, row in enumerate(records, start=1):
+    text_at = columns.index("text")
+    labels_only = bool(records) and not any(f[text_at].strip() for _, f in records if len(f) > text_at)
+    for i, (line, fields) in enumerate(records, start=1):
         try:
-            if None in row or None in row.values():
-                raise ManifestError(f"{path}, row {i}: has {len(row)} fields, header has "
-                                    f"{len(columns)}", "wrong number of fields")
+            row = record_dict(path, i, line, columns, fields)
             if row["split"] not in SPLITS:
                 raise ManifestError(f"{path}, row {i}, column 'split': unknown split "
                                     f"{row['split']!r}; expected one of {list(SPLITS)}",
@@ -126,6 +122,70 @@ def read_manifest(path, skip_bad=False):
         why = ", ".join(f"{reason} ({count})" for reason, count in sorted(skipped.items()))
         print(f"read_manifest: {path}: skipped {sum(skipped.values())} rows: {why}", file=sys.stderr)
     return rows
+
+
+def read_csv_records(path, lines):
+    """The header and the data rows of a CSV (`lines`: an open text file) -> (header, [(line
+    number, fields)]), blank lines skipped as csv.DictReader skips them. A repeated column name
+    (which a dict would silently collapse to its last column) and a field longer than
+    csv.field_size_limit() (an unclosed quote, or something that is not a report) are refused."""
+    reader, records = csv.reader(lines), []
+    try:
+        header = next(reader, [])
+        for fields in reader:
+            if fields:
+                records.append((reader.line_num, fields))
+    except csv.Error as e:
+        raise ManifestError(f"{path}, row {len(records) + 1} (line {reader.line_num}): {e}: a "
+                            f"field that long is not a report; look for a quote (\") that opens a "
+                            f"field and is never closed, or raise csv.field_size_limit() if the "
+                            f"field is meant to be that long") from None
+    repeated = sorted(c for c, n in collections.Counter(header).items() if n > 1)
+    if repeated:
+        raise ManifestError(f"{path}: column(s) {repeated} appear more than once in the header "
+                            f"{header}; rename or remove the extra column")
+    return header, records
+
+
+def record_dict(path, i, line, header, fields):
+    """One data row (read_csv_records) -> {column: value}; a row whose number of fields is not
+    the header's is an error naming the row, its line and both counts."""
+    if len(fields) != len(header):
+        raise ManifestError(f"{path}, row {i} (line {line}): has {len(fields)} fields, the header "
+                            f"has {len(header)} (a field holding a comma must be in double quotes)",
+                            "wrong number of fields")
+    return dict(zip(header, fields))
+
+
+SPLIT_ID_COLUMNS = ("patient_id", "study_id")
+
+
+def check_split_overlap(rows, source, allow=False):
+    """Leakage: a patient or a study with rows in split 'train' and in another split (valid,
+    test, test_5x) means that a model is evaluated on people it was trained on. Raises
+    ManifestError giving, per id column, the count and a few examples; with allow=True it warns
+    on stderr instead. Empty ids are not compared."""
+    found = []
+    for column in SPLIT_ID_COLUMNS:
+        train = {r[column] for r in rows if r["split"] == "train" and r[column]}
+        shared = collections.defaultdict(set)  # id -> the other splits it is in
+        for r in rows:
+            if r["split"] != "train" and r[column] in train:
+                shared[r[column]].add(r["split"])
+        if shared:
+            splits = sorted(set().union(*shared.values()))
+            examples = ", ".join(sorted(shared)[:3]) + (", ..." if len(shared) > 3 else "")
+            found.append(f"{len(shared)} {column}(s) in 'train' and in {splits} (e.g. {examples})")
+    if not found:
+        return
+    message = (f"{source}: {'; '.join(found)}: a model would be evaluated on patients it was "
+               f"trained on")
+    if allow:
+        print(f"warning: {message} (allowed by allow_split_overlap)", file=sys.stderr)
+        return
+    raise ManifestError(f"{message}. Split by patient (each patient in one split), or allow it: "
+                        f"config key allow_split_overlap=true (msd.py --allow_split_overlap=true, "
+                        f"evaluate.py --allow-split-overlap)", "split overlap")
 
 
 def _label_str(value):
@@ -212,6 +272,20 @@ def truncated_share(texts, max_len, tokenize=None):
 
 
 MAX_IMAGE_SIDE = 1024  # larger images are downscaled once, at load (JPEGs decoded at 1/2..1/8 scale)
+# Images with more pixels than this, as decoded (a JPEG after its 1/2..1/8 draft scale), are
+# refused rather than decoded: the largest chest X-ray detectors give about 4300 x 4300 = 18.5 MP,
+# training reads at most MAX_IMAGE_SIDE, and a small PNG of 12000 x 12000 16-bit pixels would
+# otherwise take gigabytes to decode. Downscale such images first, or raise this.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def _too_many_pixels(width, height):
+    """None, or why an image of width x height pixels is refused (MAX_IMAGE_PIXELS)."""
+    if width * height <= MAX_IMAGE_PIXELS:
+        return None
+    return (f"{width} x {height} pixels ({width * height / 1e6:.0f} MP) is more than "
+            f"data.MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS / 1e6:.0f} MP) and is not decoded; training "
+            f"reads at most {MAX_IMAGE_SIDE} px a side: downscale the image first")
 
 
 def _to_uint8(a):
@@ -220,6 +294,12 @@ def _to_uint8(a):
     a = np.asarray(a, dtype=np.float32)
     a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
     return Image.fromarray((a * 255).round().astype(np.uint8), "L")
+
+
+def _dicom_too_many_pixels(ds):
+    """_too_many_pixels for a DICOM header (pixel_array decodes every frame)."""
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    return _too_many_pixels(int(getattr(ds, "Columns", 0)), int(getattr(ds, "Rows", 0)) * frames)
 
 
 def _is_dicom(path):
@@ -243,6 +323,9 @@ def _read_dicom(path):
         a = np.asarray(ds.pixel_array)  # compressed transfer syntaxes may need pylibjpeg / gdcm
     except Exception as e:  # pydicom's errors do not derive from OSError / ValueError
         raise ValueError(f"cannot read DICOM {path}: {e}") from e
+    too_many = _dicom_too_many_pixels(ds)
+    if too_many:
+        raise ValueError(too_many)
     if a.ndim == 3:  # colour (rows, cols, 3) or multi-frame (frames, rows, cols)
         a = a.mean(-1) if a.shape[-1] in (3, 4) else a[0]
     img = _to_uint8(a)
@@ -264,9 +347,12 @@ def load_image(path, max_side=None):
         if _is_dicom(path):
             img = _read_dicom(path)
         else:
-            with Image.open(path) as f:
+            with Image.open(path) as f:  # reads the header only: the size is known, nothing decoded
                 if max_side:
                     f.draft("L", (max_side, max_side))  # JPEG only: decode at a reduced scale
+                too_many = _too_many_pixels(*f.size)
+                if too_many:
+                    raise ValueError(too_many)
                 f.load()  # decode now, so that a truncated file fails here and not later
                 img = _to_uint8(f) if f.mode in ("I", "I;16", "I;16B", "I;16L", "F") else f.convert("L")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -280,7 +366,7 @@ def check_image(path):
     """A fast check that an image file is whole, without decoding its pixels -> None, or what is
     wrong. The header must parse; a PNG's chunks and checksums must be intact up to its end
     (PIL's verify); a JPEG must end with its end-of-image marker; a DICOM header must parse
-    (needs pydicom, like reading it does)."""
+    (needs pydicom, like reading it does); no image may exceed MAX_IMAGE_PIXELS."""
     path = Path(path)
     try:
         if _is_dicom(path):
@@ -289,10 +375,13 @@ def check_image(path):
             except ImportError:
                 raise ImportError(f"{path}: reading DICOM needs the optional package pydicom "
                                   "(pip install pydicom), or convert the images to PNG first") from None
-            pydicom.dcmread(str(path), stop_before_pixels=True)
-            return None
+            return _dicom_too_many_pixels(pydicom.dcmread(str(path), stop_before_pixels=True))
         with Image.open(path) as f:
             kind = f.format
+            f.draft("L", (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))  # the size load_image would decode
+            too_many = _too_many_pixels(*f.size)
+            if too_many:
+                return too_many
             f.verify()
         if kind == "JPEG":
             with open(path, "rb") as f:
@@ -473,8 +562,10 @@ class WordPieceTokenizer:
         if not vocab_file.is_file():
             raise FileNotFoundError(f"no vocab.txt in {folder} (a BERT checkpoint folder needs "
                                     f"config.json, vocab.txt and model.safetensors or pytorch_model.bin)")
+        # one piece per "\n"-ended line, trailing whitespace dropped (a Windows "\r" too), as
+        # HF's fast BertTokenizer reads it; a piece never ends in whitespace
         with open(vocab_file, encoding="utf-8", newline="\n") as f:
-            vocab = [line.rstrip("\n") for line in f]
+            vocab = [line.rstrip() for line in f]
         settings, source = {}, "the default of HF's BertTokenizer"
         for name in ("tokenizer_config.json", "config.json"):
             path = folder / name
@@ -1287,13 +1378,17 @@ def _caption(findings):
     return "; ".join(parts) or "normal"
 
 
-def generate_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100):
+def generate_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, progress=None):
     """Write SynthCXR to out_dir: images/*.png, reports/*.txt, manifest.csv, meta.json (last, so
     an interrupted run is redone by ensure_synthetic). Splits train/valid/test (by patient) of n
     studies plus test_5x: n_per_class_5x studies per FIVE_CLASSES class, each with exactly that
     one finding, certain phrasing, all other observations 0 (blank -> 0 as in CheXpert 5x200),
-    on patients of their own. Same arguments -> byte-identical files. Returns the manifest path."""
+    on patients of their own. Same arguments -> byte-identical files. Returns the manifest path.
+    A folder holding a set made with other settings is refused (check_synthetic_folder): another
+    run may be training on it. progress: a tqdm bar (None: when stderr is a terminal)."""
     out = Path(out_dir)
+    meta = _synth_meta(n, size, seed, n_per_class_5x)
+    check_synthetic_folder(out, meta)
     for sub in ("images", "reports"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     studies = _assign_splits(np.random.default_rng([seed, 0]), n)
@@ -1301,7 +1396,10 @@ def generate_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100):
     for k in range(len(FIVE_CLASSES)):  # the zero-shot set: one study per new patient
         studies += [(n_patients + k * n_per_class_5x + j, "test_5x") for j in range(n_per_class_5x)]
     rows = []
-    for i, (patient, split) in enumerate(studies):
+    print(f"generating SynthCXR in {out}: {len(studies)} studies of {size} px (seed {seed})",
+          file=sys.stderr)
+    for i, (patient, split) in enumerate(tqdm(studies, desc="SynthCXR", unit="study", leave=False,
+                                              disable=None if progress is None else not progress)):
         rng = np.random.default_rng([seed, 1, i])
         if split == "test_5x":
             label = FIVE_CLASSES[(patient - n_patients) // n_per_class_5x]
@@ -1323,8 +1421,9 @@ def generate_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100):
                      "split": split, "study_id": study_id, "patient_id": patient_id, "view": "PA",
                      "report": f"reports/{study_id}.txt", "findings": _caption(findings), **labels})
     write_manifest(out / "manifest.csv", rows)
-    meta = _synth_meta(n, size, seed, n_per_class_5x)
-    (out / "meta.json").write_text(json.dumps(meta, sort_keys=True) + "\n", encoding="utf-8")
+    tmp = out / f"meta.json.{os.getpid()}.tmp"  # written whole or not at all
+    tmp.write_text(json.dumps(meta, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "meta.json")
     return out / "manifest.csv"
 
 
@@ -1332,13 +1431,49 @@ def _synth_meta(n, size, seed, n_per_class_5x):
     return {"version": SYNTH_VERSION, "n": n, "size": size, "seed": seed, "n_per_class_5x": n_per_class_5x}
 
 
-def ensure_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100):
-    """generate_synthetic unless out_dir/meta.json already records the same arguments."""
-    meta = _synth_meta(n, size, seed, n_per_class_5x)
-    meta_path = Path(out_dir) / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+def check_synthetic_folder(out, meta):
+    """meta.json records the settings a SynthCXR folder was made with. A folder made with other
+    settings (or with an unreadable meta.json) is never regenerated in place, since another run
+    may be reading it: FileExistsError naming both settings, the folder and the ways out. A
+    folder without meta.json is an unfinished generation, redone."""
+    meta_path = Path(out) / "meta.json"
+    if not meta_path.is_file():
+        return
+    try:
+        found = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        found = {"meta.json": f"unreadable ({e})"}
+    found = found if isinstance(found, dict) else {"meta.json": repr(found)}
+    differ = sorted(k for k in meta.keys() | found.keys() if found.get(k) != meta.get(k))
+    if differ:
+        made = ", ".join(f"{k}={found.get(k)}" for k in differ)
+        asked = ", ".join(f"{k}={meta.get(k)}" for k in differ)
+        raise FileExistsError(f"{out} holds a SynthCXR set made with {made}; this run "
+                              f"asks for {asked}. It is not regenerated in place "
+                              f"(another run may be training on it): use another folder (config "
+                              f"key synth_dir, or data.py synth --out), or delete {out} to "
+                              f"regenerate it there")
+
+
+def ensure_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, progress=None):
+    """generate_synthetic unless out_dir/meta.json already records the same arguments; a set
+    made with other arguments is refused (check_synthetic_folder), never regenerated."""
+    if (Path(out_dir) / "meta.json").is_file():
+        check_synthetic_folder(out_dir, _synth_meta(n, size, seed, n_per_class_5x))
         return Path(out_dir) / "manifest.csv"
-    return generate_synthetic(out_dir, n, size, seed, n_per_class_5x)
+    return generate_synthetic(out_dir, n, size, seed, n_per_class_5x, progress)
+
+
+def wrap_caption(caption, font, width):
+    """A caption -> lines no wider than `width` pixels in `font`, every word kept (the caption
+    area of the contact sheet grows to hold them; a word wider than a line gets its own line)."""
+    lines = []
+    for word in caption.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def preview(data_dir, out=None, n=30, cols=6, tile=160):
@@ -1347,14 +1482,16 @@ def preview(data_dir, out=None, n=30, cols=6, tile=160):
     rows = read_manifest(Path(data_dir) / "manifest.csv")
     shown = [r for r in rows if r["split"] == "train"][:n - cols]
     shown += list({r["findings"].split()[0]: r for r in reversed(rows) if r["split"] == "test_5x"}.values())
-    cap_h, font = 40, ImageFont.load_default()
+    font = ImageFont.load_default()
+    captions = ["\n".join(wrap_caption(f"[{r['split']}] {r['findings']}", font, tile - 6)) for r in shown]
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    cap_h = 6 + max((measure.multiline_textbbox((0, 0), c, font=font)[3] for c in captions), default=0)
     sheet = Image.new("L", (cols * tile, math.ceil(len(shown) / cols) * (tile + cap_h)), 255)
     draw = ImageDraw.Draw(sheet)
-    for k, row in enumerate(shown):
+    for k, (row, caption) in enumerate(zip(shown, captions)):
         x0, y0 = (k % cols) * tile, (k // cols) * (tile + cap_h)
         sheet.paste(load_image(row["_path"]).resize((tile - 4, tile - 4), Image.BILINEAR), (x0 + 2, y0 + 2))
-        caption = f"[{row['split']}] {row['findings']}"
-        draw.multiline_text((x0 + 3, y0 + tile), "\n".join(textwrap.wrap(caption, 30)[:3]), fill=0, font=font)
+        draw.multiline_text((x0 + 3, y0 + tile), caption, fill=0, font=font)
     out = Path(out) if out else Path(data_dir) / "preview.png"
     sheet.save(out)
     return out
@@ -1365,7 +1502,8 @@ def preview(data_dir, out=None, n=30, cols=6, tile=160):
 # One small function per public release turns its files into manifest rows and counts what it
 # skipped and why; `prepare` then (optionally) writes resized PNG copies, the manifest and a
 # summary. Training and evaluation never special-case a dataset. Each preparer's docstring
-# gives the release's file layout; the README ("What prepare does") explains the choices.
+# gives the release's file layout; docs/data.md, "What prepare does, per dataset", explains the
+# choices.
 
 FRONTAL = ("PA", "AP")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones", "chexpert")
@@ -1387,11 +1525,11 @@ def _read_csv(path, columns=()):
     """Rows of a CSV (plain or gzipped) as dicts; errors name the file and the missing column."""
     with (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="",
                                                       encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        return list(reader)
+        header, records = read_csv_records(path, f)
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {missing}; found {header}")
+    return [record_dict(path, i, line, header, fields) for i, (line, fields) in enumerate(records, 1)]
 
 
 def _labels(src, uncertain=None):
@@ -1436,8 +1574,16 @@ def _deid(text, remove):
     return re.sub(r" ([.,;:!?)\]])", r"\1", text)
 
 
+def check_split_fractions(valid_frac, test_frac):
+    """--valid-frac / --test-frac: each at least 0, together below 1 (a ValueError otherwise)."""
+    if not (0 <= valid_frac and 0 <= test_frac and valid_frac + test_frac < 1):
+        raise ValueError(f"--valid-frac {valid_frac} and --test-frac {test_frac}: each at least 0 "
+                         f"and together below 1, so that some patients are left for 'train'")
+
+
 def _split_patients(patients, valid_frac, test_frac, seed):
     """Patient -> 'train' / 'valid' / 'test', disjoint by patient, reproducible by seed."""
+    check_split_fractions(valid_frac, test_frac)
     ids = sorted(set(patients))
     ids = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     n_test, n_valid = round(test_frac * len(ids)), round(valid_frac * len(ids))
@@ -1577,15 +1723,45 @@ def prepare_chexpert_5x200(root, per_class=200, seed=0):
     return chosen, skipped
 
 
-def prepare_rsna(root, valid_frac=0.2, test_frac=0.2, seed=0):
+# RSNA patient splits: (valid fraction, test fraction, whose). Of stage 2's 26684 patients,
+# classification gives 4003 valid and 4003 test, detection 5337 and 5337, as theirs do.
+RSNA_SPLITS = {"classification": (0.15, 0.15, "GLoRIA's and MGCA's classification split"),
+               "detection": (0.2, 0.2, "MGCA's detection split")}
+
+
+def _rsna_fractions(split_protocol, valid_frac, test_frac):
+    """--split-protocol (default classification) or --valid-frac / --test-frac, not both ->
+    (valid_frac, test_frac, what the split is, for the printed line)."""
+    if valid_frac is None and test_frac is None:
+        name = split_protocol or "classification"
+        if name not in RSNA_SPLITS:
+            raise ValueError(f"--split-protocol {name!r}: one of {sorted(RSNA_SPLITS)}")
+        valid_frac, test_frac, whose = RSNA_SPLITS[name]
+        return valid_frac, test_frac, f"--split-protocol {name}, {whose}"
+    if split_protocol is not None:
+        raise ValueError(f"--split-protocol {split_protocol} fixes the fractions: give it or "
+                         f"--valid-frac / --test-frac, not both")
+    default_valid, default_test, _ = RSNA_SPLITS["classification"]
+    valid_frac = default_valid if valid_frac is None else valid_frac
+    test_frac = default_test if test_frac is None else test_frac
+    check_split_fractions(valid_frac, test_frac)
+    return valid_frac, test_frac, "your own fractions"
+
+
+def prepare_rsna(root, split_protocol=None, valid_frac=None, test_frac=None, seed=0):
     """RSNA Pneumonia Detection (Kaggle stage 2): stage_2_train_labels.csv (patientId, x, y,
     width, height, Target; one row per box, one empty row for a negative) and
     stage_2_train_images/<patientId>.dcm (or a .png / .jpg of the same name). One image per
     patient; label 'Pneumonia' = 1 if any of its rows has Target 1, other labels blank.
-    Splits by patient, 60/20/20 by default (MGCA). DICOM needs the optional pydicom."""
+    Splits by patient (RSNA_SPLITS): "classification" 70/15/15 by default (GLoRIA, MGCA),
+    "detection" 60/20/20 (MGCA's detection split), or valid_frac / test_frac of your own.
+    DICOM needs the optional pydicom."""
+    valid_frac, test_frac, what = _rsna_fractions(split_protocol, valid_frac, test_frac)
     images = _expect(root, "RSNA Pneumonia", "stage_2_train_images")
     target, skipped, rows = {}, collections.Counter(), []
     labels_csv = _expect(root, "RSNA Pneumonia", "stage_2_train_labels.csv")
+    print(f"rsna: patients split {1 - valid_frac - test_frac:.0%} / {valid_frac:.0%} / "
+          f"{test_frac:.0%} (train / valid / test), {what}")
     for r in _read_csv(labels_csv, ("patientId", "Target")):
         t, old = LABEL_VALUES.get(r["Target"].strip()), target.get(r["patientId"], "0")
         # positive if any of the patient's box rows is; one unreadable row spoils the patient
@@ -1876,6 +2052,9 @@ def add_prepare_parser(subparsers):
                                                     "class's images) for 'valid'")
     p.add_argument("--test-frac", type=float, help="fraction of patients (image-folder: of each "
                                                    "class's images) for 'test'")
+    p.add_argument("--split-protocol", choices=sorted(RSNA_SPLITS),
+                   help="rsna: classification = 70/15/15 patients (GLoRIA, MGCA; the default), "
+                        "detection = 60/20/20 (MGCA's detection split)")
     p.add_argument("--all-views", action="store_true", default=None, help="keep lateral views too")
     p.add_argument("--deid", choices=("keep", "remove"), help="keep or remove '___' / 'XXXX'")
     p.add_argument("--one-per-study", help="mimic-cxr: splits with one image per study "
@@ -1919,7 +2098,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "synth":
         t0 = time.time()
-        path = generate_synthetic(args.out, args.n, args.size, args.seed, args.n_5x)
+        try:
+            path = generate_synthetic(args.out, args.n, args.size, args.seed, args.n_5x)
+        except FileExistsError as e:  # a folder made with other settings: one clear line
+            raise SystemExit(f"synth: {e}") from e
         print(f"wrote {path}: {args.n + 5 * args.n_5x} studies of {args.size}px in {time.time() - t0:.1f} s")
     elif args.command == "preview":
         print(f"wrote {preview(args.dir, args.out)}")

@@ -141,6 +141,12 @@ def test_ensure_synthetic_reuses_matching_data(tmp_path):
     path = data.ensure_synthetic(tmp_path, n=10, size=16, seed=0, n_per_class_5x=1)
     stamp = path.stat().st_mtime_ns
     assert data.ensure_synthetic(tmp_path, n=10, size=16, seed=0, n_per_class_5x=1).stat().st_mtime_ns == stamp
+    # other settings: never regenerated in place (another run may be training on it)
+    with pytest.raises(FileExistsError, match=r"made with n=10, seed=0; this run asks for n=12, "
+                                              r"seed=1\..*another folder \(config key synth_dir"):
+        data.ensure_synthetic(tmp_path, n=12, size=16, seed=1, n_per_class_5x=1)
+    assert path.stat().st_mtime_ns == stamp and len(data.read_manifest(path)) == 10 + 5
+    (tmp_path / "meta.json").unlink()  # an unfinished generation (no meta.json) is redone
     data.ensure_synthetic(tmp_path, n=12, size=16, seed=0, n_per_class_5x=1)
     assert len(data.read_manifest(path)) == 12 + 5
 

@@ -1,10 +1,10 @@
 """Bring your own dataset, end to end, on a dataset that is not chest X-rays: a folder of
-drawn shapes, one sub-folder per class, a caption .txt beside each image. The README's commands,
-in the same order: prepare image-folder -> train with configs/tiny.json and --data -> evaluate
+drawn shapes, one sub-folder per class, a caption .txt beside each image. The commands of
+docs/data.md, "Bring your own dataset", in the same order: prepare image-folder -> train with configs/tiny.json and --data -> evaluate
 with --label-column and prompts of our own (N-way zero-shot, multi-class probe, retrieval).
 
-Run as a script, this file writes such a folder (and a prompt file for it), for trying the
-README's commands by hand:
+Run as a script, this file writes such a folder (and a prompt file for it), for trying those
+commands by hand:
     python tests/test_own_dataset.py DIR [--classes 10] [--per-class 60] [--size 64] [--prompts FILE]
 """
 import argparse
