@@ -13,7 +13,8 @@ Reads top to bottom:
     (1) metrics       auroc, macro_f1, confusion_matrix, retrieval_ranks, recall_at_k, ...
     (2) features      one batched no-grad pass per split, eval mode
     (3) zero-shot     prompt files (configs/prompts/), class vector = normalise(mean(normalise(
-                      prompt embeddings))); N-way argmax, and binary positive-vs-negative AUROC
+                      prompt embeddings))); N-way argmax, and binary positive-vs-negative AUROC;
+                      GLoRIA's and CheXzero's variants as options (docs/protocols.md)
     (4) probes        frozen features + a linear head: multi-label (logistic, AUROC) or multi-class
                       (softmax, accuracy / macro-F1); k shots / label fractions; seeds; and the
                       pixel probe, a small CNN trained on the raw pixels (no checkpoint)
@@ -22,7 +23,10 @@ Reads top to bottom:
                       function per task, dispatched by TASKS and PRINTERS
     (7) efficiency    time, memory and FLOPs of one optimizer step, MSD against CLIP
     (8) ablation      train and evaluate every run of an ablation file over seeds
-    (9) command line  load a checkpoint, run the tasks, print, write the JSON once
+    (9) pictures      hand-written SVG: a run's training curves and evaluation bars, and the
+                      README's pictures (memory growth, ablation bars) from results/
+    (10) command line check options and the results path, load a checkpoint, run the tasks,
+                      print, write the JSON once; a user error is one line (cli)
 
 Two kinds of labels:
 - CheXpert-style label columns (the 14 of data.LABELS a manifest carries): 1, 0, -1 (uncertain)
@@ -39,8 +43,10 @@ Prompt files: {class: [prompts]} or {"positive": {class: [prompts]}, "negative":
 shipped sets are configs/prompts/{synth,chexpert,pneumonia}.json (--prompt-set NAME).
 Anything asked for that cannot be computed is an error (exit status 1), never a silent no-op; a
 task that `--task all` cannot apply to the data is skipped with its reason printed. The JSON
-holds the checkpoint step, the config, the split sizes and, per task, its numbers, notes and
-protocol settings (NaN is written as null).
+holds the checkpoint step and SHA-256, the config, the split, the protocol (every option that
+defines it), the split sizes and, per task, its numbers, notes and protocol settings (NaN is
+written as null). It is written beside the checkpoint, <run>/eval/<task>.json (printed; see
+default_out), so that no task overwrites another's results; --out FILE puts it elsewhere.
 """
 import argparse
 import collections
@@ -50,6 +56,7 @@ import math
 import multiprocessing
 import os
 import platform
+import random
 import sys
 import time
 from dataclasses import asdict, replace
@@ -246,10 +253,24 @@ def encode_images(model, dataset, batch_size=64, num_workers=0):
 
 
 # -----------------------------------------------------------------------------------------------
-# (3) Zero-shot classification. Prompts are fixed lists read from JSON (never sampled); a prompt
-# set is {"positive": {class: [prompts]}, "negative": {class: [prompts]}} ("negative" optional).
+# (3) Zero-shot classification. Prompts are fixed lists read from JSON; a prompt set is
+# {"positive": {class: [prompts]}, "negative": {class: [prompts]}} ("negative" optional). By
+# default every prompt is used and nothing is sampled; --zeroshot-protocol gloria and
+# --binary-protocol chexzero are the literature's variants (docs/protocols.md).
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "configs" / "prompts"   # not the working directory
+# --zeroshot-protocol: how N-way zero-shot turns prompts into class scores (docs/protocols.md)
+ZEROSHOT_PROTOCOLS = {
+    "grid": "every prompt; class vector normalise(mean(normalised prompt embeddings)); argmax of "
+            "the cosine, each image on its own",
+    "gloria": "GLoRIA: --prompts-per-class prompts drawn per class with --prompt-seed; class score "
+              "= the highest cosine over them; each class's scores z-scored over the images; argmax"}
+# --binary-protocol: the prompts of binary zero-shot and its score
+BINARY_PROTOCOLS = {
+    "prompts": "the prompt set's positives against its negatives (else 'no <finding>'), mean class "
+               "vectors; score = difference of the two cosines",
+    "chexzero": "CheXzero: the pair ('<finding>', 'no <finding>'); softmax over the two cosines "
+                "(no temperature); AUROC of the positive probability"}
 
 
 def prompt_set_names():
@@ -306,6 +327,44 @@ def negative_prompts(prompt_set, finding):
     return None if finding == "No Finding" else [f"no {finding.lower()}"]
 
 
+def binary_prompt_pairs(prompt_set, findings, protocol):
+    """{finding: (positive prompts, negative prompts)} of binary zero-shot, by --binary-protocol:
+    "prompts" takes the set's prompts (findings without them are left out); "chexzero" the
+    pair ("<finding>", "no <finding>") whatever the set holds. "No Finding" is left out of
+    chexzero, and of "prompts" unless the set gives its negatives ("no no finding")."""
+    if protocol == "chexzero":
+        return {f: ([f.lower()], [f"no {f.lower()}"]) for f in findings if f != "No Finding"}
+    return {f: (prompt_set["positive"][f], negative_prompts(prompt_set, f)) for f in findings
+            if f in prompt_set["positive"] and negative_prompts(prompt_set, f) is not None}
+
+
+def sample_prompts(prompts_by_class, n, seed):
+    """GLoRIA's draw: n prompts of each class without replacement (all of a class that has
+    fewer), by one random.Random(seed) taken through the classes in the given order. This is
+    Python's random.sample as GLoRIA's prompt generator calls it, so on the shipped chexpert
+    grid (GLoRIA's order) seed 6, the seed GLoRIA's module sets, draws GLoRIA's prompts."""
+    rng = random.Random(seed)
+    return {c: rng.sample(prompts, min(n, len(prompts))) for c, prompts in prompts_by_class.items()}
+
+
+def max_prompt_similarity(encode, image_emb, prompts_by_class):
+    """(N, C): the score of class k for an image v is max_p cos(v, t_p) over the class's prompts,
+    as GLoRIA's code computes it (its comment says "average", the code takes the max)."""
+    columns = []
+    for prompts in prompts_by_class.values():
+        t = F.normalize(encode(list(prompts)), dim=-1)                          # (n_prompts, d)
+        columns.append((image_emb @ t.T).max(1).values)                         # (N,)
+    return torch.stack(columns, 1)                                              # (N, C)
+
+
+def zscore_per_class(scores):
+    """(N, C) -> each class's column standardised over the N images, (s - mean) / std with the
+    population std (numpy's default, which GLoRIA uses). A prediction then depends on the other
+    images evaluated. A column of equal scores (one image, say) is only centred."""
+    std = scores.std(0, correction=0)                                          # (C,)
+    return (scores - scores.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
+
+
 def class_embeddings(encode, prompts_by_class):
     """One row per class (dict order): c_k = normalise(mean_p normalise(t_p)) over ALL its prompts.
     `encode` maps a list of strings to (n, d) text embeddings. A mean: prompt order is irrelevant."""
@@ -318,8 +377,14 @@ def class_embeddings(encode, prompts_by_class):
 
 def zeroshot_multiclass(image_emb, y_true, class_emb, class_names):
     """N-way: predict argmax_k cos(v, c_k) for each image independently (no test-set
-    statistics, no z-scoring) -> accuracy, macro-F1, per-class recall, confusion matrix."""
-    pred = (image_emb @ class_emb.T).argmax(1).numpy()                         # (N,)
+    statistics, no z-scoring) -> multiclass_metrics."""
+    return multiclass_metrics(image_emb @ class_emb.T, y_true, class_names)
+
+
+def multiclass_metrics(scores, y_true, class_names):
+    """(N, C) class scores -> prediction argmax_k per image; accuracy, macro-F1, per-class
+    recall, confusion matrix."""
+    pred = torch.as_tensor(scores).argmax(1).numpy()                           # (N,)
     y_true = _np(y_true).astype(int)
     cm = confusion_matrix(y_true, pred, len(class_names))
     recall = {c: float(cm[i, i] / cm[i].sum()) if cm[i].sum() else float("nan")
@@ -330,11 +395,19 @@ def zeroshot_multiclass(image_emb, y_true, class_emb, class_names):
             "confusion_matrix": cm.tolist(), "predictions": pred}
 
 
-def zeroshot_binary(image_emb, labels, pos_emb, neg_emb, findings):
+def pair_probability(image_emb, pos_emb, neg_emb):
+    """(N, F) CheXzero's score: p = exp(v.c+) / (exp(v.c+) + exp(v.c-)), the softmax over the
+    pair's two cosines at temperature 1, as its code computes it."""
+    return torch.stack([image_emb @ pos_emb.T, image_emb @ neg_emb.T]).softmax(0)[0]
+
+
+def zeroshot_binary(image_emb, labels, pos_emb, neg_emb, findings, probability=False):
     """CheXzero style: p = softmax(v.c+ / tau, v.c- / tau)[0] per finding. p is monotone in
-    v.c+ - v.c-, so that difference is the score (AUROC does not depend on tau).
+    v.c+ - v.c-, so by default that difference is the score (AUROC does not depend on tau);
+    probability=True scores with pair_probability itself (the same AUROC up to float ties).
     labels: (N, F) scoring labels (score_labels: NaN excluded)."""
-    score = (image_emb @ pos_emb.T - image_emb @ neg_emb.T).numpy()             # (N, F)
+    score = (pair_probability(image_emb, pos_emb, neg_emb) if probability
+             else image_emb @ pos_emb.T - image_emb @ neg_emb.T).numpy()          # (N, F)
     per = dict(zip(findings, auroc_per_label(labels, score)))
     notes = [f"{f}: only one class present in the labels, AUROC NaN, left out of the mean"
              for f, a in per.items() if math.isnan(a)]
@@ -614,12 +687,20 @@ def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
 
 class Evaluation:
     """What every task needs: model, tokenizer, manifest, and each split's image features,
-    computed in one pass per split and cached (in memory; on disk next to a saved checkpoint,
-    keyed by checkpoint step / file, manifest contents, split and image size)."""
+    computed in one pass per split and cached: in memory, and on disk next to a saved checkpoint
+    (features_<split>_<16 hex digits>.pt). The cache key covers what the features depend on: the
+    checkpoint's SHA-256, the manifest's bytes, the size and modification time of every image of
+    the split, the split and the image size. The key is stored inside the file and checked on
+    loading, so a file copied from another checkpoint, or left from images since replaced, is
+    recomputed. A folder that cannot be written (read-only) means no cache, with a note."""
 
-    def __init__(self, model, tokenizer, cfg, manifest, step, checkpoint=None, batch_size=64):
+    CACHED = ("features", "embed", "labels")           # the tensors of a cache file, beside its key
+
+    def __init__(self, model, tokenizer, cfg, manifest, step, checkpoint=None, batch_size=64,
+                 checkpoint_sha256=None):
         self.model, self.tokenizer, self.cfg, self.step = model, tokenizer, cfg, step
         self.manifest, self.checkpoint, self.batch_size = Path(manifest), checkpoint, batch_size
+        self._sha256 = checkpoint_sha256               # read from the checkpoint when not given
         self.rows = data.read_manifest(self.manifest)
         if not self.rows:
             raise ValueError(f"{self.manifest}: the manifest has no rows")
@@ -642,45 +723,82 @@ class Evaluation:
                                 data.ImageTransform(self.cfg.image_size, train=False),
                                 label_names=self.label_names)
 
-    def _cache_path(self, split):
-        if self.checkpoint is None:                             # untrained model: nothing to key
-            return None
-        ckpt, stat = Path(self.checkpoint), Path(self.checkpoint).stat()
-        key = "|".join(map(str, [  # mtime + size: a checkpoint retrained to the same step differs
-            self.step, ckpt.resolve(), stat.st_mtime_ns, stat.st_size, self.manifest.resolve(),
-            hashlib.sha1(self.manifest.read_bytes()).hexdigest(), split, self.cfg.image_size]))
-        return ckpt.parent / f"features_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    def checkpoint_sha256(self):
+        """The SHA-256 that msd.save_checkpoint records in the checkpoint (the SHA-256 of the
+        file's bytes for a checkpoint written without one). mmap=True: the weights are not read."""
+        if self._sha256 is None:
+            ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            self._sha256 = ckpt.get("sha256") or hashlib.sha256(
+                Path(self.checkpoint).read_bytes()).hexdigest()
+        return self._sha256
 
-    def _load_cache(self, path, n):
+    def cache_file(self, split, rows):
+        """-> (path, key) of the feature cache of a split (rows: its manifest rows), or
+        (None, None) for an untrained model, which has no checkpoint to key it by."""
+        if self.checkpoint is None:
+            return None, None
+        images = hashlib.sha256()                       # a stat per image: cheap, reads no pixels
+        for r in rows:
+            st = os.stat(r["_path"])
+            images.update(f"{r['_path']}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        key = json.dumps({"checkpoint_sha256": self.checkpoint_sha256(),
+                          "manifest_sha256": hashlib.sha256(self.manifest.read_bytes()).hexdigest(),
+                          "images": images.hexdigest(), "split": split,
+                          "image_size": self.cfg.image_size})
+        name = f"features_{split}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        return Path(self.checkpoint).parent / name, key
+
+    def _cache_problem(self, feats, n, key):
+        """What is wrong with a loaded cache file for a split of n images (None: nothing)."""
+        if not (isinstance(feats, dict) and set(feats) == {"key", *self.CACHED}):
+            return "unexpected contents"
+        if feats["key"] != key:
+            return "written for another checkpoint, manifest or images: its key differs"
+        ok = (all(torch.is_tensor(feats[k]) and len(feats[k]) == n for k in self.CACHED)
+              and feats["labels"].shape[1:] == (len(self.label_names),)
+              and bool(torch.isfinite(feats["embed"]).all()))
+        return None if ok else "unexpected contents"
+
+    def _load_cache(self, path, n, key):
         """The cached features, or None (with a note on stderr) when the file is unreadable,
-        truncated or not what this split needs: the caller then recomputes them."""
+        truncated, not what this split needs or written under another key: the caller then
+        recomputes them."""
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)
-            ok = (isinstance(feats, dict) and set(feats) == {"features", "embed", "labels"}
-                  and all(torch.is_tensor(v) and len(v) == n for v in feats.values())
-                  and feats["labels"].shape[1:] == (len(self.label_names),)
-                  and bool(torch.isfinite(feats["embed"]).all()))
-            problem = None if ok else "unexpected contents"
+            problem = self._cache_problem(feats, n, key)
         except Exception as e:                      # truncated zip, bad pickle, ... : recompute
             problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         if problem is None:
-            return feats
+            return {k: feats[k] for k in self.CACHED}
         print(f"note: feature cache {path} is unusable ({problem}); recomputing it", file=sys.stderr)
         return None
+
+    def _save_cache(self, path, key, feats):
+        """Atomically (a temporary file, then a rename: a killed run leaves no half file). A
+        folder that cannot be written only means no cache: a note, and the evaluation goes on."""
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({**feats, "key": key}, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            if tmp.exists():
+                tmp.unlink()
+            print(f"note: cannot write the feature cache {path} ({e.strerror or e}); evaluating "
+                  f"without a cache", file=sys.stderr)
 
     def images(self, split):
         """{"features", "embed", "labels" (manifest values), "rows"} of one split."""
         if split not in self._images:
-            dataset, path = self.dataset(split), self._cache_path(split)
-            feats = self._load_cache(path, len(dataset)) if path is not None and path.is_file() else None
+            dataset = self.dataset(split)
+            path, key = self.cache_file(split, dataset.rows)
+            feats = self._load_cache(path, len(dataset), key) if path is not None and path.is_file() else None
             if feats is None:
                 feats = encode_images(self.model, dataset, self.batch_size, self.cfg.num_workers)
                 self._check_finite(feats["embed"], f"image embeddings of split {split!r}")
                 self._check_finite(feats["features"], f"image features of split {split!r}")
-                if path is not None:                    # atomic: a killed run leaves no half file
-                    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                    torch.save(feats, tmp)
-                    os.replace(tmp, path)
+                if path is not None:
+                    self._save_cache(path, key, feats)
             self._images[split] = {**feats, "rows": dataset.rows}
         return self._images[split]
 
@@ -757,6 +875,27 @@ def choose_prompts(ev, args):
     return load_prompt_set(name), name, False
 
 
+def zeroshot_nway(ev, args, image_emb, y, all_prompts, classes, split):
+    """N-way zero-shot of the images over `classes` by --zeroshot-protocol -> the metrics, with
+    the protocol, its settings and (gloria) the prompts drawn. all_prompts: every class of the
+    prompt file in its order; gloria draws over all of them, so that a class's prompts do not
+    depend on which other classes the data has."""
+    protocol = {"name": args.zeroshot_protocol, "about": ZEROSHOT_PROTOCOLS[args.zeroshot_protocol]}
+    if args.zeroshot_protocol == "gloria":
+        drawn = sample_prompts(all_prompts, args.prompts_per_class, args.prompt_seed)
+        prompts = {c: drawn[c] for c in classes}
+        scores = zscore_per_class(max_prompt_similarity(ev.text_embeddings, image_emb, prompts))
+        protocol.update(prompts_per_class=args.prompts_per_class, prompt_seed=args.prompt_seed,
+                        prompts=prompts)
+    else:
+        prompts = {c: all_prompts[c] for c in classes}
+        scores = image_emb @ class_embeddings(ev.text_embeddings, prompts).T      # (N, C)
+    mc = multiclass_metrics(scores, y, classes)
+    mc.pop("predictions")
+    mc.update(split=split, n_prompts={c: len(p) for c, p in prompts.items()}, protocol=protocol)
+    return mc
+
+
 def run_zeroshot(ev, args):
     ev.check_split(args.split)
     prompt_set, name, chosen = choose_prompts(ev, args)
@@ -771,11 +910,8 @@ def run_zeroshot(ev, args):
         if missing:
             raise ValueError(f"prompt set {name!r} has no prompts for {missing}, classes of "
                              f"the 5-way split test_5x")
-        class_emb = class_embeddings(ev.text_embeddings, {c: prompt_set["positive"][c] for c in classes})
-        mc = zeroshot_multiclass(feats["embed"], y, class_emb, classes)
-        mc.pop("predictions")
-        mc["split"], mc["n_prompts"] = "test_5x", {c: len(prompt_set["positive"][c]) for c in classes}
-        out["multiclass"] = mc
+        out["multiclass"] = zeroshot_nway(ev, args, feats["embed"], y, prompt_set["positive"],
+                                          classes, "test_5x")
         used.update(classes)
     else:
         out["notes"].append("5-way zero-shot skipped: " + (
@@ -783,23 +919,32 @@ def run_zeroshot(ev, args):
             "no test_5x split (the CheXpert-style 5xN set); for a column of class names use "
             "--label-column NAME"))
     labelled = [f for f in ev.label_names if any(r[f] for r in ev.rows)]   # not blank throughout
-    findings = [f for f in labelled
-                if f in prompt_set["positive"] and negative_prompts(prompt_set, f) is not None]
+    chexzero = args.binary_protocol == "chexzero"
+    pairs = binary_prompt_pairs(prompt_set, labelled, args.binary_protocol)
+    findings = list(pairs)
     if findings:
         feats = ev.images(args.split)
         cols = [ev.label_names.index(f) for f in findings]
-        pos = class_embeddings(ev.text_embeddings, {f: prompt_set["positive"][f] for f in findings})
-        neg = class_embeddings(ev.text_embeddings, {f: negative_prompts(prompt_set, f) for f in findings})
+        pos = class_embeddings(ev.text_embeddings, {f: pairs[f][0] for f in findings})
+        neg = class_embeddings(ev.text_embeddings, {f: pairs[f][1] for f in findings})
         out["binary"] = zeroshot_binary(feats["embed"], score_labels(feats["labels"])[:, cols],
-                                        pos, neg, findings)
-        out["binary"]["split"] = args.split
-        used.update(findings)
+                                        pos, neg, findings, probability=chexzero)
+        out["binary"].update(split=args.split, protocol={
+            "name": args.binary_protocol, "about": BINARY_PROTOCOLS[args.binary_protocol]})
+        if not chexzero:                                # chexzero's pairs are not the set's prompts
+            used.update(findings)
+        elif chosen:
+            out["notes"].append(f"binary zero-shot (--binary-protocol chexzero) uses the pair "
+                                f"('<finding>', 'no <finding>'), not the prompts of {name!r}")
+        if chexzero and "No Finding" in labelled:
+            out["binary"]["notes"].append("No Finding left out: its pair would be 'no no finding'")
         if math.isnan(out["binary"]["mean_auroc"]):
             out["notes"].append(f"binary zero-shot: no finding has both classes in split "
                                 f"{args.split!r}, so there is no AUROC")
     else:
         out["notes"].append(f"binary zero-shot skipped: no labelled CheXpert column of the manifest "
-                            f"({', '.join(labelled) or 'it has none'}) has prompts in {name!r}")
+                            f"({', '.join(labelled) or 'it has none'}) " + (
+                                "other than No Finding" if chexzero else f"has prompts in {name!r}"))
     unused = [c for c in prompt_set["positive"] if c not in used]
     if chosen and len(unused) == len(prompt_set["positive"]):
         raise ValueError(f"prompts {name!r}: none of their classes {unused} was used: "
@@ -815,7 +960,7 @@ def _zeroshot_label_column(ev, args, prompt_set, name):
     """N-way zero-shot over the classes of --label-column, on --split."""
     classes, y, notes = ev.class_targets(args.split, args.label_column)
     if prompt_set is None:
-        prompts = {c: [c] for c in classes}
+        all_prompts = {c: [c] for c in classes}
         notes.append("no --prompts given: each class's one prompt is its own name")
     else:
         missing = [c for c in classes if c not in prompt_set["positive"]]
@@ -828,13 +973,10 @@ def _zeroshot_label_column(ev, args, prompt_set, name):
                          f"not used: {extra}")
         if prompt_set["negative"]:
             notes.append(f"the negative prompts of {name!r} are not used by N-way zero-shot")
-        prompts = {c: prompt_set["positive"][c] for c in classes}
+        all_prompts = prompt_set["positive"]
     keep = y >= 0
-    class_emb = class_embeddings(ev.text_embeddings, prompts)
-    mc = zeroshot_multiclass(ev.images(args.split)["embed"][torch.as_tensor(keep)], y[keep],
-                             class_emb, classes)
-    mc.pop("predictions")
-    mc["split"], mc["n_prompts"] = args.split, {c: len(p) for c, p in prompts.items()}
+    mc = zeroshot_nway(ev, args, ev.images(args.split)["embed"][torch.as_tensor(keep)], y[keep],
+                       all_prompts, classes, args.split)
     return {"prompt_set": name, "label_column": args.label_column, "multiclass": mc,
             "binary": None, "notes": notes}
 
@@ -848,17 +990,25 @@ def _print_notes(notes, indent="  "):
         print(f"{indent}note: {note}")
 
 
+def _protocol_text(protocol):
+    """'grid', or 'gloria: 5 prompts per class, seed 6' (the settings that change a number)."""
+    if protocol["name"] != "gloria":
+        return protocol["name"]
+    return (f"gloria: {protocol['prompts_per_class']} prompts per class, seed "
+            f"{protocol['prompt_seed']}, z-scored per class")
+
+
 def print_zeroshot(res):
     mc = res["multiclass"]
     if mc:
         print(f"zero-shot {len(mc['classes'])}-way on {mc['split']} (n={mc['n']}, prompts "
-              f"{res['prompt_set']}): accuracy {_fmt(mc['accuracy'])}  macro-F1 {_fmt(mc['macro_f1'])}"
+              f"{res['prompt_set']}, protocol {_protocol_text(mc['protocol'])}): accuracy {_fmt(mc['accuracy'])}  macro-F1 {_fmt(mc['macro_f1'])}"
               f"  (chance {_fmt(mc['chance_accuracy'])})")
         for c in mc["classes"]:
             print(f"  {c:<28} recall {_fmt(mc['per_class_recall'][c])}  prompts {mc['n_prompts'][c]}")
     if res.get("binary"):
         b = res["binary"]
-        print(f"zero-shot binary on {b['split']}: mean AUROC {_fmt(b['mean_auroc'])}")
+        print(f"zero-shot binary on {b['split']} (protocol {b['protocol']['name']}): mean AUROC {_fmt(b['mean_auroc'])}")
         for name, a in b["auroc"].items():
             print(f"  {name:<28} AUROC {_fmt(a)}  positives {b['n_positive'][name]}")
         _print_notes(b["notes"])
@@ -899,6 +1049,8 @@ def run_fewshot(ev, args):
         return {"kind": "multi-label", "labels": [], "split": args.split, "results": {},
                 "notes": notes + [why], "skipped": why}
     cols = [ev.label_names.index(n) for n in names]
+    notes += check_shots(args.shots, {n: int(min((y["train"][:, j] == 1).sum(), (y["train"][:, j] == 0).sum()))
+                                      for n, j in zip(names, cols)}, "positives and as many negatives")
     part = {s: (splits[s]["features"], y[s][:, cols]) for s in splits}
     results = linear_probe(part["train"], part["valid"], part[args.split], names, args.shots,
                            args.fractions, range(args.seeds), args.weight_decays)
@@ -919,12 +1071,32 @@ def _fewshot_label_column(ev, args):
         keep = y >= 0
         part[split] = (ev.images(split)["features"][torch.as_tensor(keep)], y[keep])
         notes += split_notes
+    train_y = part["train"][1]
+    notes += check_shots(args.shots, {c: int((train_y == i).sum()) for i, c in enumerate(classes)},
+                         "images")
     results = linear_probe_multiclass(part["train"], part["valid"], part[args.split], classes,
                                       args.shots, args.fractions, range(args.seeds), args.weight_decays)
     return {"kind": "multi-class", "label_column": args.label_column, "classes": classes,
             "split": args.split, "shots": list(args.shots), "fractions": list(args.fractions),
             "seeds": list(range(args.seeds)), "weight_decays": list(args.weight_decays),
             "selection": "best accuracy on valid", "results": results, "notes": notes}
+
+
+def check_shots(shots, supply, unit):
+    """k-shot draws k examples of each label (or class) from the train split, all of them where
+    fewer exist. supply: {label: how many of the unit it has there}. A k that no label can supply
+    would call a draw of whole classes "k-shot": an error. -> notes on the labels short of a k."""
+    most = max(supply.values())
+    if max(shots) > most:
+        raise ValueError(f"--shots {max(shots)}: the train split has at most {most} {unit} of any "
+                         f"label or class; choose shots of at most {most}")
+    notes = []
+    for k in shots:
+        short = [name for name, n in supply.items() if n < k]
+        if short:
+            notes.append(f"{k}-shot: fewer than {k} {unit} in train for {', '.join(short)}: all "
+                         f"of them are used")
+    return notes
 
 
 def print_fewshot(res):
@@ -957,6 +1129,11 @@ def run_retrieval(ev, args):
         feats = ev.images(split)
         image_rows, texts, text_of_image = retrieval_pool(feats["rows"])
         classes, notes = None, []
+        trivial = [k for k in args.ks if k >= min(len(texts), len(image_rows))]
+        if trivial:
+            notes.append(f"R@{', R@'.join(map(str, trivial))}: k is not below the pool of "
+                         f"{len(texts)} texts (image-to-text) or {len(image_rows)} images "
+                         f"(text-to-image), so that recall is 1 by construction")
         if args.label_column:                       # class-level P@K over the column's classes
             _, y, _ = ev.class_targets(split, args.label_column)
             classes = y[image_rows]
@@ -990,6 +1167,7 @@ def run_pixel_probe(args):
     """The pixel probe needs only a manifest (--data, or the dataset of --config)."""
     manifest = Path(args.data) if args.data else msd.prepare_data(msd.load_config(args.config))
     rows = data.read_manifest(manifest)
+    data.check_split_overlap(rows, manifest, args.allow_split_overlap)
     splits = dict(collections.Counter(r["split"] for r in rows))
     for split in ("train", args.split):
         if split not in splits:
@@ -1036,12 +1214,13 @@ def skipped_reason(task, res):
 
 def efficiency_configs(cfg, max_factor=8):
     """(name, config) rows: the ablation's methods at b = cfg.batch_size, N = cfg.accum_steps,
-    then how memory grows with the effective batch: CLIP end to end at B = k*b against MSD with
-    N = k micro-batches of b, k = 1, 2, 4, ... max_factor."""
+    then how memory grows with the effective batch: CLIP end to end at B = k*b against exact CLIP
+    accumulation and MSD, each with N = k micro-batches of b, k = 1, 2, 4, ... max_factor."""
     b, N = cfg.batch_size, cfg.accum_steps
     rows = [(f"CLIP end-to-end B={b}", replace(cfg, method="clip", accum_steps=1)),
             (f"CLIP end-to-end B={N * b}", replace(cfg, method="clip", batch_size=N * b, accum_steps=1)),
             (f"CLIP naive accumulation {N}x{b}", replace(cfg, method="clip")),
+            (f"CLIP exact accumulation {N}x{b}", replace(cfg, method="clip", clip_accum="exact")),
             (f"MSD alpha=0 {N}x{b}", replace(cfg, method="msd", alpha=0.0)),
             (f"MSD {N}x{b}", replace(cfg, method="msd")),
             (f"MSD no queue {N}x{b}", replace(cfg, method="msd", queue_size=0)),
@@ -1050,23 +1229,28 @@ def efficiency_configs(cfg, max_factor=8):
     while k <= max_factor:
         rows.append((f"growth: CLIP end-to-end B={k * b}",
                      replace(cfg, method="clip", batch_size=k * b, accum_steps=1)))
+        rows.append((f"growth: CLIP exact {k}x{b} (B={k * b})",
+                     replace(cfg, method="clip", clip_accum="exact", accum_steps=k)))
         rows.append((f"growth: MSD {k}x{b} (B={k * b})", replace(cfg, method="msd", accum_steps=k)))
         k *= 2
     return rows
 
 
 def sweep_configs(cfg, micro_batches=(32, 64, 128, 256)):
-    """The micro-batch sweep at the config's effective batch B = N * b: end-to-end CLIP at B and
-    MSD with N = B / b micro-batches of b, each eager and with the encoders compiled. How much
+    """The micro-batch sweep at the config's effective batch B = N * b: end-to-end CLIP at B, and
+    exact CLIP accumulation and MSD with N = B / b micro-batches of b, each eager and with the
+    encoders compiled. How much
     does a small micro-batch (the one that fits a small GPU) cost per pair?"""
     B = cfg.batch_size * cfg.accum_steps
     rows = []
     for mode, tag in (("off", "eager"), ("on", "compiled")):
         rows.append((f"sweep {tag}: CLIP end-to-end B={B}",
                      replace(cfg, method="clip", batch_size=B, accum_steps=1, compile=mode)))
-        rows += [(f"sweep {tag}: MSD {B // b}x{b}",
-                  replace(cfg, method="msd", batch_size=b, accum_steps=B // b, compile=mode))
-                 for b in micro_batches if b <= B and B % b == 0]
+        for method, accum, name in (("clip", "exact", "CLIP exact"), ("msd", "naive", "MSD")):
+            rows += [(f"sweep {tag}: {name} {B // b}x{b}",
+                      replace(cfg, method=method, clip_accum=accum, batch_size=b, accum_steps=B // b,
+                              compile=mode))
+                     for b in micro_batches if b <= B and B % b == 0]
     return rows
 
 
@@ -1241,7 +1425,8 @@ def print_efficiency(res):
 
 # -----------------------------------------------------------------------------------------------
 # (8) Ablation: train every configuration of an ablation file for several seeds, evaluate each
-# checkpoint with the protocols above, and tabulate mean +- std. Finished runs are reused.
+# checkpoint with the protocols above, and tabulate mean +- sample std. Each finished run is
+# recorded in the results file as it ends, and a later call skips every run recorded there.
 
 
 def ablation_metrics(ev, args):
@@ -1261,31 +1446,155 @@ def ablation_metrics(ev, args):
     return m
 
 
-ABLATION_KEYS = ("base", "shared", "seeds", "runs", "eval", "pretrain")
+ABLATION_KEYS = ("base", "shared", "seeds", "runs", "eval", "pretrain", "reference")
+
+
+RUN_PLACE_KEYS = ("out_dir", "progress")  # where a run is written and how it shows progress
+
+
+def same_run(a, b):
+    """Two configs that train the same model on the same data the same way (the folder a run is
+    written to and its progress bar do not change a number)."""
+    strip = lambda c: {k: v for k, v in asdict(c).items() if k not in RUN_PLACE_KEYS}  # noqa: E731
+    return strip(a) == strip(b)
 
 
 def run_is_done(ckpt_path, cfg):
-    """A finished run of exactly this config (and, with init_from, of exactly that checkpoint)."""
+    """A finished run of exactly this config (and, with init_from, of exactly that checkpoint).
+    Keys that a checkpoint written by an older version lacks take their defaults."""
     if not ckpt_path.is_file():
         return False
     ckpt = msd.read_checkpoint(ckpt_path)
-    if ckpt["config"] != asdict(cfg):
+    if not same_run(msd.config_from_dict(ckpt["config"], ckpt_path), cfg):
         return False
     return not cfg.init_from or (ckpt.get("init_from") or {}).get("sha256") == \
         msd.read_checkpoint(cfg.init_from)["sha256"]
 
 
+def ablation_job(job):
+    """Train (unless finished) and evaluate one (run, seed) of an ablation table -> its metrics.
+    Runs in the parent with --jobs 1, else in a worker process with one thread."""
+    name, cfg, floor, protocol = job["name"], job["cfg"], job["floor"], job["protocol"]
+    manifest, ckpt_path, seconds = msd.prepare_data(cfg), Path(cfg.out_dir) / "ckpt.pt", None
+    if floor == "warm_start":                              # the warm checkpoint, as it is
+        model, tokenizer, _, ckpt = msd.load_checkpoint(cfg.init_from)
+        step, ckpt_path = ckpt["step"], Path(cfg.init_from)
+    elif floor == "random":                                # the untrained floor
+        (model, tokenizer), step, ckpt_path = untrained_model(cfg, manifest), 0, None
+    else:
+        if not run_is_done(ckpt_path, cfg):
+            print(f"== training {name} seed {cfg.seed} -> {cfg.out_dir}"
+                  + (" (replacing a run of another config)" if ckpt_path.is_file() else ""), flush=True)
+            seconds = msd.pretrain(cfg, overwrite=True)["seconds"]
+        model, tokenizer, cfg, ckpt = msd.load_checkpoint(ckpt_path)
+        step = ckpt["step"]
+    ev = Evaluation(model, tokenizer, cfg, manifest, step, ckpt_path, protocol.batch_size)
+    metrics = ablation_metrics(ev, protocol)
+    metrics["train_seconds"] = seconds
+    return metrics
+
+
+def _one_thread_worker():
+    torch.set_num_threads(1)  # J processes of one thread each share the machine's cores
+
+
+def seed_stats(values):
+    """(mean, sample std with ddof = 1) over seeds; the std is None for a single seed."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return (None, None)
+    return (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def welch_t(a, b):
+    """Welch's t of mean(a) - mean(b) (unequal variances); None when either has < 2 values or
+    both spreads are 0."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    return None if se == 0 else float((a.mean() - b.mean()) / se)
+
+
+def with_mean_recall(metrics):
+    """The one number the batch-size study compares: mean R@10 = (i->t R@10 + t->i R@10) / 2."""
+    if "i2t_R@10" in metrics and "t2i_R@10" in metrics:
+        return {**metrics, "mean_R@10": (metrics["i2t_R@10"] + metrics["t2i_R@10"]) / 2}
+    return metrics
+
+
+def ablation_table(recorded, spec, floor):
+    """Rows in the spec's order from the recorded per-seed metrics: mean and sample std of every
+    metric, and, with a "reference" run, each row's difference from it and Welch's t."""
+    table = {}
+    for name in [floor, *spec["runs"]]:
+        per = recorded.get(name, {})
+        seeds = [s for s in spec["seeds"] if str(s) in per]
+        if not seeds:
+            continue
+        per_seed = [with_mean_recall(per[str(s)]["metrics"]) for s in seeds]
+        keys = [k for k in per_seed[0] if k != "train_seconds"]
+        table[name] = {"overrides": spec["runs"].get(name), "seeds": seeds, "per_seed": per_seed,
+                       **{k: seed_stats([r.get(k) for r in per_seed]) for k in keys}}
+    ref = table.get(spec.get("reference"))
+    for name, row in table.items():
+        if ref is not None and name != spec["reference"]:
+            row["vs_reference"] = {
+                k: {"difference": row[k][0] - ref[k][0] if row[k][0] is not None else None,
+                    "welch_t": welch_t([r[k] for r in row["per_seed"]], [r[k] for r in ref["per_seed"]])}
+                for k in row if k in ref and isinstance(row[k], tuple) and ref[k][0] is not None}
+    return table
+
+
+def write_json_atomic(path, obj):
+    """Write to a temporary file of this process, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(to_json(obj), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def read_recorded(path, spec_path, protocol_eval):
+    """The runs an earlier call recorded in the results file: {run: {seed: {"config", "metrics"}}},
+    and the list of superseded records. A file written for another evaluation protocol is
+    refused: its numbers are not comparable."""
+    if not path.is_file():
+        return {}, []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a results file of an ablation ({e}); move it away or "
+                         f"choose another --out") from None
+    if "recorded" not in old:
+        raise ValueError(f"{path} holds no per-run record (an older results file or another "
+                         f"task's); move it away or choose another --out")
+    if old.get("eval", {}) != protocol_eval:
+        raise ValueError(f"{path} was evaluated with eval {old.get('eval')}, {spec_path} asks for "
+                         f"{protocol_eval}; choose another --out for another protocol")
+    return old["recorded"], old.get("superseded", [])
+
+
 def run_ablation(args):
-    """Train every run of an ablation file for every seed (finished runs are reused), evaluate
-    each checkpoint with the protocol of the file's "eval" entry, tabulate mean and std over seeds.
+    """Train every run of an ablation file for every seed, evaluate each checkpoint with the
+    protocol of the file's "eval" entry, tabulate mean and sample std over seeds.
+
+    Every finished (run, seed) is recorded in the results file (--out) as soon as it is
+    evaluated, atomically, with its full config; a later call skips every (run, seed) whose
+    config is already recorded there, so a long table can be continued in another session from
+    the committed file. --jobs J trains J runs at once, each in a process of one thread.
     The first row is the floor: the untrained model ("random"), or, when the runs start from a
     checkpoint ("init_from" in "shared"), that checkpoint itself ("warm_start", no second stage).
-    "pretrain": the config whose run writes that checkpoint; it is trained first if missing."""
+    "pretrain": the config whose run writes that checkpoint; it is trained first if missing.
+    "reference": a run name; every other row then also gets its difference from that run and
+    Welch's t over seeds."""
     spec_path = Path(args.ablation)
     spec = json.loads(spec_path.read_text())
     unknown = set(spec) - set(ABLATION_KEYS)
     if unknown:
         raise KeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected {', '.join(ABLATION_KEYS)}")
+    if spec.get("reference") and spec["reference"] not in spec["runs"]:
+        raise ValueError(f"{spec_path}: reference {spec['reference']!r} is not one of its runs")
     # the evaluation protocol of the table: the command line's, with the file's "eval" on top
     protocol = argparse.Namespace(**{**vars(args), **{k: tuple(v) if isinstance(v, list) else v
                                                        for k, v in spec.get("eval", {}).items()}})
@@ -1296,62 +1605,94 @@ def run_ablation(args):
             raise FileNotFoundError(f"{spec_path}: init_from {init_from} does not exist")
         print(f"== pretraining {spec['pretrain']} -> {init_from}", flush=True)
         msd.pretrain(msd.load_config(spec["pretrain"], ["--progress=false"]))
+    init_sha = msd.read_checkpoint(init_from)["sha256"] if init_from else None
     floor = "warm_start" if init_from else "random"
-    table = {}
+    out = Path(args.out)
+    recorded, superseded = read_recorded(out, spec_path, spec.get("eval", {}))
+
+    def result():
+        return {"ablation": str(spec_path), "base": spec["base"], "shared": spec.get("shared", {}),
+                "eval": spec.get("eval", {}), "reference": spec.get("reference"),
+                "init_sha256": init_sha, "recorded": recorded, "superseded": superseded,
+                "table": ablation_table(recorded, spec, floor)}
+
+    jobs, skipped = [], 0
     for name, overrides in {floor: None, **spec["runs"]}.items():
-        per_seed = []
         for seed in spec["seeds"]:
             run_dir = Path(args.ablation_dir) / name / f"seed{seed}"
             cfg = msd.load_config(spec["base"], shared + [f"--seed={seed}", f"--out_dir={run_dir}"]
                                   + [f"--{k}={v}" for k, v in (overrides or {}).items()])
-            manifest, ckpt_path, seconds = msd.prepare_data(cfg), run_dir / "ckpt.pt", None
-            if overrides is None and init_from:               # the warm checkpoint, as it is
-                model, tokenizer, _, ckpt = msd.load_checkpoint(init_from)
-                step, ckpt_path = ckpt["step"], Path(init_from)
-            elif overrides is None:                           # the untrained floor
-                (model, tokenizer), step, ckpt_path = untrained_model(cfg, manifest), 0, None
-            else:
-                if not run_is_done(ckpt_path, cfg):
-                    print(f"== training {name} seed {seed} -> {run_dir}"
-                          + (" (replacing a run of another config)" if ckpt_path.is_file() else ""),
-                          flush=True)
-                    seconds = msd.pretrain(cfg, overwrite=True)["seconds"]
-                model, tokenizer, cfg, ckpt = msd.load_checkpoint(ckpt_path)
-                step = ckpt["step"]
-            ev = Evaluation(model, tokenizer, cfg, manifest, step, ckpt_path, args.batch_size)
-            metrics = ablation_metrics(ev, protocol)
-            metrics["train_seconds"] = seconds
-            per_seed.append(metrics)
-            print(f"   {name} seed {seed}: " + "  ".join(
-                f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
-        keys = [k for k in per_seed[0] if k != "train_seconds"]
-        table[name] = {"overrides": overrides, "seeds": spec["seeds"], "per_seed": per_seed,
-                       **{k: (float(np.nanmean([r[k] for r in per_seed])),
-                              float(np.nanstd([r[k] for r in per_seed]))) for k in keys}}
-    return {"ablation": str(spec_path), "base": spec["base"], "shared": spec.get("shared", {}),
-            "eval": spec.get("eval", {}), "table": table}
+            done = recorded.get(name, {}).get(str(seed))
+            if done and same_run(msd.config_from_dict(done["config"], out), cfg) \
+                    and done.get("init_sha256") == init_sha:
+                skipped += 1
+                continue
+            if done:  # recorded for another config or another init checkpoint: kept, set aside
+                superseded.append({"run": name, "seed": seed, **recorded[name].pop(str(seed))})
+                print(f"   {name} seed {seed}: the recorded run has another config or init "
+                      f"checkpoint; it moves to 'superseded' in {out} and is trained again", flush=True)
+            jobs.append({"name": name, "cfg": cfg, "protocol": protocol,
+                         "floor": floor if overrides is None else None})
+    print(f"== {spec_path}: {len(jobs)} runs to train and evaluate, {skipped} already recorded "
+          f"in {out}", flush=True)
+
+    def record(job, metrics):
+        recorded.setdefault(job["name"], {})[str(job["cfg"].seed)] = {
+            "config": asdict(job["cfg"]), "init_sha256": init_sha, "metrics": metrics}
+        write_json_atomic(out, result())  # a finished run is never lost, even if the next dies
+        print(f"   {job['name']} seed {job['cfg'].seed}: " + "  ".join(
+            f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+
+    if getattr(args, "jobs", 1) <= 1:
+        for job in jobs:
+            record(job, ablation_job(job))
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.jobs, _one_thread_worker) as pool:
+            for job, metrics in zip(jobs, pool.imap(ablation_job, jobs)):
+                record(job, metrics)
+    return result()
 
 
 def print_ablation(res):
-    """One row per run: mean ± std over seeds of every metric of the table."""
-    cols = [k for k in next(iter(res["table"].values())) if k.startswith(("zs_", "probe_", "i2t", "t2i"))]
-    print(f"ablation {res['ablation']} (base {res['base']}): mean ± std over seeds")
-    print(f"  {'run':<26}" + "".join(f"{c:>15}" for c in cols))
-    for name, r in res["table"].items():
-        print(f"  {name:<26}" + "".join(f"{r[c][0]:>8.3f}±{r[c][1]:<6.3f}" for c in cols))
+    """One row per run: mean ± sample std over seeds of every metric of the table; with a
+    reference run, the last column is Welch's t of each row's mean i->t and t->i R@10 against it."""
+    table = res["table"]
+    if not table:
+        print(f"ablation {res['ablation']}: no run recorded yet")
+        return
+    cols = [k for k in next(iter(table.values())) if k.startswith(("zs_", "probe_", "i2t", "t2i"))]
+    fmt = lambda m, s: f"{m:>8.3f}±{s:<6.3f}" if s is not None else f"{m:>8.3f}{'':7}"  # noqa: E731
+    ref = res.get("reference")
+    print(f"ablation {res['ablation']} (base {res['base']}): mean ± sample std (ddof=1) over seeds"
+          + (f"; t = Welch's t against {ref}" if ref else ""))
+    print(f"  {'run':<26}{'seeds':>6}" + "".join(f"{c:>15}" for c in cols)
+          + ("  t(i2t_R@10) t(t2i_R@10)" if ref else ""))
+    for name, r in table.items():
+        line = f"  {name:<26}{len(r['seeds']):>6}" + "".join(
+            fmt(*r[c]) if r[c][0] is not None else f"{'n/a':>15}" for c in cols)
+        if ref and "vs_reference" in r:
+            t = [r["vs_reference"].get(k, {}).get("welch_t") for k in ("i2t_R@10", "t2i_R@10")]
+            line += "".join(f"{v:>12.2f}" if v is not None else f"{'n/a':>12}" for v in t)
+        print(line)
 
 
 # -----------------------------------------------------------------------------------------------
-# (9) Pictures: SVG written by hand (no plotting library) from the files in results/:
+# (9) Pictures: SVG written by hand (no plotting library). `--task plots` draws one run's pictures
+# into its folder:
+#   <run>/log.jsonl          -> <run>/plots/log.svg, training curves
+#   <run>/eval/<name>.json   -> <run>/plots/eval_<name>.svg, its evaluation numbers as bars
+# and, with --readme-pictures, the README's pictures from the files in results/:
 #   results/efficiency*.json -> memory of one step against the effective batch ("growth:" rows)
 #   results/ablation*.json   -> the quality table as grouped bars with ±std whiskers
 #   results/*log.jsonl       -> training curves (a run's log.jsonl, copied there from runs/)
-# Each picture lands in results/plots/<input name>.svg; plain <svg> with lines, rectangles,
-# polylines and text, which GitHub's markdown viewer shows as an image.
+# each into results/plots/<input name>.svg. Plain <svg> with lines, rectangles, polylines and
+# text, which GitHub's markdown viewer shows as an image. A run name has one colour in every
+# ablation picture drawn together.
 
 PLOTS_FROM, PLOTS_TO = Path("results"), Path("results/plots")
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
           "#9c755f", "#bab0ac"]  # one per series, in order; repeats after ten
+FLOOR_RUNS, FLOOR_COLOR = ("random", "warm_start"), "#666"  # the floor rows of a table: grey
 CHAR_WIDTH = 0.6  # a sans-serif glyph is about 0.6 font sizes wide on average: for laying out text
 METRIC_NAMES = {"zs_acc": "zero-shot accuracy", "zs_f1": "zero-shot macro-F1",
                 "zs_auroc": "zero-shot AUROC", "probe_100%": "linear probe AUROC (100% of train)",
@@ -1359,6 +1700,7 @@ METRIC_NAMES = {"zs_acc": "zero-shot accuracy", "zs_f1": "zero-shot macro-F1",
 CURVE_NAMES = {"loss": "loss (of the logged optimizer step)",
                "tau": "tau: the learned temperature", "alpha": "alpha: weight of the teacher's soft targets",
                "lr": "learning rate", "grad_norm": "gradient norm (before clipping)"}
+FROM_ZERO = ("alpha", "lr")  # curves that start at 0 (warm-up ramps): their axis starts there too
 
 
 class Svg:
@@ -1475,13 +1817,15 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
     activations grow with B, against MSD with B/b micro-batches of b. -> notes (skipped rows)."""
     res = _read_json(efficiency_path)
     series, notes = {}, []                             # "CLIP" / "MSD" -> [(B, memory MB)]
-    legend = {"CLIP": "end-to-end CLIP: one batch of B", "MSD": "MSD: micro-batches, teacher, queue"}
+    legend = {"CLIP": "end-to-end CLIP: one batch of B", "MSD": "MSD: micro-batches, teacher, queue",
+              "CLIP exact": "exact CLIP accumulation: micro-batches, cached features"}
     for row in res.get("rows", []) if isinstance(res, dict) else []:
         name = str(row.get("name", "")) if isinstance(row, dict) else ""
         if not name.startswith("growth: "):
             continue
         words = name.split()                           # "growth: MSD 4x32 (B=128)"
-        method, batch, value = words[1], _number(row.get("effective_batch")), _number(row.get(key))
+        method = "CLIP exact" if words[1:3] == ["CLIP", "exact"] else words[1]  # "growth: CLIP exact 4x32 ..."
+        batch, value = _number(row.get("effective_batch")), _number(row.get(key))
         if method == "MSD" and len(words) > 2 and "x" in words[2]:
             legend[method] = f"MSD: B/{words[2].split('x')[-1]} micro-batches, teacher, queue"
         if batch is None or value is None:
@@ -1493,17 +1837,20 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
                          f"python evaluate.py --task efficiency)")
     batches = sorted({b for points in series.values() for b, _ in points})
     top = max(v for points in series.values() for _, v in points)
-    svg = Svg(600, 400)
-    box = (70, 50, 440, 250)
+    svg = Svg(600, 414)
+    box = (70, 64, 440, 250)
     lo, hi = math.log2(batches[0]), math.log2(batches[-1])  # log scale: B doubles per tick
     pad = max(hi - lo, 1) * 0.06                       # keeps the end points off the frame
     x_ticks = [(lo - pad, "")] + [(math.log2(b), f"{b:g}") for b in batches] + [(hi + pad, "")]
-    fx, fy = _axes(svg, box, x_ticks, [(v, f"{v:g}") for v in nice_ticks(0, top)])
+    # 10 % headroom: the "... MB" label above the highest point stays inside the frame
+    fx, fy = _axes(svg, box, x_ticks, [(v, f"{v:g}") for v in nice_ticks(0, 1.1 * top, 6)])
     svg.text(300, 24, "Memory of one optimizer step against the effective batch B", size=15,
              anchor="middle", font_weight="bold")
-    svg.text(290, 335, "effective batch B (pairs per optimizer step), log scale", anchor="middle")
+    summary = growth_summary(series)
+    svg.text(300, 44, summary, size=12, anchor="middle")
+    svg.text(290, 349, "effective batch B (pairs per optimizer step), log scale", anchor="middle")
     y_label = f"{key.replace('_mb', '').replace('_', ' ')} (MB) on {res.get('device', '?')}"
-    svg.text(18, 175, y_label, anchor="middle", transform="rotate(-90 18 175)")
+    svg.text(18, 189, y_label, anchor="middle", transform="rotate(-90 18 189)")
     for k, (method, points) in enumerate(sorted(series.items())):
         color, points = COLORS[k % len(COLORS)], sorted(points)
         svg.add("polyline", class_="series", fill="none", stroke=color, stroke_width=2.5,
@@ -1519,13 +1866,26 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
              f"{res.get('threads', '?')} threads), config {res.get('config', '?')}"
              f"{''.join(' ' + str(o) for o in res.get('overrides', []))}. "
              f"Memory: {res.get('memory', 'not described')}.")
-    y = 358
+    y = 372
     for line in _wrap(about, int(svg.width / (CHAR_WIDTH * 11)) - 4):
         svg.text(10, y, line, size=11, fill="#444")
         y += 15
     svg.height = _notes(svg, y, notes) + 4
-    svg.write(out_path, f"Memory of one optimizer step against the effective batch ({efficiency_path})")
+    svg.write(out_path, f"Memory of one optimizer step against the effective batch. {summary} "
+                        f"({efficiency_path})")
     return notes
+
+
+def growth_summary(series):
+    """What the memory picture shows, in words: each method's first and last point and their
+    ratio, e.g. "B = 32 -> 256: CLIP 152 -> 948 MB (6.2x), MSD 158 -> 329 MB (2.1x)"."""
+    parts = []
+    for method, points in sorted(series.items()):
+        (b0, v0), (b1, v1) = min(points), max(points)
+        ratio = f" ({v1 / v0:.1f}×)" if v0 > 0 else ""
+        parts.append(f"{method} {v0:.0f} → {v1:.0f} MB{ratio}")
+    batches = sorted(b for points in series.values() for b, _ in points)
+    return f"B = {batches[0]:g} → {batches[-1]:g}: " + ", ".join(parts)
 
 
 def read_log(log_path):
@@ -1561,9 +1921,10 @@ def plot_curves(log_path, out_path, keys=None):
         raise ValueError(f"{log_path}: none of the keys to plot is logged (it has {sorted(logged)})")
     panel_h, gap, left, width = 110, 34, 70, 480
     svg = Svg(600, 0)  # the height is known once the notes are placed
-    svg.text(300, 24, f"Training curves of {Path(log_path).name}", size=15, anchor="middle",
-             font_weight="bold")
-    x_ticks = [(v, f"{v:g}") for v in nice_ticks(0, max(float(r["step"]) for r in records), 6)]
+    name = f"{Path(log_path).parent.name}/{Path(log_path).name}"      # run/log.jsonl
+    svg.text(300, 24, f"Training curves of {name}", size=15, anchor="middle", font_weight="bold")
+    last_step = max(float(r["step"]) for r in records)
+    x_ticks = ticks_up_to(last_step)
     for k, key in enumerate(keys):
         segments, bad = [[]], 0                        # runs of finite values; a bad value ends one
         for r in records:
@@ -1576,7 +1937,8 @@ def plot_curves(log_path, out_path, keys=None):
                          f"curve)")
         values = [v for seg in segments for _, v in seg] or [0.0]
         top = 50 + k * (panel_h + gap)
-        y_ticks = [(v, f"{v:g}") for v in nice_ticks(min(values), max(values), 3)]
+        low = min(0.0, min(values)) if key in FROM_ZERO else min(values)
+        y_ticks = [(v, f"{v:g}") for v in nice_ticks(low, max(values), 3)]
         fx, fy = _axes(svg, (left, top, width, panel_h), x_ticks, y_ticks, x_labels=k == len(keys) - 1)
         svg.text(left, top - 6, CURVE_NAMES.get(key, key), size=12, font_weight="bold")
         color = COLORS[k % len(COLORS)]
@@ -1589,14 +1951,77 @@ def plot_curves(log_path, out_path, keys=None):
     bottom = 50 + len(keys) * (panel_h + gap) - gap  # of the last panel
     svg.text(left + width / 2, bottom + 36, "optimizer step", anchor="middle")
     svg.height = _notes(svg, bottom + 58, notes) + 4
-    svg.write(out_path, f"Training curves ({log_path})")
+    svg.write(out_path, f"Training curves of {name}: {', '.join(keys)} over {last_step:g} "
+                        f"optimizer steps")
     return notes
 
 
-def plot_ablation(ablation_path, out_path, metrics=("zs_acc", "probe_100%", "i2t_R@10", "t2i_R@10")):
+def ticks_up_to(last, n=6):
+    """(value, label) ticks of a step axis from 0 that ends where the data ends: round values
+    below `last`, then `last` itself (a round value too close to it to label apart is left out)."""
+    if last <= 0:
+        return [(v, f"{v:g}") for v in nice_ticks(min(last, 0.0), 0.0, n)]
+    ticks = [v for v in nice_ticks(0, last, n) if v <= 0.92 * last]
+    return [(v, f"{v:g}") for v in ticks + [last]]
+
+
+def run_colors(names):
+    """One colour per run name, the same in every picture drawn with this map: the floor rows
+    (the untrained "random", the "warm_start" checkpoint) grey, the other names in the order they
+    first appear in `names` (the runs of all the tables drawn together)."""
+    others = [n for n in dict.fromkeys(names) if n not in FLOOR_RUNS]
+    return {**{n: FLOOR_COLOR for n in FLOOR_RUNS},
+            **{n: COLORS[k % len(COLORS)] for k, n in enumerate(others)}}
+
+
+def draw_bars(bars, runs, groups, colors, title, y_label):
+    """Grouped bars: one group per (key, label) of `groups`, one bar per run, whiskers at
+    mean ± std where there is a std. bars: {(key, run): (mean, std or None)}; colors: run ->
+    colour. -> (Svg, the y just under the group labels), for the caller to add notes and write."""
+    bar_w, gap, left, top, height = max(12, 60 // len(runs)), 26, 64, 50, 260
+    group_w = len(runs) * bar_w + gap
+    legend_x = left + len(groups) * group_w + 24
+    legend_w = max(len(r) for r in runs) * CHAR_WIDTH * 12 + 30
+    svg = Svg(int(max(legend_x + legend_w, CHAR_WIDTH * 15 * len(title) + 20)), 0)
+    highest = max(m + (s or 0) for m, s in bars.values())
+    _, fy = _axes(svg, (left, top, len(groups) * group_w, height), [(0, ""), (1, "")],
+                  [(v, f"{v:g}") for v in nice_ticks(0, max(1.0, highest), 5)], x_labels=False)
+    svg.text(svg.width / 2, 24, title, size=15, anchor="middle", font_weight="bold")
+    svg.text(18, top + height / 2, y_label, anchor="middle", transform=f"rotate(-90 18 {top + height / 2})")
+    lines = 1
+    for g, (key, label) in enumerate(groups):
+        x0 = left + g * group_w + gap / 2
+        for k, run in enumerate(runs):
+            if (key, run) not in bars:
+                continue
+            mean, std = bars[key, run]
+            x, color = x0 + k * bar_w, colors[run]
+            y_base, y_top = fy(0), fy(max(mean, 0.0))
+            svg.add("rect", class_="bar", x=x + 1, y=y_top, width=bar_w - 2, height=y_base - y_top,
+                    fill=color, data_run=run)
+            if std is not None:                        # the whisker, cut at the axis
+                xm, low, high = x + bar_w / 2, fy(max(mean - std, 0.0)), fy(mean + std)
+                svg.line(xm, low, xm, high)
+                svg.line(xm - 3, low, xm + 3, low)
+                svg.line(xm - 3, high, xm + 3, high)
+        wrapped = _wrap(label, max(int(group_w / (CHAR_WIDTH * 11)), 6))
+        lines = max(lines, len(wrapped))
+        for i, line in enumerate(wrapped):
+            svg.text(x0 + len(runs) * bar_w / 2, top + height + 16 + 14 * i, line, size=11, anchor="middle")
+    for k, run in enumerate(runs):
+        svg.add("rect", class_="swatch", x=legend_x, y=top + 18 * k, width=14, height=10,
+                fill=colors[run], data_run=run)
+        svg.text(legend_x + 20, top + 9 + 18 * k, run, size=12)
+    return svg, top + height + 16 + 14 * lines + 16
+
+
+def plot_ablation(ablation_path, out_path, metrics=("zs_acc", "probe_100%", "i2t_R@10", "t2i_R@10"),
+                  colors=None):
     """An ablation file (python evaluate.py --task ablation; {"table": {run: {metric: [mean, std]}}})
     as grouped bars: one group per metric, one bar per run, whiskers at mean ± std over seeds.
-    A missing (null, NaN) mean is not drawn, with a note; a missing std draws no whisker. -> notes."""
+    colors: run name -> colour (run_colors), shared by the pictures drawn together; default: this
+    table's own runs. A missing (null, NaN) mean is not drawn, with a note; a missing std draws
+    no whisker. -> notes."""
     res = _read_json(ablation_path)
     table = res.get("table") if isinstance(res, dict) else None
     if not isinstance(table, dict) or not table:
@@ -1614,40 +2039,71 @@ def plot_ablation(ablation_path, out_path, metrics=("zs_acc", "probe_100%", "i2t
     metrics = [m for m in metrics if any((m, r) in bars for r in runs)]
     if not metrics:
         raise ValueError(f"{ablation_path}: none of the metrics to plot has a value")
-    bar_w, gap, left, top, height = 12, 26, 64, 50, 260
-    group_w = len(runs) * bar_w + gap
-    legend_x = left + len(metrics) * group_w + 24
-    legend_w = max(len(r) for r in runs) * CHAR_WIDTH * 12 + 30
-    svg = Svg(int(legend_x + legend_w), 0)
-    highest = max(m + (s or 0) for m, s in bars.values())
-    _, fy = _axes(svg, (left, top, len(metrics) * group_w, height), [(0, ""), (1, "")],
-                  [(v, f"{v:g}") for v in nice_ticks(0, max(1.0, highest), 5)], x_labels=False)
     seeds = "/".join(sorted({str(len(r.get("seeds", []))) for r in table.values() if isinstance(r, dict)}))
-    svg.text(svg.width / 2, 24, f"{Path(ablation_path).name}: mean ± std over {seeds} seeds", size=15,
-             anchor="middle", font_weight="bold")
-    for g, metric in enumerate(metrics):
-        x0 = left + g * group_w + gap / 2
-        for k, run in enumerate(runs):
-            if (metric, run) not in bars:
-                continue
-            mean, std = bars[metric, run]
-            x, color = x0 + k * bar_w, COLORS[k % len(COLORS)]
-            y_base, y_top = fy(0), fy(max(mean, 0.0))
-            svg.add("rect", class_="bar", x=x + 1, y=y_top, width=bar_w - 2, height=y_base - y_top,
-                    fill=color)
-            if std is not None:                        # the whisker, cut at the axis
-                xm, low, high = x + bar_w / 2, fy(max(mean - std, 0.0)), fy(mean + std)
-                svg.line(xm, low, xm, high)
-                svg.line(xm - 3, low, xm + 3, low)
-                svg.line(xm - 3, high, xm + 3, high)
-        label = _wrap(METRIC_NAMES.get(metric, metric), int(group_w / (CHAR_WIDTH * 11)))
-        for i, line in enumerate(label):
-            svg.text(x0 + len(runs) * bar_w / 2, top + height + 16 + 14 * i, line, size=11, anchor="middle")
-    for k, run in enumerate(runs):
-        svg.add("rect", x=legend_x, y=top + 18 * k, width=14, height=10, fill=COLORS[k % len(COLORS)])
-        svg.text(legend_x + 20, top + 9 + 18 * k, run, size=12)
-    svg.height = _notes(svg, top + height + 58, notes) + 4
+    colors = {**run_colors(runs), **(colors or {})}
+    svg, y = draw_bars(bars, runs, [(m, METRIC_NAMES.get(m, m)) for m in metrics], colors,
+                       f"{Path(ablation_path).name}: mean ± std over {seeds} seeds",
+                       "mean over seeds (1 = perfect)")
+    svg.height = _notes(svg, y, notes) + 4
     svg.write(out_path, f"Ablation table as bars ({ablation_path})")
+    return notes
+
+
+def _dict(value):
+    return value if isinstance(value, dict) else {}
+
+
+def eval_metrics(res):
+    """The headline numbers of an evaluation results file (python evaluate.py --task all, or one
+    task) -> {label: (value, std over seeds or None)}, in the order of the tasks."""
+    out = {}
+    zs = _dict(res.get("zeroshot"))
+    mc, binary = _dict(zs.get("multiclass")), _dict(zs.get("binary"))
+    if mc:
+        out[f"zero-shot accuracy ({mc.get('split')})"] = (mc.get("accuracy"), None)
+        out[f"zero-shot macro-F1 ({mc.get('split')})"] = (mc.get("macro_f1"), None)
+    if binary:
+        out[f"zero-shot binary AUROC ({binary.get('split')})"] = (binary.get("mean_auroc"), None)
+    fs = _dict(res.get("fewshot"))
+    score = "accuracy" if fs.get("kind") == "multi-class" else "auroc"
+    for name, r in _dict(fs.get("results")).items():
+        out[f"probe {score.replace('auroc', 'AUROC')} {name}"] = (
+            _dict(r).get(f"{score}_mean"), _dict(r).get(f"{score}_std"))
+    for split, r in _dict(res.get("retrieval")).items():
+        for direction in ("i2t", "t2i"):
+            for k, v in _dict(_dict(r).get(direction)).items():
+                if k.startswith("R@"):
+                    out[f"{direction} {k} ({split})"] = (v, None)
+    return out
+
+
+def plot_eval(eval_path, out_path, run="run", colors=None):
+    """One evaluation results file of a run (its eval/<task>.json) as bars: zero-shot accuracy,
+    macro-F1 and AUROC, the probe per setting (± std over seeds), retrieval recall. -> notes."""
+    res = _dict(_read_json(eval_path))
+    metrics = eval_metrics(res)
+    if not metrics:
+        raise ValueError(f"{eval_path}: no zero-shot, probe or retrieval numbers (files come from "
+                         f"python evaluate.py --task all)")
+    bars, notes = {}, []
+    for label, (value, std) in metrics.items():
+        if _number(value) is None:
+            notes.append(f"{label}: no value, no bar")
+        else:
+            bars[label, run] = _number(value), _number(std)
+    if not bars:
+        raise ValueError(f"{eval_path}: none of the numbers to plot has a value")
+    groups = [(label, label) for label in metrics if (label, run) in bars]
+    svg, y = draw_bars(bars, [run], groups, {**run_colors([run]), **(colors or {})},
+                       f"{run}: {Path(eval_path).name}, step {res.get('step', '?')}",
+                       "score (1 = perfect)")
+    about = (f"checkpoint {res.get('checkpoint', '?')}, manifest {res.get('manifest', '?')}, "
+             f"splits {res.get('split_sizes', '?')}")
+    for line in _wrap(about, int(svg.width / (CHAR_WIDTH * 11)) - 4):
+        svg.text(10, y, line, size=11, fill="#444")
+        y += 15
+    svg.height = _notes(svg, y, notes) + 4
+    svg.write(out_path, f"Evaluation of {run} as bars ({eval_path})")
     return notes
 
 
@@ -1657,28 +2113,85 @@ PLOTS = [  # (input files in results/, drawn by, how to make one)
     ("*log.jsonl", plot_curves, "cp runs/small/log.jsonl results/small_log.jsonl after a training run")]
 
 
-def run_plots(args):
-    """Draw every picture whose input is in results/. A missing input is reported and the other
-    pictures are still drawn; an input that cannot be read is an error, after the others are drawn."""
-    written, missing, broken = {}, {}, {}
+def _table_runs(path):
+    """The run names of an ablation file ([] when it cannot be read: plot_ablation says why)."""
+    try:
+        res = _read_json(path)
+    except (OSError, ValueError):
+        return []
+    table = res.get("table") if isinstance(res, dict) else None
+    return list(table) if isinstance(table, dict) else []
+
+
+def readme_pictures():
+    """The README's pictures: every input in results/ -> results/plots/<input name>.svg, with one
+    colour per run name over all the ablation pictures. -> (jobs, missing inputs)."""
+    ablations = sorted(PLOTS_FROM.glob("ablation*.json"))
+    colors = run_colors([run for path in ablations for run in _table_runs(path)])
+    jobs, missing = [], {}
     for pattern, plot, how in PLOTS:
         inputs = sorted(PLOTS_FROM.glob(pattern))
         if not inputs:
             missing[str(PLOTS_FROM / pattern)] = f"no such file, picture not drawn (to make one: {how})"
         for path in inputs:
-            out = PLOTS_TO / f"{path.stem}.svg"
-            try:
-                written[str(out)] = {"from": str(path), "notes": plot(path, out)}
-            except (OSError, ValueError) as e:
-                broken[str(path)] = str(e)
-                continue
-            notes = written[str(out)]["notes"]
-            print(f"wrote {out} from {path}" + "".join(f"\n  note: {n}" for n in notes))
+            if plot is plot_ablation:                   # the shared colours of the runs
+                jobs.append((path, PLOTS_TO / f"{path.stem}.svg",
+                             lambda p, out: plot_ablation(p, out, colors=colors)))
+            else:
+                jobs.append((path, PLOTS_TO / f"{path.stem}.svg", plot))
+    return jobs, missing
+
+
+def run_pictures(run_dir, train_how, eval_how):
+    """One run's pictures, in its folder: log.jsonl -> plots/log.svg (training curves) and each
+    eval/<name>.json -> plots/eval_<name>.svg. -> (jobs, missing inputs)."""
+    run_dir, jobs, missing = Path(run_dir), [], {}
+    log, evals = run_dir / "log.jsonl", sorted((run_dir / "eval").glob("*.json"))
+    if log.is_file():
+        jobs.append((log, run_dir / "plots" / "log.svg", plot_curves))
+    else:
+        missing[str(log)] = f"no such file, no training curves (to make one: {train_how})"
+    if not evals:
+        missing[str(run_dir / "eval" / "*.json")] = f"no such file, no evaluation picture (to make one: {eval_how})"
+    for path in evals:
+        jobs.append((path, run_dir / "plots" / f"eval_{path.stem}.svg",
+                     lambda p, out: plot_eval(p, out, run=run_dir.name)))
+    return jobs, missing
+
+
+def draw_pictures(jobs, missing):
+    """Draw every (input, picture, drawing function) of jobs. A missing input is reported and the
+    other pictures are still drawn; an input that cannot be read is an error, after the others
+    are drawn. -> {picture: {"from": input, "notes": [...]}}."""
+    written, broken = {}, {}
+    for path, out, plot in jobs:
+        try:
+            notes = plot(path, out)
+        except (OSError, ValueError) as e:
+            broken[str(path)] = str(e)
+            continue
+        written[str(out)] = {"from": str(path), "notes": notes}
+        print(f"wrote {out} from {path}" + "".join(f"\n  note: {n}" for n in notes))
     for path, why in missing.items():
         print(f"{path}: {why}")
     if broken:
         raise ValueError("could not draw: " + "; ".join(f"{p}: {why}" for p, why in broken.items()))
-    return {"plots": written, "missing": missing}
+    return written
+
+
+def run_plots(args):
+    """--task plots: the pictures of one run (the run of --checkpoint, or of --config) in its
+    folder; with --readme-pictures, the README's pictures in results/plots/ from results/."""
+    if args.readme_pictures:
+        jobs, missing = readme_pictures()
+    else:
+        run_dir, train_how, eval_how = run_folder(args), how_to_train(args), how_to_evaluate(args)
+        jobs, missing = run_pictures(run_dir, train_how, eval_how)
+        if not jobs:
+            raise ValueError(f"{run_dir}: nothing to draw, no log.jsonl and no eval/*.json; train "
+                             f"({train_how}) and evaluate ({eval_how}) first, or redraw the "
+                             f"README pictures with --readme-pictures")
+    return {"plots": draw_pictures(jobs, missing), "missing": missing}
 
 
 BENCHMARKS = {"efficiency": run_efficiency, "ablation": run_ablation, "plots": run_plots}
@@ -1703,17 +2216,117 @@ def untrained_model(cfg, manifest):
 
 
 def load_for_eval(args):
-    """-> (model, tokenizer, cfg, manifest, step, checkpoint path or None)."""
+    """-> (model, tokenizer, cfg, manifest, step, checkpoint path or None, its SHA-256 or None)."""
     device = msd.pick_device(args.device)
     if args.checkpoint == "random":
         cfg = msd.load_config(args.config)
         manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
         model, tokenizer = untrained_model(cfg, manifest)
-        return model.to(device), tokenizer, cfg, manifest, 0, None
-    path = args.checkpoint or Path(msd.load_config(args.config).out_dir) / "ckpt.pt"
+        return model.to(device), tokenizer, cfg, manifest, 0, None, None
+    path = Path(args.checkpoint or Path(msd.load_config(args.config).out_dir) / "ckpt.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}; train it first ({how_to_train(args)}) "
+                                f"or evaluate an untrained model with --checkpoint random")
     model, tokenizer, cfg, ckpt = msd.load_checkpoint(path, map_location=device)
     manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
-    return model, tokenizer, cfg, manifest, ckpt["step"], path
+    return model, tokenizer, cfg, manifest, ckpt["step"], path, ckpt["sha256"]
+
+
+def how_to_train(args):
+    """The command that trains the run a task reads (for messages)."""
+    if args.checkpoint and args.checkpoint != "random":
+        return f"python msd.py --config {args.config} --out_dir={Path(args.checkpoint).parent}"
+    return f"python msd.py --config {args.config}"
+
+
+def how_to_evaluate(args):
+    """The command that writes the run's evaluation results (for messages)."""
+    which = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
+    if not args.checkpoint or args.checkpoint == "random":
+        which += f" --config {args.config}"
+    return f"python evaluate.py --task all{which}"
+
+
+def run_folder(args):
+    """The folder of the run a task evaluates or draws: the checkpoint's, the run of --config
+    (its out_dir), or for --checkpoint random a folder beside it, random-<config name>."""
+    if args.checkpoint == "random":
+        return Path(msd.load_config(args.config).out_dir).parent / f"random-{Path(args.config).stem}"
+    if args.checkpoint:
+        return Path(args.checkpoint).parent
+    return Path(msd.load_config(args.config).out_dir)
+
+
+NOT_PROTOCOL = ("task", "checkpoint", "config", "out", "device", "batch_size", "chunk_size",
+                "debug", "overrides", "jobs", "readme_pictures")  # where and how fast, not what
+
+
+def protocol_of(args):
+    """The options that define what a task measures, as written in its results file."""
+    return to_json({k: v for k, v in sorted(vars(args).items()) if k not in NOT_PROTOCOL})
+
+
+def _file_name_part(text):
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(text))
+
+
+def default_out(args):
+    """Where a task writes its JSON when --out is not given. Never results/ (the README's
+    numbers), and never one task's file for another's:
+      zeroshot / fewshot / retrieval / all -> <run>/eval/<task>[_<split>][_<data>][_<column>].json,
+        or <task>-2.json, -3.json, ... when that file holds the results of another protocol
+      plots        -> <run>/plots/plots.json (--readme-pictures: runs/plots/readme-pictures.json)
+      ablation     -> <--ablation-dir>/<ablation file name>.json (where finished runs are recorded)
+      efficiency, pixel-probe -> runs/<task>/<config name>[_<data>].json"""
+    variant = "" if args.split == "test" else f"_{args.split}"
+    if args.data:
+        data_path = Path(args.data)
+        variant += f"_{data_path.parent.name if data_path.stem == 'manifest' else data_path.stem}"
+    if args.label_column:
+        variant += f"_{args.label_column}"
+    if args.task in (*TASKS, "all"):
+        return free_name(run_folder(args) / "eval" / _file_name_part(f"{args.task}{variant}.json"),
+                         protocol_of(args))
+    if args.task == "plots":
+        return (Path("runs/plots/readme-pictures.json") if args.readme_pictures
+                else run_folder(args) / "plots" / "plots.json")
+    if args.task == "ablation":
+        return Path(args.ablation_dir) / f"{Path(args.ablation).stem}.json"
+    return Path("runs") / args.task / _file_name_part(f"{Path(args.config).stem}{variant}.json")
+
+
+def free_name(path, protocol):
+    """path, or the first of <name>-2.json, <name>-3.json, ... that does not hold the results of
+    another protocol: a rerun replaces its own file, never another protocol's (nor a file that
+    cannot be read)."""
+    candidate, n = path, 1
+    while candidate.is_file() and _recorded_protocol(candidate) != protocol:
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def _recorded_protocol(path):
+    try:
+        res = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return res.get("protocol") if isinstance(res, dict) else None
+
+
+def check_writable(p, path, given):
+    """The results file can be written: checked before any work. A folder, a path under a file,
+    or a folder this user cannot write is a usage error naming the way out."""
+    path, option = Path(path), "--out" if given else "the default results file"
+    if path.is_dir():
+        p.error(f"{option} {path} is a folder; give a file name, e.g. --out {path / 'results.json'}")
+    folder = path.parent
+    while not folder.exists():                         # the folders still to make: their parent
+        folder = folder.parent
+    if not folder.is_dir():
+        p.error(f"{option} {path}: {folder} is a file, not a folder; choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        p.error(f"{option} {path}: {folder} is not writable; choose another --out")
 
 
 def to_json(obj):
@@ -1729,17 +2342,32 @@ def to_json(obj):
     return obj
 
 
+def _numbers(text, kind):
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values such as "
+                                         f"{'1,2,4' if kind is int else '0.1,1'}, got {text!r}") from None
+
+
 def _floats(text):
-    return tuple(float(v) for v in text.split(","))
+    return _numbers(text, float)
 
 
 def _ints(text):
-    return tuple(int(v) for v in text.split(","))
+    return _numbers(text, int)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line (exit status 2); --help shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate an MSD checkpoint: zero-shot, linear "
-                                "probe, retrieval; or a benchmark that needs no checkpoint.")
+    p = Parser(prog="evaluate.py", description="Evaluate an MSD checkpoint: zero-shot, linear "
+               "probe, retrieval; or a benchmark that needs no checkpoint.")
     p.add_argument("--task", default="all", choices=[*TASKS, "all", "pixel-probe", *BENCHMARKS],
                    help="all = zeroshot, fewshot and retrieval; pixel-probe, efficiency and "
                         "ablation train or time models themselves (no checkpoint)")
@@ -1753,12 +2381,26 @@ def build_parser():
     p.add_argument("--label-column", dest="label_column",
                    help="a manifest column holding one class name per row: N-way zero-shot and "
                         "a multi-class probe over its classes")
-    p.add_argument("--out", default="results.json")
+    p.add_argument("--out", help="the results JSON (default: <run>/eval/<task>.json beside the "
+                                 "checkpoint; benchmarks: runs/<task>/...; see default_out)")
+    p.add_argument("--debug", action="store_true", help="a user error shows its traceback")
     p.add_argument("--prompt-set", dest="prompt_set", choices=prompt_set_names(),
                    help="a shipped prompt set, configs/prompts/NAME.json (default: synth for a "
                         "synthetic manifest, the class names with --label-column, else chexpert; "
                         "pneumonia for RSNA)")
     p.add_argument("--prompts", help="your own JSON prompt file, keyed by class names")
+    p.add_argument("--zeroshot-protocol", dest="zeroshot_protocol", default="grid",
+                   choices=list(ZEROSHOT_PROTOCOLS),
+                   help="N-way zero-shot: grid = every prompt, mean class vector (default); gloria "
+                        "= GLoRIA's: sampled prompts, highest cosine, z-scored per class")
+    p.add_argument("--prompts-per-class", dest="prompts_per_class", type=int, default=5,
+                   help="gloria: prompts drawn per class (GLoRIA draws 5)")
+    p.add_argument("--prompt-seed", dest="prompt_seed", type=int, default=6,
+                   help="gloria: seed of the draw (6 draws GLoRIA's prompts from the chexpert grid)")
+    p.add_argument("--binary-protocol", dest="binary_protocol", default="prompts",
+                   choices=list(BINARY_PROTOCOLS),
+                   help="binary zero-shot: prompts = the prompt set's positives against its "
+                        "negatives (default); chexzero = CheXzero's ('<finding>', 'no <finding>')")
     p.add_argument("--labels", help="comma-separated CheXpert labels to probe (default: those "
                                     "with both classes in train and --split)")
     p.add_argument("--shots", type=_ints, default=(1, 2, 4, 8, 16))
@@ -1781,64 +2423,150 @@ def build_parser():
     p.add_argument("--ablation", default="configs/ablation.json", help="ablation: the run list")
     p.add_argument("--ablation-dir", dest="ablation_dir", default="runs/ablation",
                    help="ablation: where runs are trained (finished runs are reused)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="ablation: runs trained at once, each in a process of one thread")
+    p.add_argument("--allow-split-overlap", dest="allow_split_overlap", action="store_true",
+                   help="evaluate although a patient or study is in train and in another split")
+    p.add_argument("--readme-pictures", dest="readme_pictures", action="store_true",
+                   help="plots: redraw the README's results/plots/*.svg from results/ (default: "
+                        "the pictures of the run of --checkpoint / --config, in its folder)")
     return p
 
 
 def check_options(p, args):
     """Options that the chosen task would ignore are errors, never silent no-ops."""
     uses = {"prompts": ("zeroshot", "all"), "prompt_set": ("zeroshot", "all"),
-            "label_column": (*TASKS, "all"), "labels": ("fewshot", "all")}
+            "label_column": (*TASKS, "all"), "labels": ("fewshot", "all"), "readme_pictures": ("plots",),
+            **dict.fromkeys(("zeroshot_protocol", "prompts_per_class", "prompt_seed",
+                             "binary_protocol"), ("zeroshot", "all"))}
     for key, tasks in uses.items():
-        if getattr(args, key) is not None and args.task not in tasks:
+        if getattr(args, key) not in (None, p.get_default(key)) and args.task not in tasks:
             p.error(f"--{key.replace('_', '-')} is not used by --task {args.task} "
                     f"(only by {', '.join(tasks)})")
     if args.prompts and args.prompt_set:
         p.error("give --prompts FILE or --prompt-set NAME, not both")
+    for key in ("prompts_per_class", "prompt_seed"):       # the settings of the gloria draw
+        if getattr(args, key) != p.get_default(key) and args.zeroshot_protocol != "gloria":
+            p.error(f"--{key.replace('_', '-')} is used only by --zeroshot-protocol gloria")
+    if args.prompts_per_class < 1:
+        p.error(f"--prompts-per-class {args.prompts_per_class}: at least 1 prompt per class")
+    if args.label_column and args.binary_protocol != p.get_default("binary_protocol"):
+        p.error("--binary-protocol is not used with --label-column (binary zero-shot scores the "
+                "CheXpert label columns)")
+    check_values(p, args)
+
+
+AT_LEAST_ONE = ("seeds", "chunk_size", "batch_size", "epochs", "steps", "jobs")  # counts and sizes
+
+
+def check_values(p, args):
+    """Values that make no sense are usage errors, before anything runs."""
+    def refuse(key, why):
+        value = getattr(args, key)
+        shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+        p.error(f"--{key.replace('_', '-')} {shown}: {why}")
+
+    for key in AT_LEAST_ONE:
+        if getattr(args, key) < 1:
+            refuse(key, "must be at least 1")
+    for key in ("shots", "ks"):
+        values = getattr(args, key)
+        if min(values) < 1 or len(set(values)) < len(values):
+            refuse(key, "each value at least 1, none twice")
+    if not all(0 < f <= 1 for f in args.fractions):
+        refuse("fractions", "fractions of the training labels, each above 0 and at most 1 (= all)")
+    names = [f"{f:.0%}" for f in args.fractions]          # how the results name them
+    if len(set(names)) < len(names) or "0%" in names:
+        refuse("fractions", f"the results name each by its whole percent ({', '.join(names)}); give "
+                            f"distinct fractions of at least 0.005")
+    if not all(math.isfinite(w) and w >= 0 for w in args.weight_decays):
+        refuse("weight_decays", "each a finite number, at least 0")
+    if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
+        refuse("time_budget", "seconds, a finite number at least 0 (0 = no budget)")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            refuse("device", "expected cpu, cuda, cuda:N, mps or auto")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            refuse("device", "this machine has no CUDA device (torch.cuda.is_available() is "
+                             "False); use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            refuse("device", "this machine has no MPS device; use --device cpu")
+
+
+def evaluate_checkpoint(args):
+    """The checkpoint tasks (zeroshot, fewshot, retrieval, all) -> (results, problems: what was
+    asked for but could not be computed)."""
+    model, tokenizer, cfg, manifest, step, checkpoint, sha256 = load_for_eval(args)
+    ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size, sha256)
+    data.check_split_overlap(ev.rows, manifest, args.allow_split_overlap)
+    print(f"checkpoint {checkpoint or 'random (untrained)'} | step {step} | manifest {manifest} | "
+          f"splits {ev.split_sizes}")
+    results = {"checkpoint": str(checkpoint) if checkpoint else "random", "step": step,
+               "checkpoint_sha256": sha256, "manifest": str(manifest), "split": args.split,
+               "protocol": protocol_of(args), "split_sizes": ev.split_sizes, "config": asdict(cfg)}
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    skipped = {}
+    for task in tasks:
+        results[task] = TASKS[task](ev, args)
+        print_results(task, results[task])
+        if skipped_reason(task, results[task]):
+            skipped[task] = skipped_reason(task, results[task])
+    problems = []
+    if args.task != "all" or len(skipped) == len(tasks):   # all: a task that does not apply
+        problems = [f"--task {task}: {why}" for task, why in skipped.items()]
+    return results, problems
 
 
 def main(argv=None):
+    """Parse and check the options, check that the results file can be written, run the task,
+    print its tables, write its JSON (see default_out). User errors raise; cli() prints them."""
     p = build_parser()
     args, overrides = p.parse_known_args(argv)
     args.overrides = overrides  # efficiency: --key=value config overrides, as for msd.py
     if overrides and args.task != "efficiency":
         p.error(f"unrecognized arguments: {' '.join(overrides)}")
     check_options(p, args)
+    given = args.out is not None
+    args.out = str(args.out or default_out(args))   # the benchmarks write it as they go, too
+    check_writable(p, args.out, given)
 
     problems = []
     if args.task in BENCHMARKS:
         results = BENCHMARKS[args.task](args)
         print_results(args.task, results)
     elif args.task == "pixel-probe":
-        results = run_pixel_probe(args)
+        results = {**run_pixel_probe(args), "protocol": protocol_of(args)}
         print_results(args.task, results)
         if results.get("skipped"):
             problems.append(f"--task pixel-probe: {results['skipped']}")
     else:
-        model, tokenizer, cfg, manifest, step, checkpoint = load_for_eval(args)
-        ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size)
-        print(f"checkpoint {checkpoint or 'random (untrained)'} | step {step} | manifest {manifest} | "
-              f"splits {ev.split_sizes}")
-        results = {"checkpoint": str(checkpoint) if checkpoint else "random", "step": step,
-                   "manifest": str(manifest), "split_sizes": ev.split_sizes, "config": asdict(cfg)}
-        tasks = list(TASKS) if args.task == "all" else [args.task]
-        skipped = {}
-        for task in tasks:
-            results[task] = TASKS[task](ev, args)
-            print_results(task, results[task])
-            if skipped_reason(task, results[task]):
-                skipped[task] = skipped_reason(task, results[task])
-        if args.task != "all" or len(skipped) == len(tasks):   # all: a task that does not apply
-            problems += [f"--task {task}: {why}" for task, why in skipped.items()]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(to_json(results), indent=1, allow_nan=False))
+        results, problems = evaluate_checkpoint(args)
+    write_json_atomic(args.out, results)
     print(f"wrote {args.out}")
     if problems:
-        raise SystemExit("error: nothing computed for what was asked: " + "; ".join(problems))
+        raise SystemExit("evaluate.py: error: nothing computed for what was asked: " + "; ".join(problems))
     return results
 
 
-if __name__ == "__main__":
+USER_ERRORS = (ValueError, KeyError, OSError, ImportError, msd.NonFiniteError)  # bad input, not bugs
+
+
+def cli(argv=None):
+    """The command line: main, with a user error (a bad file, value or option; ValueError,
+    KeyError, OSError, ...) printed as ONE line `evaluate.py: error: ...` and exit status 1.
+    Anything else is a bug and keeps its traceback; --debug shows the traceback of both."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as e:    # bad input: one clear line
-        sys.exit(f"evaluate.py: error: {e}")
+        main(argv)
+    except USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e   # KeyError quotes str()
+        print(f"evaluate.py: error: {' '.join(str(message).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

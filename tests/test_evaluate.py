@@ -534,11 +534,14 @@ def test_efficiency_rows_cover_the_ablation_and_the_growth_curve():
     clip_B = rows["CLIP end-to-end B=32"]
     assert clip_B.method == "clip" and clip_B.batch_size * clip_B.accum_steps == 32
     assert rows["CLIP naive accumulation 4x8"].accum_steps == 4
+    exact = rows["CLIP exact accumulation 4x8"]
+    assert exact.method == "clip" and exact.clip_accum == "exact" and exact.accum_steps == 4
     assert rows["MSD EMA per micro-batch 4x8"].ema_per_micro_batch
     assert rows["MSD no queue 4x8"].queue_size == 0 and rows["MSD alpha=0 4x8"].alpha == 0
     growth = [(c.method, c.batch_size, c.accum_steps) for n, c in rows.items() if n.startswith("growth")]
-    assert growth == [("clip", 8, 1), ("msd", 8, 1), ("clip", 16, 1), ("msd", 8, 2),
-                      ("clip", 32, 1), ("msd", 8, 4), ("clip", 64, 1), ("msd", 8, 8)]
+    assert growth == [(m, b, n) for k in (1, 2, 4, 8)
+                      for m, b, n in (("clip", 8 * k, 1), ("clip", 8, k), ("msd", 8, k))]
+    assert [rows[n].clip_accum for n in rows if n.startswith("growth: CLIP exact")] == ["exact"] * 4
 
 
 def test_measure_step_counts_the_teacher_in_the_flops():
@@ -711,8 +714,7 @@ def test_nonfinite_model_is_an_error_not_chance(trained):
 def test_feature_cache_truncated_or_planted_is_recomputed(trained, tmp_path, monkeypatch):
     run = ["--task", "retrieval", "--no-5x", "--checkpoint", str(trained["ckpt"]), "--out", str(tmp_path / "r.json")]
     first = ev.main(run)["retrieval"]
-    model, tokenizer, cfg, ckpt = msd.load_checkpoint(trained["ckpt"])
-    path = ev.Evaluation(model, tokenizer, cfg, msd.prepare_data(cfg), ckpt["step"], trained["ckpt"])._cache_path("test")
+    path = cache_path(trained["ckpt"], "test")
     good = path.read_bytes()
     loads, encodes = [], []
     real_load, real_encode = torch.load, ev.encode_images
@@ -724,7 +726,7 @@ def test_feature_cache_truncated_or_planted_is_recomputed(trained, tmp_path, mon
         path.write_bytes(damaged)
         assert ev.main(run)["retrieval"] == first                    # recomputed, same numbers
         assert path.read_bytes() != damaged and real_load(path, weights_only=True).keys() == {
-            "features", "embed", "labels"}
+            "key", "features", "embed", "labels"}
     assert len(encodes) == 2 and not marker.exists()
     assert loads and all(k.get("weights_only") is True for k in loads)
     assert not list(path.parent.glob("*.tmp"))
@@ -735,7 +737,7 @@ def test_feature_cache_truncated_or_planted_is_recomputed(trained, tmp_path, mon
     real_save = torch.save
 
     def killed_while_writing(obj, f, *a, **k):
-        Path(f).write_bytes(b"half a file")
+        f.write(b"half a file")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", killed_while_writing)
     with pytest.raises(KeyboardInterrupt):
@@ -744,6 +746,14 @@ def test_feature_cache_truncated_or_planted_is_recomputed(trained, tmp_path, mon
     monkeypatch.setattr(torch, "save", real_save)
     for leftover in path.parent.glob(f"{path.name}.*.tmp"):         # what the killed run left
         leftover.unlink()
+
+
+def cache_path(ckpt_path, split, manifest=None):
+    """Where Evaluation caches the features of a split of the checkpoint's (or that) manifest."""
+    model, tokenizer, cfg, ckpt = msd.load_checkpoint(ckpt_path)
+    manifest = manifest or msd.prepare_data(cfg)
+    evaluation = ev.Evaluation(model, tokenizer, cfg, manifest, ckpt["step"], ckpt_path)
+    return evaluation.cache_file(split, [r for r in evaluation.rows if r["split"] == split])[0]
 
 
 class Planted:

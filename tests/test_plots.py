@@ -189,7 +189,7 @@ def test_task_plots_draws_every_input_and_reports_the_missing_one(tmp_path, monk
     efficiency_file(tmp_path / "results" / "efficiency.json")
     ablation_file(tmp_path / "results" / "ablation.json")
     ablation_file(tmp_path / "results" / "ablation_warm.json")  # a second ablation file: its own picture
-    res = evaluate.main(["--task", "plots", "--out", str(tmp_path / "plots.json")])
+    res = evaluate.main(["--task", "plots", "--readme-pictures", "--out", str(tmp_path / "plots.json")])
     drawn = sorted(p.name for p in (tmp_path / "results" / "plots").iterdir())
     assert drawn == ["ablation.svg", "ablation_warm.svg", "efficiency.svg"]
     for name in drawn:
@@ -198,7 +198,7 @@ def test_task_plots_draws_every_input_and_reports_the_missing_one(tmp_path, monk
     assert "results/*log.jsonl: no such file" in out  # the training curves: no log, said so
     assert list(res["missing"]) == ["results/*log.jsonl"]
     log_file(tmp_path / "results" / "small_log.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
-    res = evaluate.main(["--task", "plots", "--out", str(tmp_path / "plots.json")])
+    res = evaluate.main(["--task", "plots", "--readme-pictures", "--out", str(tmp_path / "plots.json")])
     assert (tmp_path / "results" / "plots" / "small_log.svg").is_file() and res["missing"] == {}
 
 
@@ -208,5 +208,57 @@ def test_task_plots_unreadable_input_is_an_error_after_the_others_are_drawn(tmp_
     (tmp_path / "results" / "efficiency.json").write_text("{not json")  # drawn first
     ablation_file(tmp_path / "results" / "ablation.json")
     with pytest.raises(ValueError, match=r"efficiency.json: not valid JSON"):
-        evaluate.main(["--task", "plots", "--out", str(tmp_path / "plots.json")])
+        evaluate.main(["--task", "plots", "--readme-pictures", "--out", str(tmp_path / "plots.json")])
     assert (tmp_path / "results" / "plots" / "ablation.svg").is_file()
+
+
+def run_fills(root):
+    """run name -> the set of colours its bars and legend swatch have in one picture."""
+    fills = {}
+    for e in root.iter(NS + "rect"):
+        if e.get("data-run") is not None:
+            fills.setdefault(e.get("data-run"), set()).add(e.get("fill"))
+    return fills
+
+
+def test_a_run_has_one_colour_in_every_ablation_picture(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    cell = {"seeds": [0], "zs_acc": [0.5, 0.1]}
+    ablation_file(tmp_path / "results" / "ablation.json", {n: cell for n in ("random", "a", "b", "c")})
+    ablation_file(tmp_path / "results" / "ablation_warm.json", {n: cell for n in ("warm_start", "c", "a", "b")})
+    evaluate.main(["--task", "plots", "--readme-pictures", "--out", str(tmp_path / "plots.json")])
+    cold, warm = (run_fills(parse(tmp_path / "results" / "plots" / f"{n}.svg")) for n in ("ablation", "ablation_warm"))
+    assert all(len(colours) == 1 for colours in [*cold.values(), *warm.values()])  # bar = swatch
+    assert all(cold[run] == warm[run] for run in ("a", "b", "c"))
+    assert len({c for colours in cold.values() for c in colours}) == 4  # distinct within a picture
+    assert cold["random"] == warm["warm_start"]  # the floor rows: the same grey
+
+
+def test_ablation_picture_has_a_y_axis_label(tmp_path):
+    evaluate.plot_ablation(ablation_file(tmp_path / "a.json"), tmp_path / "a.svg", metrics=("zs_acc",))
+    rotated = [e.text for e in parse(tmp_path / "a.svg").iter(NS + "text") if "rotate(-90" in (e.get("transform") or "")]
+    assert rotated == ["mean over seeds (1 = perfect)"]
+
+
+def test_memory_labels_stay_inside_the_frame_and_the_caption_says_what_it_shows(tmp_path):
+    # 490 MB: just under a round 500, where a frame ending at 500 cuts through the label above it
+    evaluate.plot_memory(efficiency_file(tmp_path / "e.json", clip=(80, 200, 490)), tmp_path / "m.svg")
+    root = parse(tmp_path / "m.svg")
+    frame = next(e for e in root.iter(NS + "rect") if e.get("fill") == "none")
+    labels = [e for e in root.iter(NS + "text") if (e.text or "").endswith(" MB")]
+    assert len(labels) == 2 and all(float(e.get("y")) - 11 >= float(frame.get("y")) for e in labels)
+    caption = "B = 32 → 128: CLIP 80 → 490 MB (6.1×), MSD 90 → 120 MB (1.3×)"
+    assert caption in texts(root) and caption in root.find(NS + "title").text
+
+
+def test_curves_alpha_axis_starts_at_zero_and_the_step_axis_ends_at_the_last_step(tmp_path):
+    records = [{"step": s, "loss": 7 - s / 100, "alpha": min(0.4, 0.15 * s / 10)} for s in range(10, 370, 10)]
+    evaluate.plot_curves(log_file(tmp_path / "log.jsonl", records), tmp_path / "c.svg")
+    root = parse(tmp_path / "c.svg")
+    labels = [e.text for e in root.iter(NS + "text") if e.get("text-anchor") in ("end", "middle")]
+    x_labels = [t for t in labels if t in {"0", "100", "200", "300", "360", "400"}]
+    assert x_labels[-2:] == ["300", "360"] and "400" not in labels  # the axis ends at step 360
+    alpha_ticks = [e.text for e in root.iter(NS + "text") if e.get("text-anchor") == "end"][-3:]
+    assert alpha_ticks[0] == "0"  # the lowest tick of the last panel (alpha): the ramp starts at 0
+    assert "over 360 optimizer steps" in root.find(NS + "title").text
