@@ -1814,11 +1814,12 @@ def _read_json(path):
 def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
     """Memory of one optimizer step against the effective batch B, from the "growth:" rows of an
     efficiency file (python evaluate.py --task efficiency): end-to-end CLIP at B, whose
-    activations grow with B, against MSD with B/b micro-batches of b. -> notes (skipped rows)."""
+    activations grow with B, against exact CLIP accumulation and MSD with B/b micro-batches of b.
+    -> notes (skipped rows)."""
     res = _read_json(efficiency_path)
-    series, notes = {}, []                             # "CLIP" / "MSD" -> [(B, memory MB)]
-    legend = {"CLIP": "end-to-end CLIP: one batch of B", "MSD": "MSD: micro-batches, teacher, queue",
-              "CLIP exact": "exact CLIP accumulation: micro-batches, cached features"}
+    series, notes = {}, []                 # "CLIP" / "CLIP exact" / "MSD" -> [(B, memory MB)]
+    legend = {"CLIP": "end-to-end CLIP (one batch of B)", "MSD": "MSD (micro-batches, teacher, queue)",
+              "CLIP exact": "exact CLIP accumulation (micro-batches)"}
     for row in res.get("rows", []) if isinstance(res, dict) else []:
         name = str(row.get("name", "")) if isinstance(row, dict) else ""
         if not name.startswith("growth: "):
@@ -1826,8 +1827,11 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
         words = name.split()                           # "growth: MSD 4x32 (B=128)"
         method = "CLIP exact" if words[1:3] == ["CLIP", "exact"] else words[1]  # "growth: CLIP exact 4x32 ..."
         batch, value = _number(row.get("effective_batch")), _number(row.get(key))
-        if method == "MSD" and len(words) > 2 and "x" in words[2]:
-            legend[method] = f"MSD: B/{words[2].split('x')[-1]} micro-batches, teacher, queue"
+        micro = words[2 + (method == "CLIP exact")] if len(words) > 3 else ""
+        if method != "CLIP" and "x" in micro:
+            b = micro.split("x")[-1]
+            legend[method] = (f"MSD (B/{b} micro-batches, teacher, queue)" if method == "MSD" else
+                              f"exact CLIP accumulation (B/{b} micro-batches)")
         if batch is None or value is None:
             notes.append(f"{name}: no {key} or effective_batch, not drawn")
             continue
@@ -1837,8 +1841,8 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
                          f"python evaluate.py --task efficiency)")
     batches = sorted({b for points in series.values() for b, _ in points})
     top = max(v for points in series.values() for _, v in points)
-    svg = Svg(600, 414)
-    box = (70, 64, 440, 250)
+    svg = Svg(600, 430)
+    box = (70, 80, 440, 250)
     lo, hi = math.log2(batches[0]), math.log2(batches[-1])  # log scale: B doubles per tick
     pad = max(hi - lo, 1) * 0.06                       # keeps the end points off the frame
     x_ticks = [(lo - pad, "")] + [(math.log2(b), f"{b:g}") for b in batches] + [(hi + pad, "")]
@@ -1847,10 +1851,12 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
     svg.text(300, 24, "Memory of one optimizer step against the effective batch B", size=15,
              anchor="middle", font_weight="bold")
     summary = growth_summary(series)
-    svg.text(300, 44, summary, size=12, anchor="middle")
-    svg.text(290, 349, "effective batch B (pairs per optimizer step), log scale", anchor="middle")
+    for i, line in enumerate(_wrap(summary, int(svg.width / (CHAR_WIDTH * 12)) - 2)[:2]):
+        svg.text(300, 44 + 16 * i, line, size=12, anchor="middle")
+    svg.text(290, 365, "effective batch B (pairs per optimizer step), log scale", anchor="middle")
     y_label = f"{key.replace('_mb', '').replace('_', ' ')} (MB) on {res.get('device', '?')}"
-    svg.text(18, 189, y_label, anchor="middle", transform="rotate(-90 18 189)")
+    svg.text(18, 205, y_label, anchor="middle", transform="rotate(-90 18 205)")
+    label_ys = []                                      # end labels already placed: never stacked
     for k, (method, points) in enumerate(sorted(series.items())):
         color, points = COLORS[k % len(COLORS)], sorted(points)
         svg.add("polyline", class_="series", fill="none", stroke=color, stroke_width=2.5,
@@ -1858,15 +1864,18 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
         for b, v in points:
             svg.add("circle", class_="point", cx=fx(math.log2(b)), cy=fy(v), r=4, fill=color)
         last_b, last_v = points[-1]
-        svg.text(fx(math.log2(last_b)) - 6, fy(last_v) - 9, f"{last_v:.0f} MB", size=11, anchor="end",
-                 fill=color)
+        y_end = fy(last_v) - 9
+        while any(abs(y_end - y) < 13 for y in label_ys):
+            y_end -= 13
+        label_ys.append(y_end)
+        svg.text(fx(math.log2(last_b)) - 6, y_end, f"{last_v:.0f} MB", size=11, anchor="end", fill=color)
         svg.add("rect", x=box[0] + 12, y=box[1] + 12 + 18 * k, width=14, height=10, fill=color)
         svg.text(box[0] + 32, box[1] + 21 + 18 * k, legend.get(method, method), size=12)
     about = (f"{Path(efficiency_path).name}: device {res.get('device', '?')} ({res.get('machine', '?')}, "
              f"{res.get('threads', '?')} threads), config {res.get('config', '?')}"
              f"{''.join(' ' + str(o) for o in res.get('overrides', []))}. "
              f"Memory: {res.get('memory', 'not described')}.")
-    y = 372
+    y = 388
     for line in _wrap(about, int(svg.width / (CHAR_WIDTH * 11)) - 4):
         svg.text(10, y, line, size=11, fill="#444")
         y += 15
@@ -2018,7 +2027,8 @@ def draw_bars(bars, runs, groups, colors, title, y_label):
 def plot_ablation(ablation_path, out_path, metrics=("zs_acc", "probe_100%", "i2t_R@10", "t2i_R@10"),
                   colors=None):
     """An ablation file (python evaluate.py --task ablation; {"table": {run: {metric: [mean, std]}}})
-    as grouped bars: one group per metric, one bar per run, whiskers at mean ± std over seeds.
+    as grouped bars: one group per metric, one bar per run, whiskers at mean ± sample std
+    (ddof = 1) over seeds.
     colors: run name -> colour (run_colors), shared by the pictures drawn together; default: this
     table's own runs. A missing (null, NaN) mean is not drawn, with a note; a missing std draws
     no whisker. -> notes."""
@@ -2042,7 +2052,7 @@ def plot_ablation(ablation_path, out_path, metrics=("zs_acc", "probe_100%", "i2t
     seeds = "/".join(sorted({str(len(r.get("seeds", []))) for r in table.values() if isinstance(r, dict)}))
     colors = {**run_colors(runs), **(colors or {})}
     svg, y = draw_bars(bars, runs, [(m, METRIC_NAMES.get(m, m)) for m in metrics], colors,
-                       f"{Path(ablation_path).name}: mean ± std over {seeds} seeds",
+                       f"{Path(ablation_path).name}: mean ± sample std over {seeds} seeds",
                        "mean over seeds (1 = perfect)")
     svg.height = _notes(svg, y, notes) + 4
     svg.write(out_path, f"Ablation table as bars ({ablation_path})")
