@@ -15,17 +15,15 @@ import pytest
 
 import msd
 from test_msd import tiny_run_cfg
+from test_runs import cfg_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
+    """The tiny synthetic set of this file (its tests touch image files)."""
     return tmp_path_factory.mktemp("synth_safety") / "synthcxr_tiny"
-
-
-def cfg_for(out_dir, synth, *overrides):
-    return tiny_run_cfg(out_dir, synth, "--max_steps=4", *overrides)
 
 
 def cli(*args, cwd, timeout=300):
