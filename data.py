@@ -14,8 +14,10 @@ PairDataset reads a manifest for training.
     python data.py prepare mimic-cxr --root DIR --out mimic.csv [--cache DIR]   # a real dataset
     python data.py prepare image-folder --root MY_IMAGES --out my.csv           # your own images
 
-Sections: 1 labels, manifest, report text, images · 2 tokenizers · 3 image transforms ·
-4 PairDataset · 5 SynthCXR · 6 real datasets and image folders (prepare) · 7 command line.
+Part I, the core that msd.py trains from: 1 labels and the manifest · 2 report text ·
+3 loading images · 4 the word-level tokenizer · 5 image transforms · 6 PairDataset.
+Part II, appendices: A image checks and DICOM · B WordPiece, BERT's tokenizer · C SynthCXR ·
+D real datasets and image folders (prepare) · E command line.
 Only the standard library, numpy, Pillow, torch and tqdm are used (pydicom, optional, for DICOM).
 """
 import argparse
@@ -43,8 +45,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from tqdm import tqdm
 
+# =============================================================================
+# Part I: the core (the manifest, report text, images, tokenizer, transforms, PairDataset)
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# 1. Labels, manifest (reading, checks, split leakage), report text, image loading and checking
+# 1. Labels and the manifest
+# Reading it (with its checks), split leakage between patients, and writing it.
+# -----------------------------------------------------------------------------
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
           "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity",
@@ -217,6 +225,11 @@ def write_manifest(path, rows, label_names=LABELS):
             writer.writerow(out)
 
 
+# -----------------------------------------------------------------------------
+# 2. Report text
+# The findings and impression of a report, cleaned the same way for every dataset.
+# -----------------------------------------------------------------------------
+
 # MIMIC-CXR reports: upper-case headings ending in a colon at the start of a line.
 _HEADING = re.compile(r"^[ \t]*([A-Z][A-Z ()/&,-]*[A-Z)])[ \t]*:", re.M)
 FINDINGS_HEADINGS = {"FINDINGS", "FINDING", "FINDINGS AND IMPRESSION", "FINDINGS/IMPRESSION",
@@ -259,17 +272,10 @@ def extract_report_text(report, sections=True):
     return " ".join(found[k] for k in ("findings", "impression") if found.get(k))
 
 
-TRUNCATION_LENGTHS = (48, 64, 96, 128)  # max_len of configs/tiny, the default, small, mimic
-
-
-def truncated_share(texts, max_len, tokenize=None):
-    """Fraction of the non-empty texts that a tokenizer with this max_len cuts short: those with
-    more than max_len - 2 tokens ([CLS] and [SEP] take two places). tokenize defaults to the
-    word-level Tokenizer.tokenize of section 2. NaN when there is no text."""
-    tokenize = tokenize or Tokenizer.tokenize
-    lengths = [len(tokenize(t)) + 2 for t in texts if t.strip()]
-    return sum(n > max_len for n in lengths) / len(lengths) if lengths else float("nan")
-
+# -----------------------------------------------------------------------------
+# 3. Loading images
+# Any image file -> 8-bit grayscale, downscaled once; refused before decoding if too large.
+# -----------------------------------------------------------------------------
 
 MAX_IMAGE_SIDE = 1024  # larger images are downscaled once, at load (JPEGs decoded at 1/2..1/8 scale)
 # Images with more pixels than this, as decoded (a JPEG after its 1/2..1/8 draft scale), are
@@ -296,44 +302,6 @@ def _to_uint8(a):
     return Image.fromarray((a * 255).round().astype(np.uint8), "L")
 
 
-def _dicom_too_many_pixels(ds):
-    """_too_many_pixels for a DICOM header (pixel_array decodes every frame)."""
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    return _too_many_pixels(int(getattr(ds, "Columns", 0)), int(getattr(ds, "Rows", 0)) * frames)
-
-
-def _is_dicom(path):
-    """By suffix, or for an unknown suffix by the DICOM magic (RSNA and PACS exports vary)."""
-    if path.suffix.lower() in (".dcm", ".dicom", ".png", ".jpg", ".jpeg"):
-        return path.suffix.lower() in (".dcm", ".dicom")
-    with open(path, "rb") as f:  # DICOM part 10: a 128-byte preamble, then b"DICM"
-        f.seek(128)
-        return f.read(4) == b"DICM"
-
-
-def _read_dicom(path):
-    """DICOM through the optional pydicom; MONOCHROME1 (air bright) is inverted to MONOCHROME2."""
-    try:
-        import pydicom
-    except ImportError:
-        raise ImportError(f"{path}: reading DICOM needs the optional package pydicom "
-                          "(pip install pydicom), or convert the images to PNG first") from None
-    try:
-        ds = pydicom.dcmread(str(path))
-        a = np.asarray(ds.pixel_array)  # compressed transfer syntaxes may need pylibjpeg / gdcm
-    except Exception as e:  # pydicom's errors do not derive from OSError / ValueError
-        raise ValueError(f"cannot read DICOM {path}: {e}") from e
-    too_many = _dicom_too_many_pixels(ds)
-    if too_many:
-        raise ValueError(too_many)
-    if a.ndim == 3:  # colour (rows, cols, 3) or multi-frame (frames, rows, cols)
-        a = a.mean(-1) if a.shape[-1] in (3, 4) else a[0]
-    img = _to_uint8(a)
-    if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        img = ImageOps.invert(img)
-    return img
-
-
 def load_image(path, max_side=None):
     """Open an image as 8-bit grayscale (mode "L"): 8/16-bit PNG (16-bit min-max scaled to 0..255),
     JPEG, DICOM (needs pydicom). An image whose longer side exceeds max_side (default
@@ -344,7 +312,7 @@ def load_image(path, max_side=None):
         raise FileNotFoundError(f"image not found: {path}")
     max_side = MAX_IMAGE_SIDE if max_side is None else max_side
     try:
-        if _is_dicom(path):
+        if _is_dicom(path):  # DICOM: appendix A
             img = _read_dicom(path)
         else:
             with Image.open(path) as f:  # reads the header only: the size is known, nothing decoded
@@ -362,6 +330,304 @@ def load_image(path, max_side=None):
     return img
 
 
+# -----------------------------------------------------------------------------
+# 4. The word-level tokenizer
+# Lower-case words, numbers and punctuation; its vocabulary is built from the training reports.
+# -----------------------------------------------------------------------------
+# Tokenizer is for the BERT-lite trained from scratch; WordPieceTokenizer (appendix B) is
+# BERT's, for text_arch "bert". Both share _TokenizerBase: tok(texts) -> (input_ids,
+# attention_mask), encode, decode, vocab_size, pad/cls/sep/unk ids, unk_rate, truncated_share;
+# each adds tokenize, to_dict and from_dict. tokenizer_from_dict restores either from a
+# checkpoint.
+
+# ids 0..4. [MASK] is never used (no masked-language objective here); it keeps its id so that the
+# word ids, and so the initial embedding rows of every word, stay those of earlier vocabularies.
+SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+_TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?|_+|[^\sa-z\d_]")  # words | numbers (3.5) | ___ | one symbol
+
+
+def truncated_share(texts, max_len, tokenize=None, keep_empty=False):
+    """Fraction of the texts that a tokenizer with this max_len cuts short: those with more than
+    max_len - 2 tokens ([CLS] and [SEP] take two places). tokenize defaults to the word-level
+    Tokenizer.tokenize. Empty texts are left out (a labels-only row has no report), or with
+    keep_empty=True counted as fitting (they encode as [CLS] [SEP]). NaN when no text counts."""
+    tokenize = tokenize or Tokenizer.tokenize
+    lengths = [len(tokenize(t)) + 2 for t in texts if keep_empty or t.strip()]
+    return sum(n > max_len for n in lengths) / len(lengths) if lengths else float("nan")
+
+
+class _TokenizerBase:
+    """What both tokenizers share. A subclass's __init__ calls this one and then sets pad_id,
+    cls_id, sep_id and unk_id; it defines tokenize(text) -> tokens, to_dict() and from_dict(d)."""
+
+    def __init__(self, vocab, max_len):
+        if max_len < 3:
+            raise ValueError(f"max_len must be >= 3 ([CLS] token [SEP]), got {max_len}")
+        self.vocab, self.max_len = list(vocab), int(max_len)
+        self.token_to_id = {t: i for i, t in enumerate(self.vocab)}  # repeated: the last wins
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def _ids(self, text):
+        """The text's token ids, not yet truncated; a token not in the vocabulary -> unk_id."""
+        return [self.token_to_id.get(t, self.unk_id) for t in self.tokenize(text)]
+
+    def encode(self, text):
+        """[CLS] token ids [SEP], truncated to max_len."""
+        return [self.cls_id] + self._ids(text)[:self.max_len - 2] + [self.sep_id]
+
+    def decode(self, ids):
+        """Tokens joined by spaces, without [PAD] [CLS] [SEP]."""
+        skip = (self.pad_id, self.cls_id, self.sep_id)
+        return " ".join(self.vocab[int(i)] for i in ids if int(i) not in skip)
+
+    def __call__(self, texts):
+        """list of B texts -> input_ids (B, max_len), attention_mask (B, max_len), both long;
+        encode() already truncated each text to max_len with [CLS] first and [SEP] last."""
+        if isinstance(texts, str):
+            raise TypeError(f"{type(self).__name__} expects a list of texts, got one string")
+        input_ids = torch.full((len(texts), self.max_len), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(texts), self.max_len), dtype=torch.long)
+        for b, text in enumerate(texts):
+            ids = self.encode(text)
+            input_ids[b, :len(ids)] = torch.tensor(ids)
+            attention_mask[b, :len(ids)] = 1  # 1 = real token, 0 = padding
+        return input_ids, attention_mask
+
+    def unk_rate(self, texts):
+        """Fraction of tokens (before truncation) that become [UNK]."""
+        ids = [i for text in texts for i in self._ids(text)]
+        return sum(i == self.unk_id for i in ids) / max(len(ids), 1)
+
+    def truncated_share(self, texts):
+        """Fraction of texts whose tokens, with [CLS] and [SEP], do not fit in max_len (an empty
+        text fits)."""
+        return truncated_share(texts, self.max_len, self.tokenize, keep_empty=True)
+
+
+class Tokenizer(_TokenizerBase):
+    """Word-level tokenizer. encode() gives [CLS] tokens [SEP], truncated to max_len; __call__
+    pads a batch with [PAD] to max_len. Saved as JSON inside checkpoints and restored exactly."""
+
+    def __init__(self, vocab, max_len=64):
+        if list(vocab[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS or len(set(vocab)) != len(vocab):
+            raise ValueError(f"vocab must start with {SPECIAL_TOKENS} and have no duplicates")
+        super().__init__(vocab, max_len)
+        self.pad_id, self.cls_id, self.sep_id, self.unk_id = range(4)
+
+    @classmethod
+    def build(cls, texts, min_freq=2, max_len=64):
+        """Vocabulary = tokens seen >= min_freq times, most frequent first (ties alphabetical)."""
+        counts = collections.Counter(tok for text in texts for tok in cls.tokenize(text))
+        words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+        return cls(SPECIAL_TOKENS + words, max_len)
+
+    @staticmethod
+    def tokenize(text):
+        return _TOKEN.findall(text.lower())
+
+    def to_dict(self):
+        return {"kind": "word", "vocab": self.vocab, "max_len": self.max_len}
+
+    @classmethod
+    def from_dict(cls, d):
+        if d.get("kind", "word") != "word":  # dicts written before "kind" existed are word-level
+            raise ValueError(f"a {d['kind']!r} tokenizer dict: restore it with data.tokenizer_from_dict")
+        return cls(d["vocab"], d["max_len"])
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def tokenizer_from_dict(d):
+    """Either tokenizer (WordPieceTokenizer: appendix B) from its to_dict(); a dict without
+    "kind" is a word-level one."""
+    kinds = {"word": Tokenizer, "wordpiece": WordPieceTokenizer}
+    kind = d.get("kind", "word")
+    if kind not in kinds:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
+    return kinds[kind].from_dict(d)
+
+
+# -----------------------------------------------------------------------------
+# 5. Image transforms
+# The GLoRIA/MGCA recipe scaled to image_size: 224 <- 256 becomes S <- S*256/224.
+# -----------------------------------------------------------------------------
+
+class ImageTransform:
+    """PIL image -> normalised float32 tensor (1, S, S).
+    Longer side -> round(S*256/224), zero-pad to square; train: small rotation, random resized
+    square crop (area fraction in `scale`), brightness/contrast jitter; eval: centre crop.
+    No horizontal flip by default: it swaps left and right, and the reports say which side."""
+
+    def __init__(self, image_size, train, scale=(0.8, 1.0), rotate=5.0, brightness=0.1,
+                 contrast=0.1, hflip=False, mean=0.5, std=0.5):
+        self.image_size, self.train, self.scale, self.rotate = image_size, train, scale, rotate
+        self.brightness, self.contrast, self.hflip, self.mean, self.std = (
+            brightness, contrast, hflip, mean, std)
+        self.resize_to = round(image_size * 256 / 224)
+
+    def __call__(self, img, rng=None):
+        if self.train and rng is None:  # train mode draws only from rng, so runs are reproducible
+            raise ValueError("ImageTransform(train=True) needs rng=numpy.random.Generator")
+        img = img if img.mode == "L" else img.convert("L")
+        R, S = self.resize_to, self.image_size
+        k = R / max(img.size)
+        img = img.resize((max(1, round(img.width * k)), max(1, round(img.height * k))),
+                         Image.BILINEAR)
+        square = Image.new("L", (R, R), 0)  # zero padding: black, like air
+        square.paste(img, ((R - img.width) // 2, (R - img.height) // 2))
+        if self.train:
+            square = square.rotate(rng.uniform(-self.rotate, self.rotate), Image.BILINEAR,
+                                   fillcolor=0)
+            side = R * math.sqrt(rng.uniform(*self.scale))
+            x0, y0 = rng.uniform(0, R - side, size=2)
+            img = square.resize((S, S), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+            if self.hflip and rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            o = (R - S) // 2
+            img = square.crop((o, o, o + S, o + S))
+        x = np.asarray(img, dtype=np.float32) / 255.0
+        if self.train:
+            x = x * (1 + rng.uniform(-self.brightness, self.brightness))
+            m = x.mean()
+            x = np.clip((x - m) * (1 + rng.uniform(-self.contrast, self.contrast)) + m, 0, 1)
+        x = (x - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x[None], dtype=np.float32))
+
+
+# -----------------------------------------------------------------------------
+# 6. PairDataset
+# (image, report tokens, pair id, labels) from one split of a manifest.
+# -----------------------------------------------------------------------------
+
+class PairDataset(torch.utils.data.Dataset):
+    """One split of a manifest. Item i -> (image (1,H,W) float32, input_ids (L,) long,
+    attention_mask (L,) long, pair_id () long, labels (len(label_names),) float32 with NaN = blank).
+
+    pair_id is the index of the row's study_id among the sorted study_ids of the WHOLE manifest,
+    so images of one study share it. Augmentation for item i draws from
+    default_rng([seed, epoch, i]): identical with any num_workers. Call set_epoch(e) each epoch
+    (with persistent DataLoader workers, recreate the loader for it to take effect).
+
+    check_images=True checks every image of the split once at construction (find_bad_images), so
+    a truncated file is reported, with all other bad ones, before training starts rather than at
+    the step that first draws it; skip_bad=True drops those rows instead, counted on stderr."""
+
+    def __init__(self, manifest_path, split, tokenizer, transform, seed=0, label_names=LABELS,
+                 cache_images=False, skip_bad=False, check_images=True):
+        self.manifest_path = Path(manifest_path)
+        all_rows = read_manifest(self.manifest_path, skip_bad=skip_bad)
+        pair_of = {s: i for i, s in enumerate(sorted({r["study_id"] for r in all_rows}))}
+        self.rows = [r for r in all_rows if r["split"] == split]
+        if not self.rows:
+            raise ValueError(f"{self.manifest_path}: no rows with split {split!r} "
+                             f"(splits present: {sorted({r['split'] for r in all_rows})})")
+        bad = find_bad_images(self.manifest_path, self.rows) if check_images else []
+        if bad and not skip_bad:
+            lines = [f"  row {r['_row']}: {r['_path']}: {problem}" for r, problem in bad]
+            raise ManifestError(f"{self.manifest_path}: {len(bad)} unreadable image(s) in split "
+                                f"{split!r} (fix or remove them, or pass skip_bad):\n" + "\n".join(lines))
+        if bad:
+            dropped = {id(r) for r, _ in bad}
+            self.rows = [r for r in self.rows if id(r) not in dropped]
+            print(f"PairDataset: {self.manifest_path}: skipped {len(bad)} rows of split {split!r}: "
+                  f"unreadable image ({len(bad)})", file=sys.stderr)
+            if not self.rows:
+                raise ValueError(f"{self.manifest_path}: every image of split {split!r} is unreadable")
+        self.texts = [r["text"] for r in self.rows]
+        self.pair_ids = torch.tensor([pair_of[r["study_id"]] for r in self.rows], dtype=torch.long)
+        self.labels = torch.tensor([[float(r[n]) if r.get(n, "") != "" else math.nan
+                                     for n in label_names] for r in self.rows], dtype=torch.float32)
+        self.tokenizer, self.transform, self.seed, self.epoch = tokenizer, transform, seed, 0
+        self._cache = {} if cache_images else None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _image(self, i):
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        row = self.rows[i]
+        try:
+            img = load_image(row["_path"])
+        except (FileNotFoundError, ValueError) as e:  # say which manifest row points at the file
+            raise type(e)(f"{self.manifest_path}, row {row['_row']}: {e}") from e
+        if self._cache is not None:
+            self._cache[i] = img
+        return img
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.transform.train else None
+        image = self.transform(self._image(i), rng)
+        input_ids, attention_mask = self.tokenizer([self.texts[i]])
+        return image, input_ids[0], attention_mask[0], self.pair_ids[i], self.labels[i]
+
+
+# =============================================================================
+# Part II: appendices (machinery the core calls, and the tools that make manifests)
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# A. Image checks and DICOM
+# Read this when an image is refused or you bring DICOM files; load_image and PairDataset
+# call it: the whole-file check before training (cached beside the manifest), DICOM reading.
+# -----------------------------------------------------------------------------
+
+def _is_dicom(path):
+    """By suffix, or for an unknown suffix by the DICOM magic (RSNA and PACS exports vary)."""
+    if path.suffix.lower() in (".dcm", ".dicom", ".png", ".jpg", ".jpeg"):
+        return path.suffix.lower() in (".dcm", ".dicom")
+    with open(path, "rb") as f:  # DICOM part 10: a 128-byte preamble, then b"DICM"
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def _pydicom(path):
+    """The optional pydicom module, or an ImportError naming the file and the way out."""
+    try:
+        import pydicom
+    except ImportError:
+        raise ImportError(f"{path}: reading DICOM needs the optional package pydicom "
+                          "(pip install pydicom), or convert the images to PNG first") from None
+    return pydicom
+
+
+def _dicom_too_many_pixels(ds):
+    """_too_many_pixels for a DICOM header (pixel_array decodes every frame)."""
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    return _too_many_pixels(int(getattr(ds, "Columns", 0)), int(getattr(ds, "Rows", 0)) * frames)
+
+
+def _read_dicom(path):
+    """DICOM through the optional pydicom; MONOCHROME1 (air bright) is inverted to MONOCHROME2."""
+    pydicom = _pydicom(path)
+    try:
+        ds = pydicom.dcmread(str(path))
+        a = np.asarray(ds.pixel_array)  # compressed transfer syntaxes may need pylibjpeg / gdcm
+    except Exception as e:  # pydicom's errors do not derive from OSError / ValueError
+        raise ValueError(f"cannot read DICOM {path}: {e}") from e
+    too_many = _dicom_too_many_pixels(ds)
+    if too_many:
+        raise ValueError(too_many)
+    if a.ndim == 3:  # colour (rows, cols, 3) or multi-frame (frames, rows, cols)
+        a = a.mean(-1) if a.shape[-1] in (3, 4) else a[0]
+    img = _to_uint8(a)
+    if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        img = ImageOps.invert(img)
+    return img
+
+
 def check_image(path):
     """A fast check that an image file is whole, without decoding its pixels -> None, or what is
     wrong. The header must parse; a PNG's chunks and checksums must be intact up to its end
@@ -370,12 +636,8 @@ def check_image(path):
     path = Path(path)
     try:
         if _is_dicom(path):
-            try:
-                import pydicom
-            except ImportError:
-                raise ImportError(f"{path}: reading DICOM needs the optional package pydicom "
-                                  "(pip install pydicom), or convert the images to PNG first") from None
-            return _dicom_too_many_pixels(pydicom.dcmread(str(path), stop_before_pixels=True))
+            header = _pydicom(path).dcmread(str(path), stop_before_pixels=True)
+            return _dicom_too_many_pixels(header)
         with Image.open(path) as f:
             kind = f.format
             f.draft("L", (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))  # the size load_image would decode
@@ -395,100 +657,47 @@ def check_image(path):
     return None
 
 
+def find_bad_images(manifest_path, rows):
+    """check_image for every row -> [(row, problem)] of the bad ones, all at once. The images
+    found whole are remembered in <manifest stem>.image_check.json beside the manifest (with their
+    size and modification time), so the check is paid once per image, not once per run."""
+    manifest_path = Path(manifest_path)
+    cache_path = manifest_path.with_name(manifest_path.stem + ".image_check.json")
+    try:
+        checked = json.loads(cache_path.read_text(encoding="utf-8"))["ok"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: check again
+        checked = {}
+    bad, new = [], 0
+    for row in tqdm(rows, desc="checking images", disable=None, leave=False):
+        try:
+            st = os.stat(row["_path"])
+        except OSError as e:
+            bad.append((row, f"cannot open: {e}"))
+            continue
+        stamp = [st.st_size, st.st_mtime_ns]
+        if checked.get(row["_path"]) == stamp:
+            continue
+        problem = check_image(row["_path"])
+        if problem:
+            bad.append((row, problem))
+        else:
+            checked[row["_path"]], new = stamp, new + 1
+    if new:
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"ok": checked}), encoding="utf-8")
+            os.replace(tmp, cache_path)
+        except OSError as e:  # e.g. a read-only dataset folder: check again next time
+            print(f"note: cannot write {cache_path} ({e}); images will be checked again next run",
+                  file=sys.stderr)
+    return bad
+
+
 # -----------------------------------------------------------------------------
-# 2. Tokenizers. Tokenizer: lower-case words, numbers and punctuation, vocabulary from the
-# training reports (for the BERT-lite trained from scratch). WordPieceTokenizer: BERT's, read
-# from a published checkpoint's vocab.txt (for text_arch "bert"). Both have one interface:
-# tok(texts) -> (input_ids, attention_mask), encode, vocab_size, pad/cls/sep/unk ids, unk_rate,
-# truncated_share, to_dict; tokenizer_from_dict restores either from a checkpoint.
-
-# ids 0..4. [MASK] is never used (no masked-language objective here); it keeps its id so that the
-# word ids, and so the initial embedding rows of every word, stay those of earlier vocabularies.
-SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
-_TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?|_+|[^\sa-z\d_]")  # words | numbers (3.5) | ___ | one symbol
-
-
-class Tokenizer:
-    """Word-level tokenizer. encode() gives [CLS] tokens [SEP], truncated to max_len; __call__
-    pads a batch with [PAD] to max_len. Saved as JSON inside checkpoints and restored exactly."""
-
-    def __init__(self, vocab, max_len=64):
-        if list(vocab[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS or len(set(vocab)) != len(vocab):
-            raise ValueError(f"vocab must start with {SPECIAL_TOKENS} and have no duplicates")
-        if max_len < 3:
-            raise ValueError(f"max_len must be >= 3 ([CLS] token [SEP]), got {max_len}")
-        self.vocab, self.max_len = list(vocab), int(max_len)
-        self.token_to_id = {t: i for i, t in enumerate(self.vocab)}
-        self.pad_id, self.cls_id, self.sep_id, self.unk_id = range(4)
-
-    @property
-    def vocab_size(self):
-        return len(self.vocab)
-
-    @classmethod
-    def build(cls, texts, min_freq=2, max_len=64):
-        """Vocabulary = tokens seen >= min_freq times, most frequent first (ties alphabetical)."""
-        counts = collections.Counter(tok for text in texts for tok in cls.tokenize(text))
-        words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
-        return cls(SPECIAL_TOKENS + words, max_len)
-
-    @staticmethod
-    def tokenize(text):
-        return _TOKEN.findall(text.lower())
-
-    def encode(self, text):
-        ids = [self.token_to_id.get(t, self.unk_id) for t in self.tokenize(text)]
-        return [self.cls_id] + ids[:self.max_len - 2] + [self.sep_id]
-
-    def decode(self, ids):
-        """Tokens joined by spaces, without [PAD] [CLS] [SEP]."""
-        skip = (self.pad_id, self.cls_id, self.sep_id)
-        return " ".join(self.vocab[int(i)] for i in ids if int(i) not in skip)
-
-    def __call__(self, texts):
-        """list of B texts -> input_ids (B, max_len) long, attention_mask (B, max_len) long."""
-        return _pad_batch(self, texts)
-
-    def unk_rate(self, texts):
-        """Fraction of tokens (before truncation) that are not in the vocabulary."""
-        toks = [t for text in texts for t in self.tokenize(text)]
-        return sum(t not in self.token_to_id for t in toks) / max(len(toks), 1)
-
-    def truncated_share(self, texts):
-        """Fraction of texts whose tokens, with [CLS] and [SEP], do not fit in max_len."""
-        return sum(len(self.tokenize(t)) + 2 > self.max_len for t in texts) / max(len(texts), 1)
-
-    def to_dict(self):
-        return {"kind": "word", "vocab": self.vocab, "max_len": self.max_len}
-
-    @classmethod
-    def from_dict(cls, d):
-        if d.get("kind", "word") != "word":  # dicts written before "kind" existed are word-level
-            raise ValueError(f"a {d['kind']!r} tokenizer dict: restore it with data.tokenizer_from_dict")
-        return cls(d["vocab"], d["max_len"])
-
-    def save(self, path):
-        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path):
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def _pad_batch(tokenizer, texts):
-    """list of B texts -> input_ids (B, max_len), attention_mask (B, max_len), both long; encode()
-    already truncated each text to max_len with [CLS] first and [SEP] last."""
-    if isinstance(texts, str):
-        raise TypeError(f"{type(tokenizer).__name__} expects a list of texts, got one string")
-    input_ids = torch.full((len(texts), tokenizer.max_len), tokenizer.pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(texts), tokenizer.max_len), dtype=torch.long)
-    for b, text in enumerate(texts):
-        ids = tokenizer.encode(text)
-        input_ids[b, :len(ids)] = torch.tensor(ids)
-        attention_mask[b, :len(ids)] = 1  # 1 = real token, 0 = padding
-    return input_ids, attention_mask
-
-
+# B. WordPiece, BERT's tokenizer
+# Read this when you start from a published BERT checkpoint (text_arch "bert"); the word-level
+# Tokenizer of section 4 needs none of it.
+# -----------------------------------------------------------------------------
 # BERT's WordPiece, written from its description (Devlin et al. 2019; Google's tokenization.py,
 # which HF's BertTokenizer follows): text cleaning, then "basic" tokenization (lower-casing and
 # accent stripping for uncased models, CJK characters as words, whitespace and punctuation
@@ -519,7 +728,7 @@ def _is_cjk(ch):
     return any(lo <= ord(ch) <= hi for lo, hi in _CJK_RANGES)
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(_TokenizerBase):
     """BERT's tokenizer for a published checkpoint: `from_pretrained(folder, max_len)` reads its
     vocab.txt (one piece per line, id = line number) and its lower-casing setting. Same interface
     as Tokenizer; saved inside our checkpoints (vocabulary included) and restored exactly.
@@ -532,10 +741,7 @@ class WordPieceTokenizer:
 
     def __init__(self, vocab, max_len=64, do_lower_case=True, strip_accents=None,
                  tokenize_chinese_chars=True):
-        if max_len < 3:
-            raise ValueError(f"max_len must be >= 3 ([CLS] token [SEP]), got {max_len}")
-        self.vocab, self.max_len = list(vocab), int(max_len)
-        self.token_to_id = {t: i for i, t in enumerate(self.vocab)}  # a repeated line: the last wins
+        super().__init__(vocab, max_len)  # a repeated line of vocab.txt: the last wins
         missing = [t for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]") if t not in self.token_to_id]
         if missing:
             raise ValueError(f"the WordPiece vocabulary has no {missing} token")
@@ -546,10 +752,6 @@ class WordPieceTokenizer:
         self.do_lower_case = bool(do_lower_case)
         self.strip_accents = None if strip_accents is None else bool(strip_accents)
         self.tokenize_chinese_chars = bool(tokenize_chinese_chars)
-
-    @property
-    def vocab_size(self):
-        return len(self.vocab)
 
     @classmethod
     def from_pretrained(cls, folder, max_len=64):
@@ -634,27 +836,9 @@ class WordPieceTokenizer:
                 pieces += [p for word in self.basic_tokenize(part) for p in self.wordpiece(word)]
         return pieces
 
-    def encode(self, text):
-        ids = [self.token_to_id[p] for p in self.tokenize(text)]
-        return [self.cls_id] + ids[:self.max_len - 2] + [self.sep_id]
-
     def decode(self, ids):
         """Pieces joined back into words ("##" glued on), without [PAD] [CLS] [SEP]."""
-        skip = (self.pad_id, self.cls_id, self.sep_id)
-        return " ".join(self.vocab[int(i)] for i in ids if int(i) not in skip).replace(" ##", "")
-
-    def __call__(self, texts):
-        """list of B texts -> input_ids (B, max_len) long, attention_mask (B, max_len) long."""
-        return _pad_batch(self, texts)
-
-    def unk_rate(self, texts):
-        """Fraction of word pieces (before truncation) that are [UNK]."""
-        pieces = [p for text in texts for p in self.tokenize(text)]
-        return sum(p == "[UNK]" for p in pieces) / max(len(pieces), 1)
-
-    def truncated_share(self, texts):
-        """Fraction of texts whose pieces, with [CLS] and [SEP], do not fit in max_len."""
-        return sum(len(self.tokenize(t)) + 2 > self.max_len for t in texts) / max(len(texts), 1)
+        return super().decode(ids).replace(" ##", "")
 
     def to_dict(self):
         return {"kind": "wordpiece", "vocab": self.vocab, "max_len": self.max_len,
@@ -667,169 +851,11 @@ class WordPieceTokenizer:
                    d["tokenize_chinese_chars"])
 
 
-def tokenizer_from_dict(d):
-    """Either tokenizer from its to_dict(); a dict without "kind" is a word-level one."""
-    kinds = {"word": Tokenizer, "wordpiece": WordPieceTokenizer}
-    kind = d.get("kind", "word")
-    if kind not in kinds:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
-    return kinds[kind].from_dict(d)
-
-
 # -----------------------------------------------------------------------------
-# 3. Image transforms (GLoRIA/MGCA recipe scaled to image_size: 224 <- 256 becomes S <- S*256/224)
-
-class ImageTransform:
-    """PIL image -> normalised float32 tensor (1, S, S).
-    Longer side -> round(S*256/224), zero-pad to square; train: small rotation, random resized
-    square crop (area fraction in `scale`), brightness/contrast jitter; eval: centre crop.
-    No horizontal flip by default: it swaps left and right, and the reports say which side."""
-
-    def __init__(self, image_size, train, scale=(0.8, 1.0), rotate=5.0, brightness=0.1,
-                 contrast=0.1, hflip=False, mean=0.5, std=0.5):
-        self.image_size, self.train, self.scale, self.rotate = image_size, train, scale, rotate
-        self.brightness, self.contrast, self.hflip, self.mean, self.std = (
-            brightness, contrast, hflip, mean, std)
-        self.resize_to = round(image_size * 256 / 224)
-
-    def __call__(self, img, rng=None):
-        if self.train and rng is None:  # train mode draws only from rng, so runs are reproducible
-            raise ValueError("ImageTransform(train=True) needs rng=numpy.random.Generator")
-        img = img if img.mode == "L" else img.convert("L")
-        R, S = self.resize_to, self.image_size
-        k = R / max(img.size)
-        img = img.resize((max(1, round(img.width * k)), max(1, round(img.height * k))),
-                         Image.BILINEAR)
-        square = Image.new("L", (R, R), 0)  # zero padding: black, like air
-        square.paste(img, ((R - img.width) // 2, (R - img.height) // 2))
-        if self.train:
-            square = square.rotate(rng.uniform(-self.rotate, self.rotate), Image.BILINEAR,
-                                   fillcolor=0)
-            side = R * math.sqrt(rng.uniform(*self.scale))
-            x0, y0 = rng.uniform(0, R - side, size=2)
-            img = square.resize((S, S), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
-            if self.hflip and rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        else:
-            o = (R - S) // 2
-            img = square.crop((o, o, o + S, o + S))
-        x = np.asarray(img, dtype=np.float32) / 255.0
-        if self.train:
-            x = x * (1 + rng.uniform(-self.brightness, self.brightness))
-            m = x.mean()
-            x = np.clip((x - m) * (1 + rng.uniform(-self.contrast, self.contrast)) + m, 0, 1)
-        x = (x - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(x[None], dtype=np.float32))
-
-
+# C. SynthCXR: procedurally drawn PA chest radiographs with reports and labels
+# Read this when you want to know what the synthetic images and reports hold; training only
+# calls ensure_synthetic, and reads the result like any other manifest.
 # -----------------------------------------------------------------------------
-# 4. PairDataset: (image, report tokens, pair id, labels) from one split of a manifest
-
-def find_bad_images(manifest_path, rows):
-    """check_image for every row -> [(row, problem)] of the bad ones, all at once. The images
-    found whole are remembered in <manifest stem>.image_check.json beside the manifest (with their
-    size and modification time), so the check is paid once per image, not once per run."""
-    manifest_path = Path(manifest_path)
-    cache_path = manifest_path.with_name(manifest_path.stem + ".image_check.json")
-    try:
-        checked = json.loads(cache_path.read_text(encoding="utf-8"))["ok"]
-    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: check again
-        checked = {}
-    bad, new = [], 0
-    for row in tqdm(rows, desc="checking images", disable=None, leave=False):
-        try:
-            st = os.stat(row["_path"])
-        except OSError as e:
-            bad.append((row, f"cannot open: {e}"))
-            continue
-        stamp = [st.st_size, st.st_mtime_ns]
-        if checked.get(row["_path"]) == stamp:
-            continue
-        problem = check_image(row["_path"])
-        if problem:
-            bad.append((row, problem))
-        else:
-            checked[row["_path"]], new = stamp, new + 1
-    if new:
-        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"ok": checked}), encoding="utf-8")
-            os.replace(tmp, cache_path)
-        except OSError as e:  # e.g. a read-only dataset folder: check again next time
-            print(f"note: cannot write {cache_path} ({e}); images will be checked again next run",
-                  file=sys.stderr)
-    return bad
-
-
-class PairDataset(torch.utils.data.Dataset):
-    """One split of a manifest. Item i -> (image (1,H,W) float32, input_ids (L,) long,
-    attention_mask (L,) long, pair_id () long, labels (len(label_names),) float32 with NaN = blank).
-
-    pair_id is the index of the row's study_id among the sorted study_ids of the WHOLE manifest,
-    so images of one study share it. Augmentation for item i draws from
-    default_rng([seed, epoch, i]): identical with any num_workers. Call set_epoch(e) each epoch
-    (with persistent DataLoader workers, recreate the loader for it to take effect).
-
-    check_images=True checks every image of the split once at construction (find_bad_images), so
-    a truncated file is reported, with all other bad ones, before training starts rather than at
-    the step that first draws it; skip_bad=True drops those rows instead, counted on stderr."""
-
-    def __init__(self, manifest_path, split, tokenizer, transform, seed=0, label_names=LABELS,
-                 cache_images=False, skip_bad=False, check_images=True):
-        self.manifest_path = Path(manifest_path)
-        all_rows = read_manifest(self.manifest_path, skip_bad=skip_bad)
-        pair_of = {s: i for i, s in enumerate(sorted({r["study_id"] for r in all_rows}))}
-        self.rows = [r for r in all_rows if r["split"] == split]
-        if not self.rows:
-            raise ValueError(f"{self.manifest_path}: no rows with split {split!r} "
-                             f"(splits present: {sorted({r['split'] for r in all_rows})})")
-        bad = find_bad_images(self.manifest_path, self.rows) if check_images else []
-        if bad and not skip_bad:
-            lines = [f"  row {r['_row']}: {r['_path']}: {problem}" for r, problem in bad]
-            raise ManifestError(f"{self.manifest_path}: {len(bad)} unreadable image(s) in split "
-                                f"{split!r} (fix or remove them, or pass skip_bad):\n" + "\n".join(lines))
-        if bad:
-            dropped = {id(r) for r, _ in bad}
-            self.rows = [r for r in self.rows if id(r) not in dropped]
-            print(f"PairDataset: {self.manifest_path}: skipped {len(bad)} rows of split {split!r}: "
-                  f"unreadable image ({len(bad)})", file=sys.stderr)
-            if not self.rows:
-                raise ValueError(f"{self.manifest_path}: every image of split {split!r} is unreadable")
-        self.texts = [r["text"] for r in self.rows]
-        self.pair_ids = torch.tensor([pair_of[r["study_id"]] for r in self.rows], dtype=torch.long)
-        self.labels = torch.tensor([[float(r[n]) if r.get(n, "") != "" else math.nan
-                                     for n in label_names] for r in self.rows], dtype=torch.float32)
-        self.tokenizer, self.transform, self.seed, self.epoch = tokenizer, transform, seed, 0
-        self._cache = {} if cache_images else None
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.rows)
-
-    def _image(self, i):
-        if self._cache is not None and i in self._cache:
-            return self._cache[i]
-        row = self.rows[i]
-        try:
-            img = load_image(row["_path"])
-        except (FileNotFoundError, ValueError) as e:  # say which manifest row points at the file
-            raise type(e)(f"{self.manifest_path}, row {row['_row']}: {e}") from e
-        if self._cache is not None:
-            self._cache[i] = img
-        return img
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.transform.train else None
-        image = self.transform(self._image(i), rng)
-        input_ids, attention_mask = self.tokenizer([self.texts[i]])
-        return image, input_ids[0], attention_mask[0], self.pair_ids[i], self.labels[i]
-
-
-# -----------------------------------------------------------------------------
-# 5. SynthCXR: procedurally drawn PA chest radiographs with reports and labels
-#
 # Conventions: coordinates are fractions of the image, x to the right, y down, so (0, 0) is the
 # top-left corner and (1, 1) the bottom-right. The patient faces us, so the patient's RIGHT is on
 # the IMAGE LEFT. Brightness = attenuation: air and lung dark, soft tissue, fluid and bone bright.
@@ -1498,13 +1524,17 @@ def preview(data_dir, out=None, n=30, cols=6, tile=160):
 
 
 # -----------------------------------------------------------------------------
-# 6. Real datasets (MIMIC-CXR, CheXpert, RSNA, IU X-Ray, ROCO) and image folders -> the manifest
+# D. Real datasets and image folders: prepare
+# Read this when you bring a dataset of your own; training never calls it directly.
+# MIMIC-CXR, CheXpert, RSNA, IU X-Ray, ROCO or a folder of your own images -> the manifest.
+# -----------------------------------------------------------------------------
 # One small function per public release turns its files into manifest rows and counts what it
 # skipped and why; `prepare` then (optionally) writes resized PNG copies, the manifest and a
 # summary. Training and evaluation never special-case a dataset. Each preparer's docstring
 # gives the release's file layout; docs/data.md, "What prepare does, per dataset", explains the
 # choices.
 
+TRUNCATION_LENGTHS = (48, 64, 96, 128)  # max_len of configs/tiny, the default, small, mimic
 FRONTAL = ("PA", "AP")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones", "chexpert")
 # GLoRIA / MGCA per-label map for uncertain (-1) CheXpert labels; other labels are masked.
@@ -2036,6 +2066,11 @@ def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, **options
             "truncated": {n: truncated_share(texts, n) for n in TRUNCATION_LENGTHS}, "notes": notes}
 
 
+# -----------------------------------------------------------------------------
+# E. Command line
+# Read this when you run `python data.py synth | preview | prepare`; importing runs none of it.
+# -----------------------------------------------------------------------------
+
 def add_prepare_parser(subparsers):
     p = subparsers.add_parser("prepare", help="convert a public dataset, or your own image folder, "
                                               "into a manifest")
@@ -2078,9 +2113,6 @@ def _prepare_cli(args):
     except (OSError, ValueError, ImportError) as e:  # a wrong root, column, option: one clear line
         raise SystemExit(f"prepare {args.dataset}: {e}") from e
 
-
-# -----------------------------------------------------------------------------
-# 7. Command line
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

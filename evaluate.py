@@ -9,24 +9,26 @@ scikit-learn's values in tests/test_evaluate.py.
     python evaluate.py --task fewshot --checkpoint runs/x/ckpt.pt --data manifest.csv --out r.json
     python evaluate.py --task all --data my.csv --label-column label --prompts my_prompts.json
 
-Reads top to bottom:
-    (1) metrics       auroc, macro_f1, confusion_matrix, retrieval_ranks, recall_at_k, ...
-    (2) features      one batched no-grad pass per split, eval mode
-    (3) zero-shot     prompt files (configs/prompts/), class vector = normalise(mean(normalise(
-                      prompt embeddings))); N-way argmax, and binary positive-vs-negative AUROC;
-                      GLoRIA's and CheXzero's variants as options (docs/protocols.md)
-    (4) probes        frozen features + a linear head: multi-label (logistic, AUROC) or multi-class
-                      (softmax, accuracy / macro-F1); k shots / label fractions; seeds; and the
-                      pixel probe, a small CNN trained on the raw pixels (no checkpoint)
-    (5) retrieval     one image per study, de-duplicated texts, pessimistic ranks, chunked
-    (6) tasks         Evaluation (model, manifest, cached features), one run_* and one print_*
-                      function per task, dispatched by TASKS and PRINTERS
-    (7) efficiency    time, memory and FLOPs of one optimizer step, MSD against CLIP
-    (8) ablation      train and evaluate every run of an ablation file over seeds
-    (9) pictures      hand-written SVG: a run's training curves and evaluation bars, and the
-                      README's pictures (memory growth, ablation bars) from results/
-    (10) command line check options and the results path, load a checkpoint, run the tasks,
-                      print, write the JSON once; a user error is one line (cli)
+Reads top to bottom. Part I, evaluating a checkpoint:
+    1. metrics       auroc, macro_f1, confusion_matrix, retrieval_ranks, recall_at_k, ...
+    2. features      one batched no-grad pass per split, eval mode
+    3. zero-shot     prompt files (configs/prompts/), class vector = normalise(mean(normalise(
+                     prompt embeddings))); N-way argmax, and binary positive-vs-negative AUROC;
+                     GLoRIA's and CheXzero's variants as options (docs/protocols.md)
+    4. probes        frozen features + a linear head: multi-label (logistic, AUROC) or multi-class
+                     (softmax, accuracy / macro-F1); k shots / label fractions; seeds; and the
+                     pixel probe, a small CNN trained on the raw pixels (no checkpoint)
+    5. retrieval     one image per study, de-duplicated texts, pessimistic ranks, chunked
+    6. evaluation    Evaluation (model, manifest, each split's features, kept on disk by
+                     FeatureCache) and the labels of the two kinds below
+    7. tasks         one run_* and one print_* function per task, dispatched by TASKS and PRINTERS
+Part II, appendices, each read when it is needed:
+    A. efficiency    time, memory and FLOPs of one optimizer step, MSD against CLIP
+    B. ablation      train and evaluate every run of an ablation file over seeds
+    C. command line  check options and the results path, load a checkpoint, run the tasks,
+                     print, write the JSON once; a user error is one line (cli)
+    D. pictures      hand-written SVG: a run's training curves and evaluation bars, and the
+                     README's pictures (memory growth, ablation bars) from results/
 
 Two kinds of labels:
 - CheXpert-style label columns (the 14 of data.LABELS a manifest carries): 1, 0, -1 (uncertain)
@@ -71,8 +73,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import msd
 
-# -----------------------------------------------------------------------------------------------
-# (1) Metrics. Plain numpy; inputs may be lists, numpy arrays or torch tensors.
+# =============================================================================
+# Part I: evaluating a checkpoint
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# 1. Metrics
+# Plain numpy; inputs may be lists, numpy arrays or torch tensors.
+# -----------------------------------------------------------------------------
 
 
 def _np(x):
@@ -216,8 +224,10 @@ def score_labels(raw):
     return y
 
 
-# -----------------------------------------------------------------------------------------------
-# (2) Features: the student encoders in eval mode (no dropout), no gradients, one pass per split.
+# -----------------------------------------------------------------------------
+# 2. Features
+# The student encoders in eval mode (no dropout), no gradients, one pass per split.
+# -----------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -252,10 +262,13 @@ def encode_images(model, dataset, batch_size=64, num_workers=0):
     return {"features": torch.cat(feats), "embed": torch.cat(embeds), "labels": torch.cat(labels)}
 
 
-# -----------------------------------------------------------------------------------------------
-# (3) Zero-shot classification. Prompts are fixed lists read from JSON; a prompt set is
-# {"positive": {class: [prompts]}, "negative": {class: [prompts]}} ("negative" optional). By
-# default every prompt is used and nothing is sampled; --zeroshot-protocol gloria and
+# -----------------------------------------------------------------------------
+# 3. Zero-shot classification
+# Prompts are fixed lists read from JSON; a prompt set is {"positive": {class: [prompts]},
+# "negative": {class: [prompts]}} ("negative" optional).
+# -----------------------------------------------------------------------------
+
+# By default every prompt is used and nothing is sampled; --zeroshot-protocol gloria and
 # --binary-protocol chexzero are the literature's variants (docs/protocols.md).
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "configs" / "prompts"   # not the working directory
@@ -415,11 +428,14 @@ def zeroshot_binary(image_emb, labels, pos_emb, neg_emb, findings, probability=F
             "n_positive": {f: int((_np(labels)[:, j] == 1).sum()) for j, f in enumerate(findings)}}
 
 
-# -----------------------------------------------------------------------------------------------
-# (4) Probes. Linear probe / few-shot: frozen features, one linear layer trained with L-BFGS,
-# multi-label (one sigmoid per CheXpert label, AUROC) or multi-class (one softmax over the
-# classes of a label column, accuracy and macro-F1). Then the pixel probe: a small CNN trained
-# on the raw pixels, which asks whether the labels are in the images at all.
+# -----------------------------------------------------------------------------
+# 4. Probes
+# Frozen features and one linear layer trained with L-BFGS; then the pixel probe, a small CNN
+# trained on the raw pixels, which asks whether the labels are in the images at all.
+# -----------------------------------------------------------------------------
+
+# The linear probe (few-shot) is multi-label (one sigmoid per CheXpert label, AUROC) or
+# multi-class (one softmax over the classes of a label column, accuracy and macro-F1).
 
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -638,8 +654,10 @@ def pixel_probe(manifest, split="test", epochs=8, image_size=64, seed=0):
             "mean_auroc": float(np.mean(list(per_label.values()))) if per_label else float("nan")}
 
 
-# -----------------------------------------------------------------------------------------------
-# (5) Retrieval over the full pool: one image per study, identical texts collapsed.
+# -----------------------------------------------------------------------------
+# 5. Retrieval
+# Over the full pool: one image per study, identical texts collapsed.
+# -----------------------------------------------------------------------------
 
 
 def retrieval_pool(rows):
@@ -679,28 +697,108 @@ def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
     return {"n_images": int(len(image_emb)), "n_texts": int(len(text_emb)), "i2t": i2t, "t2i": t2i}
 
 
-# -----------------------------------------------------------------------------------------------
-# (6) Tasks. Evaluation holds what every task needs; each task is a run_* function (an
-# Evaluation and the parsed options -> a JSON-able dict with its numbers and its "notes") and a
-# print_* function beside it that shows the numbers and every note.
+# -----------------------------------------------------------------------------
+# 6. What every task needs: Evaluation, its feature cache, the labels
+# Evaluation holds what every task needs, FeatureCache keeps its image features on disk; then
+# the labels: the 5-way CheXpert classes of test_5x, and the classes of a --label-column.
+# -----------------------------------------------------------------------------
 
 
-class Evaluation:
-    """What every task needs: model, tokenizer, manifest, and each split's image features,
-    computed in one pass per split and cached: in memory, and on disk next to a saved checkpoint
+class FeatureCache:
+    """The image features of a saved checkpoint's splits on disk, next to the checkpoint
     (features_<split>_<16 hex digits>.pt). The cache key covers what the features depend on: the
     checkpoint's SHA-256, the manifest's bytes, the size and modification time of every image of
     the split, the split and the image size. The key is stored inside the file and checked on
     loading, so a file copied from another checkpoint, or left from images since replaced, is
-    recomputed. A folder that cannot be written (read-only) means no cache, with a note."""
+    recomputed. A folder that cannot be written (read-only) means no cache, with a note. An
+    untrained model (checkpoint None) has no checkpoint to key it by, and so no cache."""
 
     CACHED = ("features", "embed", "labels")           # the tensors of a cache file, beside its key
+
+    def __init__(self, checkpoint, manifest, image_size, n_labels, checkpoint_sha256=None):
+        self.checkpoint, self.manifest = checkpoint, Path(manifest)
+        self.image_size, self.n_labels = image_size, n_labels
+        self._sha256 = checkpoint_sha256               # read from the checkpoint when not given
+
+    def checkpoint_sha256(self):
+        """The SHA-256 that msd.save_checkpoint records in the checkpoint (the SHA-256 of the
+        file's bytes for a checkpoint written without one). mmap=True: the weights are not read."""
+        if self._sha256 is None:
+            ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            self._sha256 = ckpt.get("sha256") or hashlib.sha256(
+                Path(self.checkpoint).read_bytes()).hexdigest()
+        return self._sha256
+
+    def file(self, split, rows):
+        """-> (path, key) of the feature cache of a split (rows: its manifest rows), or
+        (None, None) for an untrained model, which has no checkpoint to key it by."""
+        if self.checkpoint is None:
+            return None, None
+        images = hashlib.sha256()                       # a stat per image: cheap, reads no pixels
+        for r in rows:
+            st = os.stat(r["_path"])
+            images.update(f"{r['_path']}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        key = json.dumps({"checkpoint_sha256": self.checkpoint_sha256(),
+                          "manifest_sha256": hashlib.sha256(self.manifest.read_bytes()).hexdigest(),
+                          "images": images.hexdigest(), "split": split,
+                          "image_size": self.image_size})
+        name = f"features_{split}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        return Path(self.checkpoint).parent / name, key
+
+    def _problem(self, feats, n, key):
+        """What is wrong with a loaded cache file for a split of n images (None: nothing)."""
+        if not (isinstance(feats, dict) and set(feats) == {"key", *self.CACHED}):
+            return "unexpected contents"
+        if feats["key"] != key:
+            return "written for another checkpoint, manifest or images: its key differs"
+        ok = (all(torch.is_tensor(feats[k]) and len(feats[k]) == n for k in self.CACHED)
+              and feats["labels"].shape[1:] == (self.n_labels,)
+              and bool(torch.isfinite(feats["embed"]).all()))
+        return None if ok else "unexpected contents"
+
+    def load(self, path, n, key):
+        """The cached features of a split of n images, or None: no cache (path None) or no file
+        yet, or (with a note on stderr) a file that is unreadable, truncated, not what this split
+        needs or written under another key. On None the caller computes them."""
+        if path is None or not path.is_file():
+            return None
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+            problem = self._problem(feats, n, key)
+        except Exception as e:                      # truncated zip, bad pickle, ... : recompute
+            problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if problem is None:
+            return {k: feats[k] for k in self.CACHED}
+        print(f"note: feature cache {path} is unusable ({problem}); recomputing it", file=sys.stderr)
+        return None
+
+    def save(self, path, key, feats):
+        """Atomically (a temporary file, then a rename: a killed run leaves no half file); nothing
+        without a cache (path None). A folder that cannot be written only means no cache: a note,
+        and the evaluation goes on."""
+        if path is None:
+            return
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({**feats, "key": key}, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            if tmp.exists():
+                tmp.unlink()
+            print(f"note: cannot write the feature cache {path} ({e.strerror or e}); evaluating "
+                  f"without a cache", file=sys.stderr)
+
+
+class Evaluation:
+    """What every task needs: model, tokenizer, config, the manifest (its rows, columns, CheXpert
+    label columns and split sizes), and each split's image features, computed in one pass per
+    split and kept: in memory, and on disk next to a saved checkpoint (FeatureCache)."""
 
     def __init__(self, model, tokenizer, cfg, manifest, step, checkpoint=None, batch_size=64,
                  checkpoint_sha256=None):
         self.model, self.tokenizer, self.cfg, self.step = model, tokenizer, cfg, step
         self.manifest, self.checkpoint, self.batch_size = Path(manifest), checkpoint, batch_size
-        self._sha256 = checkpoint_sha256               # read from the checkpoint when not given
         self.rows = data.read_manifest(self.manifest)
         if not self.rows:
             raise ValueError(f"{self.manifest}: the manifest has no rows")
@@ -709,6 +807,8 @@ class Evaluation:
         self.split_sizes = {}
         for r in self.rows:
             self.split_sizes[r["split"]] = self.split_sizes.get(r["split"], 0) + 1
+        self.cache = FeatureCache(checkpoint, self.manifest, cfg.image_size, len(self.label_names),
+                                  checkpoint_sha256)
         self._images = {}
 
     def check_split(self, split, purpose="--split"):
@@ -723,82 +823,21 @@ class Evaluation:
                                 data.ImageTransform(self.cfg.image_size, train=False),
                                 label_names=self.label_names)
 
-    def checkpoint_sha256(self):
-        """The SHA-256 that msd.save_checkpoint records in the checkpoint (the SHA-256 of the
-        file's bytes for a checkpoint written without one). mmap=True: the weights are not read."""
-        if self._sha256 is None:
-            ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)
-            self._sha256 = ckpt.get("sha256") or hashlib.sha256(
-                Path(self.checkpoint).read_bytes()).hexdigest()
-        return self._sha256
-
     def cache_file(self, split, rows):
-        """-> (path, key) of the feature cache of a split (rows: its manifest rows), or
-        (None, None) for an untrained model, which has no checkpoint to key it by."""
-        if self.checkpoint is None:
-            return None, None
-        images = hashlib.sha256()                       # a stat per image: cheap, reads no pixels
-        for r in rows:
-            st = os.stat(r["_path"])
-            images.update(f"{r['_path']}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        key = json.dumps({"checkpoint_sha256": self.checkpoint_sha256(),
-                          "manifest_sha256": hashlib.sha256(self.manifest.read_bytes()).hexdigest(),
-                          "images": images.hexdigest(), "split": split,
-                          "image_size": self.cfg.image_size})
-        name = f"features_{split}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-        return Path(self.checkpoint).parent / name, key
-
-    def _cache_problem(self, feats, n, key):
-        """What is wrong with a loaded cache file for a split of n images (None: nothing)."""
-        if not (isinstance(feats, dict) and set(feats) == {"key", *self.CACHED}):
-            return "unexpected contents"
-        if feats["key"] != key:
-            return "written for another checkpoint, manifest or images: its key differs"
-        ok = (all(torch.is_tensor(feats[k]) and len(feats[k]) == n for k in self.CACHED)
-              and feats["labels"].shape[1:] == (len(self.label_names),)
-              and bool(torch.isfinite(feats["embed"]).all()))
-        return None if ok else "unexpected contents"
-
-    def _load_cache(self, path, n, key):
-        """The cached features, or None (with a note on stderr) when the file is unreadable,
-        truncated, not what this split needs or written under another key: the caller then
-        recomputes them."""
-        try:
-            feats = torch.load(path, map_location="cpu", weights_only=True)
-            problem = self._cache_problem(feats, n, key)
-        except Exception as e:                      # truncated zip, bad pickle, ... : recompute
-            problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        if problem is None:
-            return {k: feats[k] for k in self.CACHED}
-        print(f"note: feature cache {path} is unusable ({problem}); recomputing it", file=sys.stderr)
-        return None
-
-    def _save_cache(self, path, key, feats):
-        """Atomically (a temporary file, then a rename: a killed run leaves no half file). A
-        folder that cannot be written only means no cache: a note, and the evaluation goes on."""
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save({**feats, "key": key}, f)
-            os.replace(tmp, path)
-        except OSError as e:
-            if tmp.exists():
-                tmp.unlink()
-            print(f"note: cannot write the feature cache {path} ({e.strerror or e}); evaluating "
-                  f"without a cache", file=sys.stderr)
+        """-> (path, key) of the split's feature cache file; (None, None) for an untrained model."""
+        return self.cache.file(split, rows)
 
     def images(self, split):
         """{"features", "embed", "labels" (manifest values), "rows"} of one split."""
         if split not in self._images:
             dataset = self.dataset(split)
             path, key = self.cache_file(split, dataset.rows)
-            feats = self._load_cache(path, len(dataset), key) if path is not None and path.is_file() else None
+            feats = self.cache.load(path, len(dataset), key)
             if feats is None:
                 feats = encode_images(self.model, dataset, self.batch_size, self.cfg.num_workers)
                 self._check_finite(feats["embed"], f"image embeddings of split {split!r}")
                 self._check_finite(feats["features"], f"image features of split {split!r}")
-                if path is not None:
-                    self._save_cache(path, key, feats)
+                self.cache.save(path, key, feats)
             self._images[split] = {**feats, "rows": dataset.rows}
         return self._images[split]
 
@@ -814,35 +853,6 @@ class Evaluation:
             raise ValueError(f"{bad} of {len(x)} {what} are not finite (NaN or inf): the model "
                              f"{self.checkpoint or '(untrained)'} holds non-finite weights (a "
                              f"diverged run or a corrupt checkpoint); nothing was evaluated")
-
-    def classes(self, column):
-        """The classes of a label column: its distinct non-blank values over the whole
-        manifest, sorted, so that every split and task uses the same class indices."""
-        if column not in self.columns:
-            raise ValueError(f"--label-column {column!r}: {self.manifest} has no such column; "
-                             f"its columns are {self.columns}")
-        if column in data.LABELS:
-            raise ValueError(f"--label-column {column!r} is a CheXpert label column (1 / 0 / -1); "
-                             f"those are evaluated without --label-column")
-        names = sorted({r[column].strip() for r in self.rows if r[column].strip()})
-        if len(names) < 2:
-            raise ValueError(f"--label-column {column!r}: {len(names)} distinct class value(s) "
-                             f"{names} in {self.manifest}; at least two are needed")
-        return names
-
-    def class_targets(self, split, column):
-        """-> (class names, (N,) class index of each image of the split, -1 = blank, notes)."""
-        names = self.classes(column)
-        index = {c: i for i, c in enumerate(names)}
-        y = np.array([index.get(r[column].strip(), -1) for r in self.images(split)["rows"]])
-        notes = []
-        if (y < 0).any():
-            notes.append(f"{int((y < 0).sum())} of {len(y)} images of split {split!r} have no "
-                         f"value in column {column!r}: left out")
-        absent = [c for i, c in enumerate(names) if not (y == i).any()]
-        if absent:
-            notes.append(f"classes absent from split {split!r}: {absent}")
-        return names, y, notes
 
 
 def five_way_labels(labels, label_names, rows):
@@ -860,6 +870,44 @@ def five_way_labels(labels, label_names, rows):
         raise ValueError(f"manifest row {rows[bad[0]]['_row']} (split {rows[bad[0]]['split']!r}): "
                          f"expected exactly one positive among {[label_names[j] for j in cols]}")
     return [label_names[j] for j in cols], y.argmax(1)
+
+
+def column_classes(ev, column):
+    """The classes of a label column: its distinct non-blank values over the whole
+    manifest, sorted, so that every split and task uses the same class indices."""
+    if column not in ev.columns:
+        raise ValueError(f"--label-column {column!r}: {ev.manifest} has no such column; "
+                         f"its columns are {ev.columns}")
+    if column in data.LABELS:
+        raise ValueError(f"--label-column {column!r} is a CheXpert label column (1 / 0 / -1); "
+                         f"those are evaluated without --label-column")
+    names = sorted({r[column].strip() for r in ev.rows if r[column].strip()})
+    if len(names) < 2:
+        raise ValueError(f"--label-column {column!r}: {len(names)} distinct class value(s) "
+                         f"{names} in {ev.manifest}; at least two are needed")
+    return names
+
+
+def class_targets(ev, split, column):
+    """-> (class names, (N,) class index of each image of the split, -1 = blank, notes)."""
+    names = column_classes(ev, column)
+    index = {c: i for i, c in enumerate(names)}
+    y = np.array([index.get(r[column].strip(), -1) for r in ev.images(split)["rows"]])
+    notes = []
+    if (y < 0).any():
+        notes.append(f"{int((y < 0).sum())} of {len(y)} images of split {split!r} have no "
+                     f"value in column {column!r}: left out")
+    absent = [c for i, c in enumerate(names) if not (y == i).any()]
+    if absent:
+        notes.append(f"classes absent from split {split!r}: {absent}")
+    return names, y, notes
+
+
+# -----------------------------------------------------------------------------
+# 7. Tasks
+# Each task is a run_* function (an Evaluation and the parsed options -> a JSON-able dict with
+# its numbers and its "notes") and a print_* function beside it that shows every note.
+# -----------------------------------------------------------------------------
 
 
 def choose_prompts(ev, args):
@@ -958,7 +1006,7 @@ def run_zeroshot(ev, args):
 
 def _zeroshot_label_column(ev, args, prompt_set, name):
     """N-way zero-shot over the classes of --label-column, on --split."""
-    classes, y, notes = ev.class_targets(args.split, args.label_column)
+    classes, y, notes = class_targets(ev, args.split, args.label_column)
     if prompt_set is None:
         all_prompts = {c: [c] for c in classes}
         notes.append("no --prompts given: each class's one prompt is its own name")
@@ -1067,7 +1115,7 @@ def _fewshot_label_column(ev, args):
                          "is multi-class over that column's classes")
     part, notes = {}, []
     for split in dict.fromkeys(("train", "valid", args.split)):
-        classes, y, split_notes = ev.class_targets(split, args.label_column)
+        classes, y, split_notes = class_targets(ev, split, args.label_column)
         keep = y >= 0
         part[split] = (ev.images(split)["features"][torch.as_tensor(keep)], y[keep])
         notes += split_notes
@@ -1135,7 +1183,7 @@ def run_retrieval(ev, args):
                          f"{len(texts)} texts (image-to-text) or {len(image_rows)} images "
                          f"(text-to-image), so that recall is 1 by construction")
         if args.label_column:                       # class-level P@K over the column's classes
-            _, y, _ = ev.class_targets(split, args.label_column)
+            _, y, _ = class_targets(ev, split, args.label_column)
             classes = y[image_rows]
             if (classes < 0).any():
                 classes = None
@@ -1205,11 +1253,15 @@ def skipped_reason(task, res):
     return res.get("skipped")
 
 
-# -----------------------------------------------------------------------------------------------
-# (7) Efficiency: time, peak memory and FLOPs of one optimizer step, MSD vs end-to-end CLIP, on
-# random tensors of the configured shapes (this times the training step, not the loader). On the
-# CPU each configuration runs in a fresh process, so that its peak memory is its own; on CUDA the
-# allocator's peak is reset between configurations instead.
+# =============================================================================
+# Part II: appendices: benchmarks, the command line, pictures
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# A. Efficiency benchmark
+# Read this when you compare the cost of one training step; it needs no checkpoint and no data.
+# Time, peak memory and FLOPs of one optimizer step, MSD against end-to-end CLIP.
+# -----------------------------------------------------------------------------
 
 
 def efficiency_configs(cfg, max_factor=8):
@@ -1423,16 +1475,17 @@ def print_efficiency(res):
         print(f"  skipped (past --time-budget): {', '.join(res['skipped'])}")
 
 
-# -----------------------------------------------------------------------------------------------
-# (8) Ablation: train every configuration of an ablation file for several seeds, evaluate each
-# checkpoint with the protocols above, and tabulate mean +- sample std. Each finished run is
-# recorded in the results file as it ends, and a later call skips every run recorded there.
+# -----------------------------------------------------------------------------
+# B. Ablation runner
+# Read this when you reproduce a quality table: it trains and evaluates many runs over seeds.
+# Every run of an ablation file, evaluated with the tasks of section 7; mean +- sample std.
+# -----------------------------------------------------------------------------
 
 
 def ablation_metrics(ev, args):
-    """The few numbers of the quality table, from the three tasks above. For tuning on the valid
-    split ("eval": {"split": "valid", "with_5x": false, "probe": false}) nothing is read from a
-    test split: no 5xN zero-shot, no probe (it would choose and report on one split)."""
+    """The few numbers of the quality table, from the three tasks of section 7. For tuning on
+    the valid split ("eval": {"split": "valid", "with_5x": false, "probe": false}) nothing is
+    read from a test split: no 5xN zero-shot, no probe (it would choose and report on one split)."""
     zs, rt = run_zeroshot(ev, args), run_retrieval(ev, args)
     m = {}
     if zs["multiclass"]:
@@ -1544,15 +1597,6 @@ def ablation_table(recorded, spec, floor):
                     "welch_t": welch_t([r[k] for r in row["per_seed"]], [r[k] for r in ref["per_seed"]])}
                 for k in row if k in ref and isinstance(row[k], tuple) and ref[k][0] is not None}
     return table
-
-
-def write_json_atomic(path, obj):
-    """Write to a temporary file of this process, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(to_json(obj), indent=1, allow_nan=False))
-    os.replace(tmp, path)
 
 
 def read_recorded(path, spec_path, protocol_eval):
@@ -1676,9 +1720,396 @@ def print_ablation(res):
         print(line)
 
 
-# -----------------------------------------------------------------------------------------------
-# (9) Pictures: SVG written by hand (no plotting library). `--task plots` draws one run's pictures
-# into its folder:
+# -----------------------------------------------------------------------------
+# C. Command line
+# Read this when you run evaluate.py from a shell: options, the results file, one-line errors.
+# main loads a checkpoint (or an untrained model), runs the tasks, prints, writes the JSON.
+# -----------------------------------------------------------------------------
+
+
+def print_results(task, res):
+    """A readable table per task; each printer sits beside its task's code (plots print as they go)."""
+    printer = {**PRINTERS, "efficiency": print_efficiency, "ablation": print_ablation}.get(task)
+    if printer is not None:
+        printer(res)
+
+
+def untrained_model(cfg, manifest):
+    """The model of cfg as initialised (seeded by cfg.seed), with the vocabulary of the
+    manifest's training split: `--checkpoint random` and the floor row of an ablation."""
+    tokenizer = msd.build_tokenizer(cfg, manifest)
+    return msd.build_model(cfg, tokenizer.vocab_size).eval(), tokenizer
+
+
+def load_for_eval(args):
+    """-> (model, tokenizer, cfg, manifest, step, checkpoint path or None, its SHA-256 or None)."""
+    device = msd.pick_device(args.device)
+    if args.checkpoint == "random":
+        cfg = msd.load_config(args.config)
+        manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
+        model, tokenizer = untrained_model(cfg, manifest)
+        return model.to(device), tokenizer, cfg, manifest, 0, None, None
+    path = Path(args.checkpoint or Path(msd.load_config(args.config).out_dir) / "ckpt.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}; train it first ({how_to_train(args)}) "
+                                f"or evaluate an untrained model with --checkpoint random")
+    model, tokenizer, cfg, ckpt = msd.load_checkpoint(path, map_location=device)
+    manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
+    return model, tokenizer, cfg, manifest, ckpt["step"], path, ckpt["sha256"]
+
+
+def how_to_train(args):
+    """The command that trains the run a task reads (for messages)."""
+    if args.checkpoint and args.checkpoint != "random":
+        return f"python msd.py --config {args.config} --out_dir={Path(args.checkpoint).parent}"
+    return f"python msd.py --config {args.config}"
+
+
+def how_to_evaluate(args):
+    """The command that writes the run's evaluation results (for messages)."""
+    which = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
+    if not args.checkpoint or args.checkpoint == "random":
+        which += f" --config {args.config}"
+    return f"python evaluate.py --task all{which}"
+
+
+def run_folder(args):
+    """The folder of the run a task evaluates or draws: the checkpoint's, the run of --config
+    (its out_dir), or for --checkpoint random a folder beside it, random-<config name>."""
+    if args.checkpoint == "random":
+        return Path(msd.load_config(args.config).out_dir).parent / f"random-{Path(args.config).stem}"
+    if args.checkpoint:
+        return Path(args.checkpoint).parent
+    return Path(msd.load_config(args.config).out_dir)
+
+
+NOT_PROTOCOL = ("task", "checkpoint", "config", "out", "device", "batch_size", "chunk_size",
+                "debug", "overrides", "jobs", "readme_pictures")  # where and how fast, not what
+
+
+def protocol_of(args):
+    """The options that define what a task measures, as written in its results file."""
+    return to_json({k: v for k, v in sorted(vars(args).items()) if k not in NOT_PROTOCOL})
+
+
+def _file_name_part(text):
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(text))
+
+
+def default_out(args):
+    """Where a task writes its JSON when --out is not given. Never results/ (the README's
+    numbers), and never one task's file for another's:
+      zeroshot / fewshot / retrieval / all -> <run>/eval/<task>[_<split>][_<data>][_<column>].json,
+        or <task>-2.json, -3.json, ... when that file holds the results of another protocol
+      plots        -> <run>/plots/plots.json (--readme-pictures: runs/plots/readme-pictures.json)
+      ablation     -> <--ablation-dir>/<ablation file name>.json (where finished runs are recorded)
+      efficiency, pixel-probe -> runs/<task>/<config name>[_<data>].json"""
+    variant = "" if args.split == "test" else f"_{args.split}"
+    if args.data:
+        data_path = Path(args.data)
+        variant += f"_{data_path.parent.name if data_path.stem == 'manifest' else data_path.stem}"
+    if args.label_column:
+        variant += f"_{args.label_column}"
+    if args.task in (*TASKS, "all"):
+        return free_name(run_folder(args) / "eval" / _file_name_part(f"{args.task}{variant}.json"),
+                         protocol_of(args))
+    if args.task == "plots":
+        return (Path("runs/plots/readme-pictures.json") if args.readme_pictures
+                else run_folder(args) / "plots" / "plots.json")
+    if args.task == "ablation":
+        return Path(args.ablation_dir) / f"{Path(args.ablation).stem}.json"
+    return Path("runs") / args.task / _file_name_part(f"{Path(args.config).stem}{variant}.json")
+
+
+def free_name(path, protocol):
+    """path, or the first of <name>-2.json, <name>-3.json, ... that does not hold the results of
+    another protocol: a rerun replaces its own file, never another protocol's (nor a file that
+    cannot be read)."""
+    candidate, n = path, 1
+    while candidate.is_file() and _recorded_protocol(candidate) != protocol:
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def _recorded_protocol(path):
+    try:
+        res = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return res.get("protocol") if isinstance(res, dict) else None
+
+
+def check_writable(p, path, given):
+    """The results file can be written: checked before any work. A folder, a path under a file,
+    or a folder this user cannot write is a usage error naming the way out."""
+    path, option = Path(path), "--out" if given else "the default results file"
+    if path.is_dir():
+        p.error(f"{option} {path} is a folder; give a file name, e.g. --out {path / 'results.json'}")
+    folder = path.parent
+    while not folder.exists():                         # the folders still to make: their parent
+        folder = folder.parent
+    if not folder.is_dir():
+        p.error(f"{option} {path}: {folder} is a file, not a folder; choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        p.error(f"{option} {path}: {folder} is not writable; choose another --out")
+
+
+def to_json(obj):
+    """numpy / torch values -> plain Python; NaN -> null (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else float(obj)
+    return obj
+
+
+def write_json_atomic(path, obj):
+    """Write to a temporary file of this process, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(to_json(obj), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _numbers(text, kind):
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values such as "
+                                         f"{'1,2,4' if kind is int else '0.1,1'}, got {text!r}") from None
+
+
+def _floats(text):
+    return _numbers(text, float)
+
+
+def _ints(text):
+    return _numbers(text, int)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line (exit status 2); --help shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    p = Parser(prog="evaluate.py", description="Evaluate an MSD checkpoint: zero-shot, linear "
+               "probe, retrieval; or a benchmark that needs no checkpoint.")
+    p.add_argument("--task", default="all", choices=[*TASKS, "all", "pixel-probe", *BENCHMARKS],
+                   help="all = zeroshot, fewshot and retrieval; pixel-probe, efficiency and "
+                        "ablation train or time models themselves (no checkpoint)")
+    p.add_argument("--checkpoint", help="ckpt.pt, or 'random' for an untrained model of --config "
+                                        "(default: the run of --config)")
+    p.add_argument("--config", default="configs/small.json")
+    p.add_argument("--data", help="manifest CSV (default: the run's own dataset)")
+    p.add_argument("--split", default="test",
+                   help="the split evaluated: N-way zero-shot with --label-column, binary "
+                        "zero-shot, probe, retrieval (the 5-way CheXpert protocol always uses test_5x)")
+    p.add_argument("--label-column", dest="label_column",
+                   help="a manifest column holding one class name per row: N-way zero-shot and "
+                        "a multi-class probe over its classes")
+    p.add_argument("--out", help="the results JSON (default: <run>/eval/<task>.json beside the "
+                                 "checkpoint; benchmarks: runs/<task>/...; see default_out)")
+    p.add_argument("--debug", action="store_true", help="a user error shows its traceback")
+    p.add_argument("--prompt-set", dest="prompt_set", choices=prompt_set_names(),
+                   help="a shipped prompt set, configs/prompts/NAME.json (default: synth for a "
+                        "synthetic manifest, the class names with --label-column, else chexpert; "
+                        "pneumonia for RSNA)")
+    p.add_argument("--prompts", help="your own JSON prompt file, keyed by class names")
+    p.add_argument("--zeroshot-protocol", dest="zeroshot_protocol", default="grid",
+                   choices=list(ZEROSHOT_PROTOCOLS),
+                   help="N-way zero-shot: grid = every prompt, mean class vector (default); gloria "
+                        "= GLoRIA's: sampled prompts, highest cosine, z-scored per class")
+    p.add_argument("--prompts-per-class", dest="prompts_per_class", type=int, default=5,
+                   help="gloria: prompts drawn per class (GLoRIA draws 5)")
+    p.add_argument("--prompt-seed", dest="prompt_seed", type=int, default=6,
+                   help="gloria: seed of the draw (6 draws GLoRIA's prompts from the chexpert grid)")
+    p.add_argument("--binary-protocol", dest="binary_protocol", default="prompts",
+                   choices=list(BINARY_PROTOCOLS),
+                   help="binary zero-shot: prompts = the prompt set's positives against its "
+                        "negatives (default); chexzero = CheXzero's ('<finding>', 'no <finding>')")
+    p.add_argument("--labels", help="comma-separated CheXpert labels to probe (default: those "
+                                    "with both classes in train and --split)")
+    p.add_argument("--shots", type=_ints, default=(1, 2, 4, 8, 16))
+    p.add_argument("--fractions", type=_floats, default=(0.01, 0.1, 1.0))
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--weight-decays", dest="weight_decays", type=_floats, default=WEIGHT_DECAYS)
+    p.add_argument("--ks", type=_ints, default=(1, 5, 10))
+    p.add_argument("--chunk-size", dest="chunk_size", type=int, default=256)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--no-5x", dest="with_5x", action="store_false",
+                   help="skip everything on the test_5x split (e.g. when tuning on --split valid)")
+    p.add_argument("--epochs", type=int, default=8, help="pixel-probe: training epochs")
+    p.add_argument("--no-probe", dest="probe", action="store_false", help="ablation: skip the probe")
+    p.add_argument("--steps", type=int, default=5, help="efficiency: optimizer steps timed per row")
+    p.add_argument("--sweep", action="store_true",
+                   help="efficiency: the micro-batch sweep on the CPU too (always on CUDA)")
+    p.add_argument("--time-budget", dest="time_budget", type=float, default=0,
+                   help="efficiency: skip rows that would start after this many seconds (0 = none)")
+    p.add_argument("--ablation", default="configs/ablation.json", help="ablation: the run list")
+    p.add_argument("--ablation-dir", dest="ablation_dir", default="runs/ablation",
+                   help="ablation: where runs are trained (finished runs are reused)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="ablation: runs trained at once, each in a process of one thread")
+    p.add_argument("--allow-split-overlap", dest="allow_split_overlap", action="store_true",
+                   help="evaluate although a patient or study is in train and in another split")
+    p.add_argument("--readme-pictures", dest="readme_pictures", action="store_true",
+                   help="plots: redraw the README's results/plots/*.svg from results/ (default: "
+                        "the pictures of the run of --checkpoint / --config, in its folder)")
+    return p
+
+
+def check_options(p, args):
+    """Options that the chosen task would ignore are errors, never silent no-ops."""
+    uses = {"prompts": ("zeroshot", "all"), "prompt_set": ("zeroshot", "all"),
+            "label_column": (*TASKS, "all"), "labels": ("fewshot", "all"), "readme_pictures": ("plots",),
+            **dict.fromkeys(("zeroshot_protocol", "prompts_per_class", "prompt_seed",
+                             "binary_protocol"), ("zeroshot", "all"))}
+    for key, tasks in uses.items():
+        if getattr(args, key) not in (None, p.get_default(key)) and args.task not in tasks:
+            p.error(f"--{key.replace('_', '-')} is not used by --task {args.task} "
+                    f"(only by {', '.join(tasks)})")
+    if args.prompts and args.prompt_set:
+        p.error("give --prompts FILE or --prompt-set NAME, not both")
+    for key in ("prompts_per_class", "prompt_seed"):       # the settings of the gloria draw
+        if getattr(args, key) != p.get_default(key) and args.zeroshot_protocol != "gloria":
+            p.error(f"--{key.replace('_', '-')} is used only by --zeroshot-protocol gloria")
+    if args.prompts_per_class < 1:
+        p.error(f"--prompts-per-class {args.prompts_per_class}: at least 1 prompt per class")
+    if args.label_column and args.binary_protocol != p.get_default("binary_protocol"):
+        p.error("--binary-protocol is not used with --label-column (binary zero-shot scores the "
+                "CheXpert label columns)")
+    check_values(p, args)
+
+
+AT_LEAST_ONE = ("seeds", "chunk_size", "batch_size", "epochs", "steps", "jobs")  # counts and sizes
+
+
+def check_values(p, args):
+    """Values that make no sense are usage errors, before anything runs."""
+    def refuse(key, why):
+        value = getattr(args, key)
+        shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+        p.error(f"--{key.replace('_', '-')} {shown}: {why}")
+
+    for key in AT_LEAST_ONE:
+        if getattr(args, key) < 1:
+            refuse(key, "must be at least 1")
+    for key in ("shots", "ks"):
+        values = getattr(args, key)
+        if min(values) < 1 or len(set(values)) < len(values):
+            refuse(key, "each value at least 1, none twice")
+    if not all(0 < f <= 1 for f in args.fractions):
+        refuse("fractions", "fractions of the training labels, each above 0 and at most 1 (= all)")
+    names = [f"{f:.0%}" for f in args.fractions]          # how the results name them
+    if len(set(names)) < len(names) or "0%" in names:
+        refuse("fractions", f"the results name each by its whole percent ({', '.join(names)}); give "
+                            f"distinct fractions of at least 0.005")
+    if not all(math.isfinite(w) and w >= 0 for w in args.weight_decays):
+        refuse("weight_decays", "each a finite number, at least 0")
+    if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
+        refuse("time_budget", "seconds, a finite number at least 0 (0 = no budget)")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            refuse("device", "expected cpu, cuda, cuda:N, mps or auto")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            refuse("device", "this machine has no CUDA device (torch.cuda.is_available() is "
+                             "False); use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            refuse("device", "this machine has no MPS device; use --device cpu")
+
+
+def evaluate_checkpoint(args):
+    """The checkpoint tasks (zeroshot, fewshot, retrieval, all) -> (results, problems: what was
+    asked for but could not be computed)."""
+    model, tokenizer, cfg, manifest, step, checkpoint, sha256 = load_for_eval(args)
+    ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size, sha256)
+    data.check_split_overlap(ev.rows, manifest, args.allow_split_overlap)
+    print(f"checkpoint {checkpoint or 'random (untrained)'} | step {step} | manifest {manifest} | "
+          f"splits {ev.split_sizes}")
+    results = {"checkpoint": str(checkpoint) if checkpoint else "random", "step": step,
+               "checkpoint_sha256": sha256, "manifest": str(manifest), "split": args.split,
+               "protocol": protocol_of(args), "split_sizes": ev.split_sizes, "config": asdict(cfg)}
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    skipped = {}
+    for task in tasks:
+        results[task] = TASKS[task](ev, args)
+        print_results(task, results[task])
+        if skipped_reason(task, results[task]):
+            skipped[task] = skipped_reason(task, results[task])
+    problems = []
+    if args.task != "all" or len(skipped) == len(tasks):   # all: a task that does not apply
+        problems = [f"--task {task}: {why}" for task, why in skipped.items()]
+    return results, problems
+
+
+def main(argv=None):
+    """Parse and check the options, check that the results file can be written, run the task,
+    print its tables, write its JSON (see default_out). User errors raise; cli() prints them."""
+    p = build_parser()
+    args, overrides = p.parse_known_args(argv)
+    args.overrides = overrides  # efficiency: --key=value config overrides, as for msd.py
+    if overrides and args.task != "efficiency":
+        p.error(f"unrecognized arguments: {' '.join(overrides)}")
+    check_options(p, args)
+    given = args.out is not None
+    args.out = str(args.out or default_out(args))   # the benchmarks write it as they go, too
+    check_writable(p, args.out, given)
+
+    problems = []
+    if args.task in BENCHMARKS:
+        results = BENCHMARKS[args.task](args)
+        print_results(args.task, results)
+    elif args.task == "pixel-probe":
+        results = {**run_pixel_probe(args), "protocol": protocol_of(args)}
+        print_results(args.task, results)
+        if results.get("skipped"):
+            problems.append(f"--task pixel-probe: {results['skipped']}")
+    else:
+        results, problems = evaluate_checkpoint(args)
+    write_json_atomic(args.out, results)
+    print(f"wrote {args.out}")
+    if problems:
+        raise SystemExit("evaluate.py: error: nothing computed for what was asked: " + "; ".join(problems))
+    return results
+
+
+USER_ERRORS = (ValueError, KeyError, OSError, ImportError, msd.NonFiniteError)  # bad input, not bugs
+
+
+def cli(argv=None):
+    """The command line: main, with a user error (a bad file, value or option; ValueError,
+    KeyError, OSError, ...) printed as ONE line `evaluate.py: error: ...` and exit status 1.
+    Anything else is a bug and keeps its traceback; --debug shows the traceback of both."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e   # KeyError quotes str()
+        print(f"evaluate.py: error: {' '.join(str(message).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
+# D. Pictures
+# Read this when you redraw a run's or the README's pictures (--task plots); it computes no
+# number. SVG written by hand (no plotting library).
+# -----------------------------------------------------------------------------
+
+# `--task plots` draws one run's pictures into its folder:
 #   <run>/log.jsonl          -> <run>/plots/log.svg, training curves
 #   <run>/eval/<name>.json   -> <run>/plots/eval_<name>.svg, its evaluation numbers as bars
 # and, with --readme-pictures, the README's pictures from the files in results/:
@@ -2204,378 +2635,8 @@ def run_plots(args):
     return {"plots": draw_pictures(jobs, missing), "missing": missing}
 
 
+# The tasks that need no checkpoint (appendices A, B and D), dispatched by main (appendix C)
 BENCHMARKS = {"efficiency": run_efficiency, "ablation": run_ablation, "plots": run_plots}
-
-
-# -----------------------------------------------------------------------------------------------
-# (10) Command line: load a checkpoint (or an untrained model), run the tasks, print, write JSON.
-
-
-def print_results(task, res):
-    """A readable table per task; each printer sits beside its task's code (plots print as they go)."""
-    printer = {**PRINTERS, "efficiency": print_efficiency, "ablation": print_ablation}.get(task)
-    if printer is not None:
-        printer(res)
-
-
-def untrained_model(cfg, manifest):
-    """The model of cfg as initialised (seeded by cfg.seed), with the vocabulary of the
-    manifest's training split: `--checkpoint random` and the floor row of an ablation."""
-    tokenizer = msd.build_tokenizer(cfg, manifest)
-    return msd.build_model(cfg, tokenizer.vocab_size).eval(), tokenizer
-
-
-def load_for_eval(args):
-    """-> (model, tokenizer, cfg, manifest, step, checkpoint path or None, its SHA-256 or None)."""
-    device = msd.pick_device(args.device)
-    if args.checkpoint == "random":
-        cfg = msd.load_config(args.config)
-        manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
-        model, tokenizer = untrained_model(cfg, manifest)
-        return model.to(device), tokenizer, cfg, manifest, 0, None, None
-    path = Path(args.checkpoint or Path(msd.load_config(args.config).out_dir) / "ckpt.pt")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}; train it first ({how_to_train(args)}) "
-                                f"or evaluate an untrained model with --checkpoint random")
-    model, tokenizer, cfg, ckpt = msd.load_checkpoint(path, map_location=device)
-    manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
-    return model, tokenizer, cfg, manifest, ckpt["step"], path, ckpt["sha256"]
-
-
-def how_to_train(args):
-    """The command that trains the run a task reads (for messages)."""
-    if args.checkpoint and args.checkpoint != "random":
-        return f"python msd.py --config {args.config} --out_dir={Path(args.checkpoint).parent}"
-    return f"python msd.py --config {args.config}"
-
-
-def how_to_evaluate(args):
-    """The command that writes the run's evaluation results (for messages)."""
-    which = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
-    if not args.checkpoint or args.checkpoint == "random":
-        which += f" --config {args.config}"
-    return f"python evaluate.py --task all{which}"
-
-
-def run_folder(args):
-    """The folder of the run a task evaluates or draws: the checkpoint's, the run of --config
-    (its out_dir), or for --checkpoint random a folder beside it, random-<config name>."""
-    if args.checkpoint == "random":
-        return Path(msd.load_config(args.config).out_dir).parent / f"random-{Path(args.config).stem}"
-    if args.checkpoint:
-        return Path(args.checkpoint).parent
-    return Path(msd.load_config(args.config).out_dir)
-
-
-NOT_PROTOCOL = ("task", "checkpoint", "config", "out", "device", "batch_size", "chunk_size",
-                "debug", "overrides", "jobs", "readme_pictures")  # where and how fast, not what
-
-
-def protocol_of(args):
-    """The options that define what a task measures, as written in its results file."""
-    return to_json({k: v for k, v in sorted(vars(args).items()) if k not in NOT_PROTOCOL})
-
-
-def _file_name_part(text):
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(text))
-
-
-def default_out(args):
-    """Where a task writes its JSON when --out is not given. Never results/ (the README's
-    numbers), and never one task's file for another's:
-      zeroshot / fewshot / retrieval / all -> <run>/eval/<task>[_<split>][_<data>][_<column>].json,
-        or <task>-2.json, -3.json, ... when that file holds the results of another protocol
-      plots        -> <run>/plots/plots.json (--readme-pictures: runs/plots/readme-pictures.json)
-      ablation     -> <--ablation-dir>/<ablation file name>.json (where finished runs are recorded)
-      efficiency, pixel-probe -> runs/<task>/<config name>[_<data>].json"""
-    variant = "" if args.split == "test" else f"_{args.split}"
-    if args.data:
-        data_path = Path(args.data)
-        variant += f"_{data_path.parent.name if data_path.stem == 'manifest' else data_path.stem}"
-    if args.label_column:
-        variant += f"_{args.label_column}"
-    if args.task in (*TASKS, "all"):
-        return free_name(run_folder(args) / "eval" / _file_name_part(f"{args.task}{variant}.json"),
-                         protocol_of(args))
-    if args.task == "plots":
-        return (Path("runs/plots/readme-pictures.json") if args.readme_pictures
-                else run_folder(args) / "plots" / "plots.json")
-    if args.task == "ablation":
-        return Path(args.ablation_dir) / f"{Path(args.ablation).stem}.json"
-    return Path("runs") / args.task / _file_name_part(f"{Path(args.config).stem}{variant}.json")
-
-
-def free_name(path, protocol):
-    """path, or the first of <name>-2.json, <name>-3.json, ... that does not hold the results of
-    another protocol: a rerun replaces its own file, never another protocol's (nor a file that
-    cannot be read)."""
-    candidate, n = path, 1
-    while candidate.is_file() and _recorded_protocol(candidate) != protocol:
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate
-
-
-def _recorded_protocol(path):
-    try:
-        res = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return res.get("protocol") if isinstance(res, dict) else None
-
-
-def check_writable(p, path, given):
-    """The results file can be written: checked before any work. A folder, a path under a file,
-    or a folder this user cannot write is a usage error naming the way out."""
-    path, option = Path(path), "--out" if given else "the default results file"
-    if path.is_dir():
-        p.error(f"{option} {path} is a folder; give a file name, e.g. --out {path / 'results.json'}")
-    folder = path.parent
-    while not folder.exists():                         # the folders still to make: their parent
-        folder = folder.parent
-    if not folder.is_dir():
-        p.error(f"{option} {path}: {folder} is a file, not a folder; choose another --out")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        p.error(f"{option} {path}: {folder} is not writable; choose another --out")
-
-
-def to_json(obj):
-    """numpy / torch values -> plain Python; NaN -> null (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [to_json(v) for v in obj]
-    if isinstance(obj, (np.integer, np.bool_)):
-        return obj.item()
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(obj) else float(obj)
-    return obj
-
-
-def _numbers(text, kind):
-    try:
-        return tuple(kind(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values such as "
-                                         f"{'1,2,4' if kind is int else '0.1,1'}, got {text!r}") from None
-
-
-def _floats(text):
-    return _numbers(text, float)
-
-
-def _ints(text):
-    return _numbers(text, int)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a usage error in one line (exit status 2); --help shows the usage."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser():
-    p = Parser(prog="evaluate.py", description="Evaluate an MSD checkpoint: zero-shot, linear "
-               "probe, retrieval; or a benchmark that needs no checkpoint.")
-    p.add_argument("--task", default="all", choices=[*TASKS, "all", "pixel-probe", *BENCHMARKS],
-                   help="all = zeroshot, fewshot and retrieval; pixel-probe, efficiency and "
-                        "ablation train or time models themselves (no checkpoint)")
-    p.add_argument("--checkpoint", help="ckpt.pt, or 'random' for an untrained model of --config "
-                                        "(default: the run of --config)")
-    p.add_argument("--config", default="configs/small.json")
-    p.add_argument("--data", help="manifest CSV (default: the run's own dataset)")
-    p.add_argument("--split", default="test",
-                   help="the split evaluated: N-way zero-shot with --label-column, binary "
-                        "zero-shot, probe, retrieval (the 5-way CheXpert protocol always uses test_5x)")
-    p.add_argument("--label-column", dest="label_column",
-                   help="a manifest column holding one class name per row: N-way zero-shot and "
-                        "a multi-class probe over its classes")
-    p.add_argument("--out", help="the results JSON (default: <run>/eval/<task>.json beside the "
-                                 "checkpoint; benchmarks: runs/<task>/...; see default_out)")
-    p.add_argument("--debug", action="store_true", help="a user error shows its traceback")
-    p.add_argument("--prompt-set", dest="prompt_set", choices=prompt_set_names(),
-                   help="a shipped prompt set, configs/prompts/NAME.json (default: synth for a "
-                        "synthetic manifest, the class names with --label-column, else chexpert; "
-                        "pneumonia for RSNA)")
-    p.add_argument("--prompts", help="your own JSON prompt file, keyed by class names")
-    p.add_argument("--zeroshot-protocol", dest="zeroshot_protocol", default="grid",
-                   choices=list(ZEROSHOT_PROTOCOLS),
-                   help="N-way zero-shot: grid = every prompt, mean class vector (default); gloria "
-                        "= GLoRIA's: sampled prompts, highest cosine, z-scored per class")
-    p.add_argument("--prompts-per-class", dest="prompts_per_class", type=int, default=5,
-                   help="gloria: prompts drawn per class (GLoRIA draws 5)")
-    p.add_argument("--prompt-seed", dest="prompt_seed", type=int, default=6,
-                   help="gloria: seed of the draw (6 draws GLoRIA's prompts from the chexpert grid)")
-    p.add_argument("--binary-protocol", dest="binary_protocol", default="prompts",
-                   choices=list(BINARY_PROTOCOLS),
-                   help="binary zero-shot: prompts = the prompt set's positives against its "
-                        "negatives (default); chexzero = CheXzero's ('<finding>', 'no <finding>')")
-    p.add_argument("--labels", help="comma-separated CheXpert labels to probe (default: those "
-                                    "with both classes in train and --split)")
-    p.add_argument("--shots", type=_ints, default=(1, 2, 4, 8, 16))
-    p.add_argument("--fractions", type=_floats, default=(0.01, 0.1, 1.0))
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--weight-decays", dest="weight_decays", type=_floats, default=WEIGHT_DECAYS)
-    p.add_argument("--ks", type=_ints, default=(1, 5, 10))
-    p.add_argument("--chunk-size", dest="chunk_size", type=int, default=256)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    p.add_argument("--no-5x", dest="with_5x", action="store_false",
-                   help="skip everything on the test_5x split (e.g. when tuning on --split valid)")
-    p.add_argument("--epochs", type=int, default=8, help="pixel-probe: training epochs")
-    p.add_argument("--no-probe", dest="probe", action="store_false", help="ablation: skip the probe")
-    p.add_argument("--steps", type=int, default=5, help="efficiency: optimizer steps timed per row")
-    p.add_argument("--sweep", action="store_true",
-                   help="efficiency: the micro-batch sweep on the CPU too (always on CUDA)")
-    p.add_argument("--time-budget", dest="time_budget", type=float, default=0,
-                   help="efficiency: skip rows that would start after this many seconds (0 = none)")
-    p.add_argument("--ablation", default="configs/ablation.json", help="ablation: the run list")
-    p.add_argument("--ablation-dir", dest="ablation_dir", default="runs/ablation",
-                   help="ablation: where runs are trained (finished runs are reused)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="ablation: runs trained at once, each in a process of one thread")
-    p.add_argument("--allow-split-overlap", dest="allow_split_overlap", action="store_true",
-                   help="evaluate although a patient or study is in train and in another split")
-    p.add_argument("--readme-pictures", dest="readme_pictures", action="store_true",
-                   help="plots: redraw the README's results/plots/*.svg from results/ (default: "
-                        "the pictures of the run of --checkpoint / --config, in its folder)")
-    return p
-
-
-def check_options(p, args):
-    """Options that the chosen task would ignore are errors, never silent no-ops."""
-    uses = {"prompts": ("zeroshot", "all"), "prompt_set": ("zeroshot", "all"),
-            "label_column": (*TASKS, "all"), "labels": ("fewshot", "all"), "readme_pictures": ("plots",),
-            **dict.fromkeys(("zeroshot_protocol", "prompts_per_class", "prompt_seed",
-                             "binary_protocol"), ("zeroshot", "all"))}
-    for key, tasks in uses.items():
-        if getattr(args, key) not in (None, p.get_default(key)) and args.task not in tasks:
-            p.error(f"--{key.replace('_', '-')} is not used by --task {args.task} "
-                    f"(only by {', '.join(tasks)})")
-    if args.prompts and args.prompt_set:
-        p.error("give --prompts FILE or --prompt-set NAME, not both")
-    for key in ("prompts_per_class", "prompt_seed"):       # the settings of the gloria draw
-        if getattr(args, key) != p.get_default(key) and args.zeroshot_protocol != "gloria":
-            p.error(f"--{key.replace('_', '-')} is used only by --zeroshot-protocol gloria")
-    if args.prompts_per_class < 1:
-        p.error(f"--prompts-per-class {args.prompts_per_class}: at least 1 prompt per class")
-    if args.label_column and args.binary_protocol != p.get_default("binary_protocol"):
-        p.error("--binary-protocol is not used with --label-column (binary zero-shot scores the "
-                "CheXpert label columns)")
-    check_values(p, args)
-
-
-AT_LEAST_ONE = ("seeds", "chunk_size", "batch_size", "epochs", "steps", "jobs")  # counts and sizes
-
-
-def check_values(p, args):
-    """Values that make no sense are usage errors, before anything runs."""
-    def refuse(key, why):
-        value = getattr(args, key)
-        shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
-        p.error(f"--{key.replace('_', '-')} {shown}: {why}")
-
-    for key in AT_LEAST_ONE:
-        if getattr(args, key) < 1:
-            refuse(key, "must be at least 1")
-    for key in ("shots", "ks"):
-        values = getattr(args, key)
-        if min(values) < 1 or len(set(values)) < len(values):
-            refuse(key, "each value at least 1, none twice")
-    if not all(0 < f <= 1 for f in args.fractions):
-        refuse("fractions", "fractions of the training labels, each above 0 and at most 1 (= all)")
-    names = [f"{f:.0%}" for f in args.fractions]          # how the results name them
-    if len(set(names)) < len(names) or "0%" in names:
-        refuse("fractions", f"the results name each by its whole percent ({', '.join(names)}); give "
-                            f"distinct fractions of at least 0.005")
-    if not all(math.isfinite(w) and w >= 0 for w in args.weight_decays):
-        refuse("weight_decays", "each a finite number, at least 0")
-    if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
-        refuse("time_budget", "seconds, a finite number at least 0 (0 = no budget)")
-    if args.device != "auto":
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            refuse("device", "expected cpu, cuda, cuda:N, mps or auto")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            refuse("device", "this machine has no CUDA device (torch.cuda.is_available() is "
-                             "False); use --device cpu")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            refuse("device", "this machine has no MPS device; use --device cpu")
-
-
-def evaluate_checkpoint(args):
-    """The checkpoint tasks (zeroshot, fewshot, retrieval, all) -> (results, problems: what was
-    asked for but could not be computed)."""
-    model, tokenizer, cfg, manifest, step, checkpoint, sha256 = load_for_eval(args)
-    ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size, sha256)
-    data.check_split_overlap(ev.rows, manifest, args.allow_split_overlap)
-    print(f"checkpoint {checkpoint or 'random (untrained)'} | step {step} | manifest {manifest} | "
-          f"splits {ev.split_sizes}")
-    results = {"checkpoint": str(checkpoint) if checkpoint else "random", "step": step,
-               "checkpoint_sha256": sha256, "manifest": str(manifest), "split": args.split,
-               "protocol": protocol_of(args), "split_sizes": ev.split_sizes, "config": asdict(cfg)}
-    tasks = list(TASKS) if args.task == "all" else [args.task]
-    skipped = {}
-    for task in tasks:
-        results[task] = TASKS[task](ev, args)
-        print_results(task, results[task])
-        if skipped_reason(task, results[task]):
-            skipped[task] = skipped_reason(task, results[task])
-    problems = []
-    if args.task != "all" or len(skipped) == len(tasks):   # all: a task that does not apply
-        problems = [f"--task {task}: {why}" for task, why in skipped.items()]
-    return results, problems
-
-
-def main(argv=None):
-    """Parse and check the options, check that the results file can be written, run the task,
-    print its tables, write its JSON (see default_out). User errors raise; cli() prints them."""
-    p = build_parser()
-    args, overrides = p.parse_known_args(argv)
-    args.overrides = overrides  # efficiency: --key=value config overrides, as for msd.py
-    if overrides and args.task != "efficiency":
-        p.error(f"unrecognized arguments: {' '.join(overrides)}")
-    check_options(p, args)
-    given = args.out is not None
-    args.out = str(args.out or default_out(args))   # the benchmarks write it as they go, too
-    check_writable(p, args.out, given)
-
-    problems = []
-    if args.task in BENCHMARKS:
-        results = BENCHMARKS[args.task](args)
-        print_results(args.task, results)
-    elif args.task == "pixel-probe":
-        results = {**run_pixel_probe(args), "protocol": protocol_of(args)}
-        print_results(args.task, results)
-        if results.get("skipped"):
-            problems.append(f"--task pixel-probe: {results['skipped']}")
-    else:
-        results, problems = evaluate_checkpoint(args)
-    write_json_atomic(args.out, results)
-    print(f"wrote {args.out}")
-    if problems:
-        raise SystemExit("evaluate.py: error: nothing computed for what was asked: " + "; ".join(problems))
-    return results
-
-
-USER_ERRORS = (ValueError, KeyError, OSError, ImportError, msd.NonFiniteError)  # bad input, not bugs
-
-
-def cli(argv=None):
-    """The command line: main, with a user error (a bad file, value or option; ValueError,
-    KeyError, OSError, ...) printed as ONE line `evaluate.py: error: ...` and exit status 1.
-    Anything else is a bug and keeps its traceback; --debug shows the traceback of both."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        main(argv)
-    except USER_ERRORS as e:
-        if "--debug" in argv:
-            raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e   # KeyError quotes str()
-        print(f"evaluate.py: error: {' '.join(str(message).split())}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

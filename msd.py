@@ -14,20 +14,25 @@ stop-gradient teacher feature, the loss is a plain mean of independent per-pair 
 effective batch of B = N * b pairs can be processed as N micro-batches of b with EXACTLY the
 gradient of one batch of B.
 
-Read top to bottom, with docs/method.md (the equations, with this file's names) beside it:
+Part I, the method, reads straight through next to docs/method.md (the equations, with this
+file's names):
   1. Config                 every knob, its default and its meaning
-  2. Encoders               Attention, MLP, Block, VisionTransformer, TextTransformer, and
-                            PostLNBlock, BertTextTransformer (text_arch "bert"); DualEncoder
-  2b. Pretrained weights    (an aside) read_safetensors, read_weights, the BERT and timm-ViT name maps
+  2. Encoders               Attention, MLP, Block, VisionTransformer, TextTransformer, DualEncoder
   3. Momentum teacher       copy_params, momentum_update                          (method.md §1)
   4. Queues                 FeatureQueue: a ring buffer of teacher features and pair ids (§1)
   5. Losses                 msd_loss, clip_loss (the end-to-end baseline)         (method.md §2)
   6. The model              MSD = student + teacher + queues + temperature
-  7. Training               get_lr, get_alpha, configure_optimizer, Batch, train_step (§3, §4)
-  8. More than one process  (an aside) torchrun / DDP: Dist, all_gather          (method.md §5)
-  9. A training run         pretrain: start a run (fresh, --resume, init_from), the loop, logging
-  10. Checkpoints and CLI   save_checkpoint, read_checkpoint, load_checkpoint, main
-"Section N" below means a section of this file; "method.md §N" means docs/method.md.
+  7. One optimizer step     get_lr, get_alpha, Batch, encode_no_grad, train_step  (§3, §4, §6)
+  8. A training run         epoch_batches, pretrain, train_loop
+Part II, appendices: the machinery, each read when it is needed:
+  A. Run setup and resume   start_run: data, vocabulary, model; --resume, init_from; the lock
+  B. Checkpoints            save_checkpoint, read_checkpoint, load_checkpoint
+  C. Config parsing         load_config, config_from_dict, check_config
+  D. Several processes      torchrun / DDP: Dist, all_gather                      (method.md §5)
+  E. Pretrained weights     the post-LN BERT, a safetensors reader, the BERT and timm-ViT maps
+  F. Logging and guards     RunLog, the NaN guard, the run summary
+  G. The command line       main
+"Section N" / "appendix X" below mean parts of this file; "method.md §N" means docs/method.md.
 """
 
 import argparse
@@ -54,8 +59,15 @@ from tqdm import tqdm
 
 import data
 
+
+# =============================================================================
+# Part I: the method, read straight through next to docs/method.md
+# =============================================================================
+
 # -----------------------------------------------------------------------------
 # 1. Config
+# Every knob with its default and meaning (docs/training.md has them as a table). Reading
+# a config file and checking its values is appendix C.
 # -----------------------------------------------------------------------------
 
 
@@ -119,6 +131,1199 @@ class Config:
     log_every: int = 10               # optimizer steps between log.jsonl records
     ckpt_every: int = 0               # optimizer steps between checkpoints (0 = only at the end)
     progress: bool = True             # show the tqdm progress bar
+
+
+# -----------------------------------------------------------------------------
+# 2. Encoders: a ViT for images, a BERT-lite for reports (method.md §1)
+# LayerNorm only, never BatchNorm: every operation is per sample, which is what makes the
+# accumulation of section 7 exact (method.md §3). The BERT tower of text_arch 'bert' and
+# the published weights are appendix E.
+# -----------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, shared by both encoders (bidirectional: no causal mask)."""
+
+    def __init__(self, width, heads, dropout, impl="sdpa"):
+        super().__init__()
+        assert width % heads == 0, f"width {width} must be divisible by heads {heads}"
+        self.heads, self.dropout, self.impl = heads, dropout, impl
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.attn_drop = nn.Dropout(dropout)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None):
+        # x: (B, T, C); mask: (B, T) with 1 for real tokens, 0 for padding (or None)
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        keep = None if mask is None else mask.bool()[:, None, None, :]  # (B, 1, 1, T): over heads, queries
+        if self.impl == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
+        else:  # the same computation written out
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+            if keep is not None:
+                att = att.masked_fill(~keep, float("-inf"))  # padding keys get zero weight
+            att = self.attn_drop(att.softmax(dim=-1))
+            y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, width, ratio, dropout, hidden=None):
+        super().__init__()
+        hidden = hidden or ratio * width  # a checkpoint's own size (BERT's intermediate_size) if given
+        self.fc = nn.Linear(width, hidden)
+        self.proj = nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width, heads, mlp_ratio, dropout, impl, eps=1e-5):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads, dropout, impl)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_ratio, dropout)
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    """f_v: patchify (conv, stride = patch), class token, learned positions, blocks, final LN.
+    The same layout as timm's ViT, so that its weights load (appendix E); eps 1e-6 is timm's."""
+
+    def __init__(self, image_size, patch_size, width, layers, heads, mlp_ratio, dropout, impl, eps=1e-5):
+        super().__init__()
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(1, width, kernel_size=patch_size, stride=patch_size)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(torch.zeros(num_patches + 1, width))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, impl, eps) for _ in range(layers))
+        self.ln_post = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, images):
+        # images: (B, 1, H, W), grayscale
+        x = self.patch_embed(images)                   # (B, C, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)               # (B, P, C): one token per patch
+        cls = self.class_embedding.expand(x.size(0), 1, -1)  # (B, 1, C)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding  # (B, 1 + P, C)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x[:, 0])                   # (B, C): the class token
+
+
+class TextTransformer(nn.Module):
+    """f_t: token + position embeddings, bidirectional blocks with the padding mask, final LN, [CLS]."""
+    pad_multiple = 1  # reports are trimmed to a multiple of this (compile_towers raises it)
+
+    def __init__(self, vocab_size, max_len, width, layers, heads, mlp_ratio, dropout, impl):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.zeros(max_len, width))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, impl) for _ in range(layers))
+        self.ln_final = nn.LayerNorm(width)
+
+    def forward(self, input_ids, attention_mask):
+        # input_ids, attention_mask: (B, L), L <= max_len; position 0 holds [CLS]
+        L = input_ids.size(1)
+        x = self.token_embedding(input_ids) + self.positional_embedding[:L]  # (B, L, C)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        return self.ln_final(x[:, 0])                  # (B, C): the [CLS] token
+
+
+class DualEncoder(nn.Module):
+    """f_v, g_v, f_t, g_t: the student, and (as a copy) the teacher. forward-only, no state updates.
+
+    With text_arch "bert" / vision_weights, the towers start from published weights (appendix E),
+    loaded here, before MSD copies the student into the teacher. `bert_config` and
+    pretrained=False rebuild a saved model without the weights files (load_checkpoint)."""
+
+    def __init__(self, cfg, vocab_size, bert_config=None, pretrained=True):
+        super().__init__()
+        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width,
+                                        cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio,
+                                        cfg.dropout, cfg.attn_impl,
+                                        eps=TIMM_VIT_LN_EPS if cfg.vision_weights else 1e-5)
+        self.bert_config = None  # the text tower's shape, stored in our checkpoints (text_arch "bert")
+        if cfg.text_arch == "bert":
+            self.bert_config = bert_config or read_bert_config(cfg.text_weights)
+            self.text = BertTextTransformer(self.bert_config, vocab_size, cfg.max_len, cfg.dropout,
+                                            cfg.attn_impl)
+            text_width = self.bert_config["hidden_size"]
+        else:
+            self.text = TextTransformer(vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers,
+                                        cfg.text_heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_impl)
+            text_width = cfg.text_width
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)  # g_v
+        self.text_proj = nn.Linear(text_width, cfg.embed_dim, bias=False)          # g_t
+        self._init_weights(cfg)
+        if pretrained and cfg.text_arch == "bert":
+            load_bert_weights(self.text, find_bert_weights(cfg.text_weights))
+        if pretrained and cfg.vision_weights:
+            load_vit_weights(self.visual, cfg.vision_weights)
+
+    def _init_weights(self, cfg):
+        """openai/CLIP's explicit formulas, with w = width and L = layers of each encoder:
+        attention in-projection N(0, w^-1/2); residual out-projections N(0, w^-1/2 (2L)^-1/2);
+        MLP in N(0, (2w)^-1/2); class token N(0, w^-1/2); positions N(0, 0.01); token and patch
+        embeddings N(0, 0.02); projections g N(0, w^-1/2); LayerNorm 1 and 0; biases 0.
+        These keep features of different inputs far apart at step 0. With the GPT-2 style
+        N(0, 0.02) everywhere, every [CLS] output starts as nearly the same vector (cosine 0.99),
+        a drifting common direction that a queue of older teacher features turns into a
+        shortcut ("fresh keys score higher") instead of a signal."""
+        towers = [("visual.", cfg.vision_width, cfg.vision_layers)]
+        if cfg.text_arch == "lite":  # a BERT tower is always overwritten by its checkpoint
+            towers.append(("text.", cfg.text_width, cfg.text_layers))
+        for prefix, w, layers in towers:
+            for name, p in self.named_parameters():
+                if not name.startswith(prefix):
+                    continue
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                elif "ln_" in name:
+                    nn.init.ones_(p)
+                elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                    nn.init.normal_(p, std=w ** -0.5 * (2 * layers) ** -0.5)
+                elif name.endswith("attn.qkv.weight"):
+                    nn.init.normal_(p, std=w ** -0.5)
+                elif name.endswith("mlp.fc.weight"):
+                    nn.init.normal_(p, std=(2 * w) ** -0.5)
+                elif name.endswith("class_embedding"):
+                    nn.init.normal_(p, std=w ** -0.5)
+                elif name.endswith("positional_embedding"):
+                    nn.init.normal_(p, std=0.01)
+                else:  # token_embedding, patch_embed
+                    nn.init.normal_(p, std=0.02)
+        nn.init.normal_(self.vision_proj.weight, std=cfg.vision_width ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=self.text_proj.in_features ** -0.5)
+
+    def image_features(self, images):
+        """(B, 1, H, W) -> (B, vision_width): the class token before projection (for linear probes)."""
+        return self.visual(images)
+
+    def encode_image(self, images):
+        """(B, 1, H, W) -> (B, embed_dim), L2-normalised: v = g_v(f_v(x)) / |.|."""
+        return F.normalize(self.vision_proj(self.visual(images)), dim=-1)
+
+    def encode_text(self, input_ids, attention_mask):
+        """(B, L), (B, L) -> (B, embed_dim), L2-normalised: t = g_t(f_t(w)) / |.|."""
+        return F.normalize(self.text_proj(self.text(input_ids, attention_mask)), dim=-1)
+
+    def forward(self, images, input_ids, attention_mask):
+        """Both features of a batch of pairs: (v, t). The training step calls the student through
+        forward(), because DistributedDataParallel all-reduces gradients only for what runs there."""
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask)
+
+
+# -----------------------------------------------------------------------------
+# 3. Momentum teacher (ALBEF's copy_params / momentum_update)
+# -----------------------------------------------------------------------------
+
+
+def copy_params(student):
+    """The teacher starts as an exact copy of the student, never receives gradients, never drops out."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def momentum_update(teacher, student, m):
+    """theta' <- m * theta' + (1 - m) * theta, parameter by parameter."""
+    for param_m, param in zip(teacher.parameters(), student.parameters()):
+        param_m.lerp_(param, 1.0 - m)  # theta' + (1 - m)(theta - theta') = m theta' + (1 - m) theta
+
+
+# -----------------------------------------------------------------------------
+# 4. Queues: ring buffers of teacher features (MoCo / ALBEF's dequeue_and_enqueue)
+# -----------------------------------------------------------------------------
+
+
+class FeatureQueue(nn.Module):
+    """The last K teacher features of one modality, each with the pair id it came from.
+
+    Buffers (so they move with .to() and live in the checkpoint):
+      feats (K, d)  the features;  ids (K,)  their pair ids;
+      ptr ()        the next slot to write;  filled ()  how many slots hold a real feature.
+    Slots never written are not keys: `keys()` returns only the first `filled` slots (writes start
+    at slot 0, so until the buffer is full the written slots are exactly 0 .. filled-1).
+    The pointer and the fill level are also kept as Python ints (n_ptr, n_filled): reading a
+    buffer that lives on a GPU would make the host wait for the GPU at every step.
+    """
+
+    def __init__(self, size, dim):
+        super().__init__()
+        self.size = size
+        self.register_buffer("feats", torch.zeros(size, dim))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.n_ptr = self.n_filled = 0
+        self.register_load_state_dict_post_hook(FeatureQueue._read_counters)
+
+    @staticmethod
+    def _read_counters(queue, incompatible_keys):
+        """After load_state_dict (resume): the host copies come from the loaded buffers, once."""
+        queue.n_ptr, queue.n_filled = int(queue.ptr), int(queue.filled)
+
+    def keys(self):
+        """(filled, d) features and (filled,) ids of the written slots."""
+        return self.feats[:self.n_filled], self.ids[:self.n_filled]
+
+    @torch.no_grad()
+    def enqueue(self, feats, ids):
+        """Write a batch of any size at the pointer, wrapping around; the oldest entries go first."""
+        if self.size == 0:
+            return
+        feats, ids = feats[-self.size:], ids[-self.size:]  # a batch larger than K keeps its last K
+        n, p = feats.size(0), self.n_ptr
+        head = min(n, self.size - p)                       # slots left before the end of the buffer
+        self.feats[p:p + head], self.ids[p:p + head] = feats[:head], ids[:head]
+        self.feats[:n - head], self.ids[:n - head] = feats[head:], ids[head:]  # the rest wraps to 0
+        self.n_ptr = (p + n) % self.size
+        self.n_filled = min(self.n_filled + n, self.size)
+        self.ptr.fill_(self.n_ptr)
+        self.filled.fill_(self.n_filled)
+
+
+# -----------------------------------------------------------------------------
+# 5. Losses
+# -----------------------------------------------------------------------------
+
+
+def positive_targets(row_ids, key_ids, dtype=torch.float32):
+    """y: the one-hot positive of each row; columns that carry the same pair id share the mass.
+    row_ids (b,), key_ids (M,) -> (b, M) in `dtype` (the features'), rows sum to 1."""
+    y = (row_ids[:, None] == key_ids[None, :]).to(dtype)  # (b, M)
+    return y / y.sum(dim=1, keepdim=True)
+
+
+def soft_targets(sim_m, y, alpha):
+    """y~_i = alpha * q_i + (1 - alpha) * y_i, with q_i = softmax(teacher logits). Rows sum to 1."""
+    return alpha * sim_m.softmax(dim=1) + (1 - alpha) * y
+
+
+def soft_cross_entropy(logits, target):
+    """- mean_i sum_j target_ij log softmax(logits)_ij; equals KL(target || p) up to a constant."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def msd_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_keys, text_keys,
+             row_ids, key_ids, logit_scale, alpha):
+    """The MSD loss of method.md §2 for b rows of the effective batch.
+
+    image_feat, text_feat      (b, d) student features v_i, t_i (with gradient)
+    image_feat_m, text_feat_m  (b, d) teacher features v'_i, t'_i of the same rows
+    image_keys, text_keys      (M, d) K_v = [V'; Q_v], K_t = [T'; Q_t]: teacher features of the
+                               whole effective batch, then the queue (no gradient)
+    row_ids (b,), key_ids (M,) pair ids of the rows and of the key columns
+    logit_scale                log(1/tau), a learnable scalar
+    alpha                      weight of the teacher's distribution in the target
+    """
+    image_keys, text_keys = image_keys.detach(), text_keys.detach()  # keys are stop-gradient
+    scale = logit_scale.exp()
+    sim_i2t = scale * image_feat @ text_keys.t()   # (b, M): logits of p_i (student prediction)
+    sim_t2i = scale * text_feat @ image_keys.t()   # (b, M)
+    with torch.no_grad():  # everything the targets are made of is stop-gradient
+        y = positive_targets(row_ids, key_ids, image_feat.dtype)  # y_i: the row's own pair
+        sim_i2t_m = scale * image_feat_m @ text_keys.t()  # logits of q_i (teacher prediction), same tau
+        sim_t2i_m = scale * text_feat_m @ image_keys.t()
+        target_i2t = soft_targets(sim_i2t_m, y, alpha)
+        target_t2i = soft_targets(sim_t2i_m, y, alpha)
+    loss_i2t = soft_cross_entropy(sim_i2t, target_i2t)  # L_i2t = - mean_i sum_j y~_ij log p_ij
+    loss_t2i = soft_cross_entropy(sim_t2i, target_t2i)  # L_t2i, symmetric
+    return (loss_i2t + loss_t2i) / 2                    # L = (L_i2t + L_t2i) / 2
+
+
+def clip_loss(image_feat, text_feat, row_ids, logit_scale):
+    """End-to-end CLIP baseline: symmetric InfoNCE over in-batch STUDENT features, no teacher, no
+    queue. Rows share negatives, so the loss of a batch is not a sum of per-row terms."""
+    scale = logit_scale.exp()
+    sim_i2t = scale * image_feat @ text_feat.t()   # (b, b)
+    y = positive_targets(row_ids, row_ids, image_feat.dtype)  # column i (and repeats of its pair)
+    return (soft_cross_entropy(sim_i2t, y) + soft_cross_entropy(sim_i2t.t(), y)) / 2
+
+
+# -----------------------------------------------------------------------------
+# 6. The model: student, teacher, queues and the temperature in one module
+# -----------------------------------------------------------------------------
+
+
+class MSD(nn.Module):
+    """Holds the state of the method; forward() is deliberately absent: the training step
+    (section 7) owns every state update (EMA, enqueue, temperature clamp), so none of them can
+    silently run once per micro-batch."""
+
+    def __init__(self, cfg, vocab_size, bert_config=None, pretrained=True):
+        super().__init__()
+        self.student = DualEncoder(cfg, vocab_size, bert_config, pretrained)  # pretrained weights loaded
+        # tau is stored as log(1/tau), CLIP's logit_scale; clamped after each optimizer step
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+        self.teacher = None
+        if cfg.method == "msd":
+            self.teacher = copy_params(self.student)
+            self.image_queue = FeatureQueue(cfg.queue_size, cfg.embed_dim)  # Q_v
+            self.text_queue = FeatureQueue(cfg.queue_size, cfg.embed_dim)   # Q_t
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher never uses dropout, even while the student trains
+        return self
+
+    def dequeue_and_enqueue(self, image_feat_m, text_feat_m, pair_ids):
+        self.image_queue.enqueue(image_feat_m, pair_ids)
+        self.text_queue.enqueue(text_feat_m, pair_ids)
+
+
+def build_model(cfg, vocab_size, bert_config=None, pretrained=True):
+    """The initial model of a run. It seeds the global RNG with cfg.seed first, so that a seed
+    names one set of initial weights; dropout then draws from where the initialisation stopped.
+    pretrained=False: the weights will come from a checkpoint, so no weights file is read."""
+    torch.manual_seed(cfg.seed)
+    return MSD(cfg, vocab_size, bert_config, pretrained)
+
+
+# -----------------------------------------------------------------------------
+# 7. One optimizer step (method.md §3, §4; exact CLIP accumulation: §6)
+# -----------------------------------------------------------------------------
+
+
+def get_lr(step, cfg, total_steps):
+    # 1) linear warm-up for warmup_steps optimizer steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    # 2) past the end of the schedule, the floor
+    if step >= total_steps:
+        return cfg.min_lr
+    # 3) in between, cosine decay from lr down to min_lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def get_alpha(step, cfg, steps_per_epoch):
+    """alpha ramps linearly from 0 to cfg.alpha over the first epoch's optimizer steps (ALBEF),
+    or over cfg.alpha_ramp_steps steps when that is set (>= 0)."""
+    ramp = steps_per_epoch if cfg.alpha_ramp_steps < 0 else cfg.alpha_ramp_steps
+    return cfg.alpha if ramp == 0 else cfg.alpha * min(1.0, step / ramp)
+
+
+def configure_optimizer(model, cfg):
+    """AdamW; weight decay on weight matrices (>= 2-D) only. The temperature is a 0-D tensor and
+    stays undecayed: under decay it would drift. Teacher parameters are not in the optimizer."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def to_fp32(x):
+    """Features leave bf16 autocast as float32 for the loss; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+class Batch(NamedTuple):
+    """One effective batch as the loop hands it to train_step (with several processes, this
+    process's share of the global batch: appendix D)."""
+    images: torch.Tensor          # (B, 1, H, W)
+    input_ids: torch.Tensor       # (B, L): [CLS] tokens [SEP] [PAD] ...
+    attention_mask: torch.Tensor  # (B, L): 1 = token, 0 = padding
+    pair_ids: torch.Tensor        # (B,): the study each pair comes from
+    text_lengths: list = None     # B Python ints, tokens per report, counted on the host (or None)
+
+
+def chunks(n, size):
+    """Slices of at most `size` rows that cover 0 .. n-1 in order."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def trim_padding(input_ids, attention_mask, lengths, multiple=1):
+    """Cut the padding columns that no report of this chunk reaches; padding never changes a
+    feature (tests/test_msd.py), so this only saves time. `multiple` rounds the length up, so
+    that a compiled encoder sees few distinct shapes. The mask becomes None when no report of
+    the chunk is padded: attention then runs on its fastest, mask-free kernel."""
+    L = min(-(-max(lengths) // multiple) * multiple, input_ids.size(1))
+    return input_ids[:, :L], (None if min(lengths) >= L else attention_mask[:, :L])
+
+
+def encode_no_grad(encoder, images, reports, slices, autocast, rng_states=None):
+    """(B, d) image and text features of `encoder` over the row slices, without gradient. Nothing
+    is kept for a backward pass, so the slices may be much larger than a micro-batch. Used for the
+    teacher's pass (MSD) and for the cached pass of exact CLIP accumulation. rng_states: a list
+    that receives the RNG state before each slice, so that a second pass can replay its dropout."""
+    feats = []
+    with torch.no_grad(), autocast():
+        for rows in slices:
+            if rng_states is not None:
+                rng_states.append(get_rng_state(images.device))
+            feats.append((encoder.encode_image(images[rows]), encoder.encode_text(*reports(rows))))
+    return to_fp32(torch.cat([v for v, _ in feats])), to_fp32(torch.cat([t for _, t in feats]))
+
+
+def splice(cached, live, rows):
+    """The cached (M, d) features with rows `rows` replaced by `live` (b, d), which carry gradient."""
+    return torch.cat([cached[:rows.start], live, cached[rows.stop:]])
+
+
+def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
+    """One optimizer step on an effective batch of B = N * b pairs: the six steps of method.md
+    §4 (README.md, "One optimizer step"). With W processes (appendix D), `batch` holds this
+    process's N * b pairs of a global batch of W * N * b, and the keys are the features of the
+    global batch.
+
+    Three ways to spend N micro-batches, side by side (method.md §3 and §6):
+      MSD              keys are stop-gradient TEACHER features: the loss is a mean of per-row
+                       terms, so each micro-batch's loss / N backpropagates its exact share;
+      CLIP "exact"     (GradCache, open_clip's accum_freq) keys are the STUDENT's own features,
+                       cached without gradient and recomputed with gradient one micro-batch at a
+                       time: each backward of the WHOLE loss gives its exact share, no / N;
+      CLIP "naive"     each micro-batch is its own small batch: N small-batch losses, not one.
+
+    Returns "loss", "grad_norm" and "tau" as 0-d tensors on the device, plus "lr" and "alpha".
+    Nothing here waits for the GPU (no .item(), no int(tensor)): the loop reads the numbers once
+    per log interval. Gradients stay in .grad after the step (the tests read them)."""
+    ddp = dist is not None and dist.world_size > 1            # several processes: appendix D
+    student = dist.ddp_student if ddp else model.student     # called through forward(): v, t
+    N = cfg.accum_steps
+    B = batch.images.size(0)
+    assert B % N == 0, f"batch of {B} pairs is not a multiple of accum_steps {N}"
+    b = B // N  # micro-batch
+    micro = [slice(j * b, (j + 1) * b) for j in range(N)]
+    lengths = batch.text_lengths or batch.attention_mask.sum(1).tolist()
+    exact_clip = cfg.method == "clip" and cfg.clip_accum == "exact"
+    replay = exact_clip and cfg.dropout > 0  # dropout: both passes must draw the same masks
+    device = batch.images.device
+
+    def reports(rows):  # input_ids, attention_mask of these rows, without unreached padding
+        return trim_padding(batch.input_ids[rows], batch.attention_mask[rows], lengths[rows],
+                            model.student.text.pad_multiple)
+
+    def gathered(*xs):  # W processes: the GLOBAL batch, in rank order (no gradient flows)
+        return [all_gather(x, dist) if ddp else x for x in xs]
+
+    # 1. the loop has taken an effective batch of B = N * b pairs: `batch`
+    # 2. the keys of the whole effective batch are computed first, without gradient, and are then
+    #    fixed for the whole step: every row of every micro-batch sees the same key set.
+    if cfg.method == "msd":
+        # MSD: the teacher encodes ALL B rows: V', T' (B, d). K_v = [V'; Q_v], K_t = [T'; Q_t]
+        image_feat_m, text_feat_m = encode_no_grad(model.teacher, batch.images, reports,
+                                                   chunks(B, cfg.teacher_batch), autocast)
+        image_all, text_all, ids_all = gathered(image_feat_m, text_feat_m, batch.pair_ids)
+        queue_image, queue_ids = model.image_queue.keys()
+        queue_text, _ = model.text_queue.keys()
+        image_keys = torch.cat([image_all, queue_image])  # K_v = [V'; Q_v]   (W*B + filled, d)
+        text_keys = torch.cat([text_all, queue_text])     # K_t = [T'; Q_t]   (W*B + filled, d)
+        key_ids = torch.cat([ids_all, queue_ids])         # their pair ids    (W*B + filled,)
+    elif exact_clip:
+        # exact CLIP: the STUDENT encodes all B rows once without gradient, the cache V, T (B, d).
+        # With dropout the cache is made one micro-batch at a time from a saved RNG state, and
+        # step 3 replays that state, so the recomputed rows equal the cached ones exactly.
+        rng = [] if replay else None
+        image_cache, text_cache = encode_no_grad(model.student, batch.images, reports,
+                                                 micro if replay else chunks(B, cfg.teacher_batch),
+                                                 autocast, rng)
+        image_all, text_all, ids_all = gathered(image_cache, text_cache, batch.pair_ids)
+        offset = dist.rank * B if ddp else 0  # where this process's rows sit in the global batch
+
+    # 3. the student encodes one micro-batch at a time; only b pairs of activations live at once
+    optimizer.zero_grad(set_to_none=True)
+    total_loss = 0.0  # becomes a tensor on the device: summed without reading it back
+    for j, rows in enumerate(micro):
+        # W processes: DDP all-reduces the gradients in backward(); inside no_sync() they only
+        # accumulate, so the all-reduce happens once per optimizer step, on the last micro-batch
+        sync = student.no_sync() if ddp and j < N - 1 else contextlib.nullcontext()
+        with sync:
+            if replay:
+                set_rng_state(rng[j], device)
+            with autocast():
+                image_feat, text_feat = student(batch.images[rows], *reports(rows))  # (b, d) each
+            image_feat, text_feat = to_fp32(image_feat), to_fp32(text_feat)
+            if cfg.method == "msd":
+                loss = msd_loss(image_feat, text_feat, image_feat_m[rows], text_feat_m[rows],
+                                image_keys, text_keys, batch.pair_ids[rows], key_ids,
+                                model.logit_scale, alpha)
+                # divide by N: the loss of B rows is the mean of N equal-sized micro-batch means.
+                # Keys are stop-gradient, so the summed gradients equal the gradient of one batch
+                # of B exactly (and DDP's average over W processes makes it the mean over W * B).
+                (loss / N).backward()
+                total_loss = total_loss + loss.detach() / N
+            elif exact_clip:
+                # L of the whole (global) batch, with rows j live and every other row cached:
+                # backward gives dL/df_j * df_j/dtheta, and summed over j that is dL/dtheta
+                # exactly, so no / N. tau's own gradient must be counted once: only j = 0 sees it.
+                live = slice(offset + rows.start, offset + rows.stop)
+                loss = clip_loss(splice(image_all, image_feat, live), splice(text_all, text_feat, live),
+                                 ids_all, model.logit_scale if j == 0 else model.logit_scale.detach())
+                loss.backward()
+                total_loss = loss.detach()  # the same value in every micro-batch
+            else:
+                # naive accumulation: each micro-batch only sees its own b - 1 negatives, so this
+                # is an average of N small-batch losses, NOT the loss of one batch of B
+                loss = clip_loss(image_feat, text_feat, batch.pair_ids[rows], model.logit_scale)
+                (loss / N).backward()
+                total_loss = total_loss + loss.detach() / N
+        if cfg.method == "msd" and cfg.ema_per_micro_batch:
+            momentum_update(model.teacher, model.student, cfg.momentum)  # THE COMMON BUG, kept
+            # for the ablation: N EMA updates per optimizer step = momentum m^N
+    if ddp:
+        if exact_clip:  # each process holds a part of ONE sum, and DDP averaged the parts: undo / W
+            for p in model.student.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(dist.world_size)
+        # tau lives outside the DDP-wrapped student: average its gradient by hand
+        torch.distributed.all_reduce(model.logit_scale.grad)
+        model.logit_scale.grad /= dist.world_size
+
+    # 4. clip, one optimizer step, keep the temperature in a sane range (tau in [0.01, 1])
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0.0, math.log(100.0))
+
+    if cfg.method == "msd":
+        # 5. EMA of the teacher once per optimizer step, after optimizer.step()
+        if not cfg.ema_per_micro_batch:
+            momentum_update(model.teacher, model.student, cfg.momentum)
+        # 6. enqueue this step's teacher features and pair ids (of the global batch), after the
+        #    loss, never before; every process enqueues the same, so the queues stay identical
+        model.dequeue_and_enqueue(image_all, text_all, ids_all)
+    return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "alpha": alpha,
+            "tau": model.logit_scale.detach().exp().reciprocal()}
+
+
+# -----------------------------------------------------------------------------
+# 8. A training run: effective batches in epoch order, one train_step each
+# How a run starts (fresh, --resume, init_from) is appendix A; its log and NaN guard, F.
+# -----------------------------------------------------------------------------
+
+
+def epoch_batches(n, B, seed, epoch):
+    """The effective batches of one epoch: a permutation seeded by (seed, epoch), cut into full
+    batches of B (the last partial batch is dropped). It depends on B only, never on how each
+    batch is later split into micro-batches or processes."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[: n // B * B].view(-1, B).tolist()  # (steps_per_epoch, B)
+
+
+def pretrain(cfg, resume=False, overwrite=False, stop_after=None):
+    """Train for cfg.max_steps optimizer steps (or cfg.epochs), checkpointing into cfg.out_dir.
+    resume: continue the run in out_dir. overwrite: start over in an out_dir that holds a run.
+    cfg.init_from: a new run that starts from another run's student. `stop_after` ends the run
+    early after that many steps, as an interruption would (for tests). Returns a summary dict.
+    A run that already finished with this config is not trained again (see finished_run)."""
+    dist = init_distributed(cfg)
+    with locked_run_folder(cfg.out_dir, dist):  # one run at a time in a folder
+        done = finished_run(cfg, resume, overwrite, dist)
+        if done is not None:
+            return done
+        run = start_run(cfg, dist, resume, overwrite)
+        return train_loop(cfg, run, dist, resume, stop_after)
+
+
+def train_loop(cfg, run, dist, resume, stop_after):
+    """The loop: effective batches in epoch order, one train_step each, logs and checkpoints."""
+    model, optimizer, step, B = run.model, run.optimizer, run.step, run.B
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    compiled = compile_towers(model, cfg, run.device)
+    if dist.world_size > 1:
+        dist.ddp_student = torch.nn.parallel.DistributedDataParallel(
+            model.student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if dist.is_main:
+        print_run_summary(cfg, run, dist, compiled)
+    end = run.total_steps if stop_after is None else min(run.total_steps, stop_after)
+    if step >= end:
+        if dist.is_main:
+            print(f"nothing to do: {ckpt_path} is at step {step}, the run ends at step {end} "
+                  f"(raise max_steps or epochs to train longer)")
+        return {"steps": step, "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
+                "peak_memory_mb": peak_memory_mb(run.device), "checkpoint": str(ckpt_path)}
+
+    autocast = autocast_for(cfg, run.device)
+    share = slice(dist.rank * B // dist.world_size, (dist.rank + 1) * B // dist.world_size)
+    first_bad = torch.full((), -1, device=run.device)  # first step with a NaN / inf loss or grad norm
+    log = RunLog(Path(cfg.out_dir) / "log.jsonl", resume, step, dist, echo=not cfg.progress)
+    bar = tqdm(total=end, initial=step, disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
+    start, pairs_done, last = time.perf_counter(), 0, {}
+    model.train()
+    try:
+        while step < end:
+            epoch, first = divmod(step, run.steps_per_epoch)
+            run.train_set.set_epoch(epoch)
+            batches = [b[share] for b in epoch_batches(len(run.train_set), B, cfg.seed, epoch)[first:]]
+            # a private generator: creating a loader must not consume the global RNG (dropout's),
+            # or a resumed run would draw different dropout masks than an uninterrupted one
+            loader = torch.utils.data.DataLoader(run.train_set, batch_sampler=batches,
+                                                 num_workers=cfg.num_workers,
+                                                 pin_memory=run.device.type == "cuda",
+                                                 generator=torch.Generator().manual_seed(cfg.seed))
+            for images, input_ids, attention_mask, pair_ids, _ in loader:
+                batch = Batch(*(x.to(run.device, non_blocking=True)
+                                for x in (images, input_ids, attention_mask, pair_ids)),
+                              text_lengths=attention_mask.sum(1).tolist())  # counted on the host
+                out = train_step(model, optimizer, batch, cfg, get_lr(step, cfg, run.total_steps),
+                                 get_alpha(step, cfg, run.steps_per_epoch), autocast, dist)
+                step += 1
+                pairs_done += B
+                bad = ~(torch.isfinite(out["loss"]) & torch.isfinite(out["grad_norm"]))
+                first_bad.masked_fill_(bad & (first_bad < 0), step)  # on the device: no waiting
+                bar.update(1)
+                write_log = step % cfg.log_every == 0 or step == run.total_steps
+                write_ckpt = cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < end
+                if write_log or write_ckpt:  # nothing is written after a non-finite step
+                    stop_if_not_finite(first_bad, dist, ckpt_path)
+                if write_log:  # the one place the loop reads numbers back from the device
+                    last = log.record(out, step, epoch, pairs_done / (time.perf_counter() - start),
+                                      model, dist, bar)
+                if write_ckpt:
+                    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist,
+                                    run.source, run.data)
+                if step >= end:
+                    break
+    finally:
+        bar.close()
+        log.close()
+    stop_if_not_finite(first_bad, dist, ckpt_path)
+    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist, run.source,
+                    run.data, finished=step >= run.total_steps)
+    return run_summary(step, time.perf_counter() - start, pairs_done, last, run.device, ckpt_path, dist)
+
+
+# =============================================================================
+# Part II: appendices, the machinery. Each says when a reader needs it.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# A. Run setup and resume
+# Read this when you resume a run, start from another run's weights (init_from), or want to
+# know what is checked before step 1: the data, the vocabulary, the model and the optimizer,
+# and the lock that keeps two runs out of one folder.
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What start_run prepares for the loop."""
+    model: nn.Module              # MSD: student, teacher, queues, temperature
+    optimizer: torch.optim.Optimizer
+    tokenizer: object             # data.Tokenizer or data.WordPieceTokenizer
+    train_set: data.PairDataset
+    manifest: Path
+    device: torch.device
+    B: int                        # the effective batch (global, with several processes)
+    steps_per_epoch: int
+    total_steps: int
+    step: int                     # optimizer steps already done (> 0 after --resume)
+    source: dict = None           # the init_from checkpoint, if any
+    data: dict = None             # data_fingerprint of the training split
+
+
+def start_run(cfg, dist, resume, overwrite):
+    """A fresh start, --resume, or init_from: the data, the vocabulary, the model and the
+    optimizer, checked, initialised or restored."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+
+    # where the weights and the vocabulary come from: the checkpoint to resume, the checkpoint
+    # to start from (init_from), or nowhere (a fresh start: the vocabulary of the training split)
+    ckpt = read_checkpoint(ckpt_path) if resume else None
+    source = read_checkpoint(cfg.init_from) if cfg.init_from and not resume else None
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, dist, ckpt_path)
+
+    # the data (several processes: rank 0 generates the synthetic set while the others wait)
+    if dist.world_size > 1 and not dist.is_main:
+        torch.distributed.barrier()
+    manifest = prepare_data(cfg)
+    if dist.world_size > 1 and dist.is_main:
+        torch.distributed.barrier()
+    if ckpt is not None or source is not None:  # the embedding rows follow that vocabulary
+        tokenizer = data.tokenizer_from_dict((ckpt or source)["tokenizer"])
+    else:
+        tokenizer = build_tokenizer(cfg, manifest)
+    train_set = data.PairDataset(manifest, "train", tokenizer,
+                                 data.ImageTransform(cfg.image_size, train=True),
+                                 seed=cfg.seed, cache_images=cfg.cache_images)
+    fingerprint = data_fingerprint(train_set)
+    if ckpt is not None:
+        check_same_data(ckpt.get("data"), fingerprint, ckpt_path)
+    B = cfg.batch_size * cfg.accum_steps * dist.world_size  # the (global) effective batch
+    steps_per_epoch = len(train_set) // B
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training split has {len(train_set)} pairs, fewer than one "
+                         f"effective batch of {B}")
+
+    # the model: seeded by cfg.seed, initialised (from published weights on a fresh start only),
+    # then the weights of the checkpoint to resume or to start from
+    device = dist.device or pick_device(cfg.device)
+    model = build_model(cfg, tokenizer.vocab_size, (ckpt or source or {}).get("bert_config"),
+                        pretrained=ckpt is None and source is None)
+    if source is not None:
+        warm_start(model, source, cfg, cfg.init_from)
+    model.to(device)
+    optimizer = configure_optimizer(model, cfg)
+    step = restore(model, optimizer, ckpt, dist, device) if ckpt is not None else 0
+    if dist.world_size > 1 and ckpt is None:
+        torch.manual_seed(cfg.seed * 1000 + 1 + dist.rank)  # dropout: other masks in each process
+    return Run(model, optimizer, tokenizer, train_set, manifest, device, B, steps_per_epoch,
+               cfg.max_steps or cfg.epochs * steps_per_epoch, step, source, fingerprint)
+
+
+def prepare_data(cfg):
+    """The manifest CSV this run trains on; the synthetic set is generated on first use. A
+    patient or study in 'train' and in another split is refused unless cfg.allow_split_overlap."""
+    if cfg.data == "synth":
+        path = data.ensure_synthetic(cfg.synth_dir, n=cfg.synth_n, size=cfg.synth_size,
+                                     seed=cfg.synth_seed, n_per_class_5x=cfg.synth_per_class_5x,
+                                     progress=cfg.progress)
+    else:
+        path = Path(cfg.data)
+        if not path.is_file():
+            raise FileNotFoundError(f"config key 'data': manifest not found: {path} "
+                                    f"(use 'synth' for the built-in synthetic data)")
+    data.check_split_overlap(data.read_manifest(path), path, cfg.allow_split_overlap)
+    return path
+
+
+def build_tokenizer(cfg, manifest):
+    """text_arch "bert": the checkpoint's WordPiece. Otherwise the vocabulary comes from the
+    training split's reports only."""
+    if cfg.text_arch == "bert":
+        read_bert_config(cfg.text_weights)  # a missing folder fails here, before the data is read
+        return data.WordPieceTokenizer.from_pretrained(cfg.text_weights, max_len=cfg.max_len)
+    train_texts = [row["text"] for row in data.read_manifest(manifest) if row["split"] == "train"]
+    if not train_texts:
+        raise ValueError(f"{manifest}: no rows with split 'train'")
+    if not any(text.strip() for text in train_texts):
+        raise ValueError(f"{manifest}: the training split has no report text (a labels-only "
+                         f"manifest such as CheXpert or RSNA is for evaluation, not pretraining)")
+    return data.Tokenizer.build(train_texts, min_freq=cfg.min_freq, max_len=cfg.max_len)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_for(cfg, device):
+    """A zero-argument factory of the autocast context: bf16 on CUDA when cfg.amp, else a no-op."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                                  enabled=cfg.amp and device.type == "cuda")
+
+
+def compile_towers(model, cfg, device):
+    """With cfg.compile (default: on CUDA only), torch.compile the four encoders in place
+    (nn.Module.compile: parameters and checkpoint keys stay those of the eager modules).
+    Report lengths are then rounded up to a multiple of 16: few shapes, few compilations."""
+    mode = ("on" if device.type == "cuda" else "off") if cfg.compile == "auto" else cfg.compile
+    if mode == "off":
+        return "off"
+    for encoder in (model.student, model.teacher):
+        if encoder is not None:
+            for tower in (encoder.visual, encoder.text):
+                tower.compile(**({} if mode == "on" else {"mode": mode}))
+            encoder.text.pad_multiple = 16  # a compiled encoder wants few distinct shapes
+    return mode
+
+
+# Keys a resumed run may change: none of them alters the model, the optimizer state or the order
+# in which pairs are seen. epochs / max_steps may grow (the cosine schedule then stretches).
+RESUME_SAFE_KEYS = ("epochs", "max_steps", "log_every", "ckpt_every", "num_workers", "progress",
+                    "device", "compile", "teacher_batch", "attn_impl", "cache_images", "out_dir",
+                    "init_from", "text_weights", "vision_weights")  # the last three: read at a fresh start only
+
+
+# Keys that must match the checkpoint named by init_from: its weights must fit the model.
+ARCHITECTURE_KEYS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
+                     "text_arch", "text_width", "text_layers", "text_heads", "mlp_ratio", "embed_dim",
+                     "max_len")
+
+
+def config_changes(saved, cfg, keys):
+    """{key: (value in the checkpoint, value now)} for the keys that differ."""
+    default = Config()
+    return {k: (saved.get(k, getattr(default, k)), getattr(cfg, k))
+            for k in keys if saved.get(k, getattr(default, k)) != getattr(cfg, k)}
+
+
+def check_resumable(ckpt, cfg, dist, path):
+    """A resumed run must continue the same run: same model, optimizer and data order."""
+    config_from_dict(ckpt["config"], path)  # one rule with evaluate.py: unknown keys are refused
+    unsafe = [f.name for f in fields(Config) if f.name not in RESUME_SAFE_KEYS]
+    changed = config_changes(ckpt["config"], cfg, unsafe)
+    if changed:
+        raise CheckpointError(
+            f"--resume: {path} was trained with another config: "
+            + "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            + ". These keys change the model, the optimizer state or the data order. A resumed "
+            f"run may change only {', '.join(RESUME_SAFE_KEYS)}; to change the others start a "
+            f"new run (another out_dir, or --overwrite).")
+    if ckpt.get("world_size", 1) != dist.world_size:
+        raise CheckpointError(
+            f"--resume: {path} was written by {ckpt.get('world_size', 1)} process(es), this run "
+            f"has {dist.world_size}: each process's share of every batch, and so the data order, "
+            f"would change. Resume with the same number of processes.")
+    for k, (old, new) in config_changes(ckpt["config"], cfg, RESUME_SAFE_KEYS).items():
+        if dist.is_main and k not in ("out_dir", "progress"):
+            print(f"resume: {k} {old!r} -> {new!r}")
+
+
+def restore(model, optimizer, ckpt, dist, device):
+    """--resume: weights, teacher, queues, temperature, optimizer, step and this process's RNG
+    state, exactly as they were when the checkpoint was written."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    rng = ckpt["rng"][dist.rank]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return ckpt["step"]
+
+
+def warm_start(model, source, cfg, path):
+    """init_from: a NEW run whose student starts as the student of another run's checkpoint
+    (e.g. a pretraining run). The teacher is an exact copy of that student (copy_params on the
+    loaded weights), the queues start empty, the optimizer and the step start fresh. The
+    temperature is the checkpoint's: its features were trained with it."""
+    changed = config_changes(source["config"], cfg, ARCHITECTURE_KEYS)
+    if changed:
+        raise CheckpointError(
+            f"init_from {path}: the architecture differs from the checkpoint's: "
+            + "; ".join(f"{k} {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items())
+            + ". Set these keys as in the checkpoint.")
+    student = {k[len("student."):]: v for k, v in source["model"].items() if k.startswith("student.")}
+    model.student.load_state_dict(student)
+    if model.teacher is not None:
+        model.teacher.load_state_dict(model.student.state_dict())
+    with torch.no_grad():
+        model.logit_scale.copy_(source["model"]["logit_scale"])
+
+
+def finished_run(cfg, resume, overwrite, dist):
+    """A fresh start into an out_dir whose run already finished with this same config is no
+    error: nothing is trained, and the summary says so (the quick start can be run twice). Any
+    other run already there is refused unless --resume or --overwrite."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if resume or overwrite or not ckpt_path.is_file():
+        return None
+    ckpt = read_checkpoint(ckpt_path)
+    keys = [f.name for f in fields(Config) if f.name not in ("out_dir", "progress")]  # where, and how shown
+    same = not config_changes(ckpt["config"], cfg, keys)
+    if not (same and ckpt.get("finished")):
+        raise FileExistsError(
+            f"{cfg.out_dir} already holds a run ({'unfinished' if same else 'of another config'}: "
+            f"{ckpt_path}, step {ckpt['step']}). Continue it with --resume, start over there with "
+            f"--overwrite (its checkpoint and log are replaced), or choose another --out_dir.")
+    if dist.is_main:
+        print(f"{cfg.out_dir}: already finished (step {ckpt['step']}, the same config); nothing to "
+              f"train. --overwrite trains it again.")
+    return {"steps": ckpt["step"], "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
+            "peak_memory_mb": float("nan"), "checkpoint": str(ckpt_path), "already_finished": True}
+
+
+def data_fingerprint(train_set):
+    """What a run trains on, cheaply: the manifest's SHA-256, the number of training rows, and a
+    SHA-256 of every training image's path, size and modification time (os.stat: no image is
+    read). Stored in the checkpoint; --resume refuses data that differ."""
+    images = hashlib.sha256()
+    for row in train_set.rows:
+        st = os.stat(row["_path"])
+        images.update(f"{row['_path']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"manifest": str(train_set.manifest_path), "train_rows": len(train_set.rows),
+            "manifest_sha256": hashlib.sha256(train_set.manifest_path.read_bytes()).hexdigest(),
+            "images_sha256": images.hexdigest()}
+
+
+def check_same_data(saved, now, path):
+    """--resume: the run must see the data it was trained on, or it silently trains on others."""
+    if saved is None:
+        print(f"warning: {path} records no fingerprint of its data (written by an earlier "
+              f"version); cannot check that the data are the same", file=sys.stderr)
+        return
+    what = {"train_rows": "training rows", "manifest_sha256": "the manifest's contents (SHA-256)",
+            "images_sha256": "the training images (paths, sizes or modification times; SHA-256)"}
+    short = lambda v: v[:12] if isinstance(v, str) else v  # noqa: E731
+    changed = [f"{label} {short(saved.get(k))} -> {short(now[k])}" for k, label in what.items()
+               if saved.get(k) != now[k]]
+    if changed:
+        raise CheckpointError(
+            f"--resume: {path} was trained on other data than {now['manifest']} holds now: "
+            + "; ".join(changed) + ". A resumed run must see the same data: restore them, or start "
+            f"a new run (another --out_dir, or --overwrite).")
+
+
+class RunLockedError(RuntimeError):
+    """Another run holds the run folder (or a killed run left its lock behind)."""
+
+
+@contextlib.contextmanager
+def locked_run_folder(out_dir, dist):
+    """The run folder, checked and locked for the whole run. run.lock is created with O_EXCL, so
+    of two runs started together into one folder exactly one gets it; it holds the pid and host
+    of its run and is removed when the run ends, however it ends (SIGTERM included: it is turned
+    into SystemExit while the run holds the lock). Rank 0 alone locks."""
+    folder = Path(out_dir)
+    check_output_paths(folder)
+    if not dist.is_main:
+        yield
+        return
+    lock = folder / "run.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise RunLockedError(describe_lock(lock)) from None
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write in out_dir {folder}: {e.strerror}; choose another "
+                               f"--out_dir") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    except ValueError:  # not the main thread: signals cannot be caught here
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        lock.unlink(missing_ok=True)
+
+
+def check_output_paths(folder):
+    """Everything a run will write, checked before step 1: out_dir is (or can be) a folder, and
+    ckpt.pt and log.jsonl are files if they exist (a folder there would fail at the last save)."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"out_dir {folder} is a file, not a folder; choose another --out_dir")
+    for name in ("ckpt.pt", "log.jsonl"):
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise FileExistsError(f"{folder / name} exists and is not a file, so the run could not "
+                                  f"write it; move it away or choose another --out_dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create out_dir {folder}: {e.strerror}; choose another "
+                               f"--out_dir") from None
+
+
+def describe_lock(lock):
+    """Why a run folder is locked, and the way out."""
+    try:
+        pid, host = lock.read_text().split()[:2]
+        pid = int(pid)
+    except (OSError, ValueError):
+        return (f"{lock.parent} is locked ({lock} exists but cannot be read); if no run uses this "
+                f"folder, delete {lock} and start again")
+    if host == socket.gethostname() and not process_alive(pid):
+        return (f"{lock.parent} holds a stale lock {lock} of process {pid}, which is no longer "
+                f"running (a run that was killed). If no other run uses this folder, delete "
+                f"{lock} and start again (--resume continues the killed run)")
+    return (f"{lock.parent} is in use by another run (process {pid} on {host}, lock {lock}). Wait "
+            f"for it to end, or choose another --out_dir")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+# -----------------------------------------------------------------------------
+# B. Checkpoints
+# Read this when you load a checkpoint yourself, or want to know why a user's file can never
+# run code here: weights-only files with a SHA-256, refused before anything is allocated.
+# -----------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: not one of ours, damaged, or not matching this run."""
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "tokenizer", "rng")
+
+
+def checkpoint_sha256(obj, h=None):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every other
+    value's repr, in order. Stored inside the checkpoint; read_checkpoint recomputes it."""
+    top, h = h is None, h or hashlib.sha256()
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            h.update(repr(key).encode())
+            checkpoint_sha256(value, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for value in obj:
+            checkpoint_sha256(value, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else None
+
+
+def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, source=None,
+                    data_fingerprint=None, finished=False):
+    """Everything needed to resume bit-identically, with a SHA-256 of it, written atomically
+    (temporary file + rename). Non-finite weights are never written over a checkpoint."""
+    dist = dist or Dist()
+    rng = rng_states(dist)  # all processes take part; rank 0 alone writes
+    if not dist.is_main:
+        return
+    path = Path(path)
+    bad = [name for name, p in model.state_dict().items()
+           if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(f"not writing {path} at step {step}: non-finite values in "
+                             f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; the previous "
+                             f"checkpoint is kept")
+    state = {
+        "model": model.state_dict(),  # student, teacher, queues, logit_scale
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config": asdict(cfg),
+        "tokenizer": tokenizer.to_dict(),
+        "bert_config": model.student.bert_config,  # text_arch "bert": rebuilds the tower (else None)
+        "rng": rng,  # one entry per process
+        "world_size": dist.world_size,
+        "init_from": None if source is None else {"path": cfg.init_from, "sha256": source["sha256"],
+                                                  "step": source["step"]},
+        "data": data_fingerprint,  # what the run trained on: --resume refuses other data
+        "finished": finished,      # the last step of the schedule is done
+    }
+    state["sha256"] = checkpoint_sha256(state)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # this process's own temporary file
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OSError(e.errno, f"could not write checkpoint {path}: {why}. The unfinished {tmp.name} "
+                               f"was removed; the previous checkpoint, if any, is untouched") from e
+
+
+def read_checkpoint(path):
+    """A checkpoint of this project as a dict, verified. torch.load(weights_only=True) accepts
+    only tensors, numbers, strings, lists and dicts, so loading a file can never run code from it;
+    then the SHA-256 stored inside is recomputed, and the weights are checked for NaN / inf."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, a broken zip, EOFError ...: all mean "unusable"
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint of this project (a corrupt checkpoint, not "
+            f"a checkpoint at all, or one holding objects other than tensors and plain values, "
+            f"which are refused because loading them could run code): "
+            f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path}: not a checkpoint of this project (expected the keys "
+                              f"{', '.join(CHECKPOINT_KEYS)})")
+    if isinstance(ckpt["rng"], dict):  # written by an earlier version: one process, one state
+        ckpt["rng"] = [ckpt["rng"]]
+    stored = ckpt.pop("sha256", None)
+    if stored is None:
+        print(f"warning: {path} carries no checksum (written by an earlier version of msd.py); "
+              f"its contents cannot be verified", file=sys.stderr)
+    elif stored != checkpoint_sha256(ckpt):
+        raise CheckpointError(f"corrupt checkpoint {path}: its contents do not match the SHA-256 "
+                              f"recorded when it was written (the file was damaged afterwards); "
+                              f"use another copy")
+    ckpt["sha256"] = stored
+    if not isinstance(ckpt["model"], dict) or not all(map(torch.is_tensor, ckpt["model"].values())):
+        raise CheckpointError(f"{path}: its 'model' entry is not a {{name: tensor}} state dict")
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values (NaN / inf) in {', '.join(bad[:4])}")
+    return ckpt
+
+
+def _shape(state, key):
+    return tuple(state[key].shape) if key in state else "absent"
+
+
+def check_checkpoint_fits(ckpt, cfg, vocab_size, path):
+    """Before a model is built from a checkpoint's config: does that config describe the tensors
+    in the file? The layer counts are compared first (cheap), then every shape, against a model
+    built on the "meta" device (shapes, no memory). The SHA-256 inside a checkpoint is only a
+    checksum, which anyone can recompute: an edited config asking for a 3,000-layer tower must be
+    refused here, not by the machine running out of memory."""
+    state, bert = ckpt["model"], ckpt.get("bert_config")
+    text_layers = bert.get("num_hidden_layers") if isinstance(bert, dict) else cfg.text_layers
+    for tower, layers in (("visual", cfg.vision_layers), ("text", text_layers)):
+        prefix = f"student.{tower}.blocks."
+        held = len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+        if held != layers:
+            raise CheckpointError(f"{path}: its config asks for {layers} layers in the {tower} "
+                                  f"tower, its weights hold {held}: the checkpoint was edited or "
+                                  f"damaged; use another copy")
+    try:
+        with torch.device("meta"):
+            wanted = MSD(cfg, vocab_size, bert, pretrained=False).state_dict()
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the model its config describes cannot be built ({e}); "
+                              f"the checkpoint was edited or damaged") from None
+    differ = [k for k in sorted(wanted.keys() | state.keys()) if _shape(wanted, k) != _shape(state, k)]
+    if differ:
+        shown = "; ".join(f"{k}: config {_shape(wanted, k)}, file {_shape(state, k)}" for k in differ[:3])
+        raise CheckpointError(
+            f"{path}: its config does not describe its weights: {len(differ)} tensors differ "
+            f"({shown}{'; ...' if len(differ) > 3 else ''}); the config implies "
+            f"{sum(v.numel() for v in wanted.values()):,} values, the file holds "
+            f"{sum(v.numel() for v in state.values()):,}. The checkpoint was edited or damaged; "
+            f"use another copy")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """-> (model in eval mode, tokenizer, cfg, the raw checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"], path)
+    tokenizer = data.tokenizer_from_dict(ckpt["tokenizer"])
+    check_checkpoint_fits(ckpt, cfg, tokenizer.vocab_size, path)  # before anything is allocated
+    # the BERT tower's shape travels in the checkpoint; no weights file is read (pretrained=False)
+    model = MSD(cfg, tokenizer.vocab_size, ckpt.get("bert_config"), pretrained=False)
+    model.load_state_dict(ckpt["model"])
+    return model.to(map_location).eval(), tokenizer, cfg, ckpt
+
+
+# -----------------------------------------------------------------------------
+# C. Config parsing and checks
+# Read this when a config is refused: defaults, then the JSON file, then --key=value, every
+# key type-checked, and values that make no sense named.
+# -----------------------------------------------------------------------------
 
 
 def _coerce(key, value, default, from_cli):
@@ -256,117 +1461,104 @@ def check_config(cfg):
 
 
 # -----------------------------------------------------------------------------
-# 2. Encoders: a ViT for images, a BERT-lite for reports (method.md §1)
-# LayerNorm only, never BatchNorm: every operation is per sample, which is what makes the
-# accumulation of section 7 exact (method.md §3).
+# D. More than one process: torchrun, DistributedDataParallel (method.md §5)
+# Read this when you train on several GPUs; a single process never enters it. The
+# accumulation argument extends to W processes: the keys are stop-gradient teacher features,
+# so when every process contrasts its rows with the teacher features of the WHOLE global batch
+# (all-gathered) and the same queue, DDP's gradient average over W processes x N micro-batches
+# x b pairs equals the gradient of one batch of W * N * b. Also here: the RNG states a
+# checkpoint keeps, and that exact CLIP replays.
 # -----------------------------------------------------------------------------
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention, shared by both encoders (bidirectional: no causal mask)."""
+@dataclass
+class Dist:
+    """This process's place among the W processes that torchrun started (W = 1 without it)."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = None
+    ddp_student: nn.Module = None  # DistributedDataParallel(model.student), set by pretrain()
 
-    def __init__(self, width, heads, dropout, impl="sdpa"):
-        super().__init__()
-        assert width % heads == 0, f"width {width} must be divisible by heads {heads}"
-        self.heads, self.dropout, self.impl = heads, dropout, impl
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.attn_drop = nn.Dropout(dropout)
-        self.resid_drop = nn.Dropout(dropout)
-
-    def forward(self, x, mask=None):
-        # x: (B, T, C); mask: (B, T) with 1 for real tokens, 0 for padding (or None)
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
-        keep = None if mask is None else mask.bool()[:, None, None, :]  # (B, 1, 1, T): over heads, queries
-        if self.impl == "sdpa":
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
-        else:  # the same computation written out
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
-            if keep is not None:
-                att = att.masked_fill(~keep, float("-inf"))  # padding keys get zero weight
-            att = self.attn_drop(att.softmax(dim=-1))
-            y = att @ v  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_drop(self.proj(y))
+    @property
+    def is_main(self):  # rank 0 alone logs, shows progress and writes checkpoints
+        return self.rank == 0
 
 
-class MLP(nn.Module):
-    def __init__(self, width, ratio, dropout, hidden=None):
-        super().__init__()
-        hidden = hidden or ratio * width  # a checkpoint's own size (BERT's intermediate_size) if given
-        self.fc = nn.Linear(width, hidden)
-        self.proj = nn.Linear(hidden, width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.drop(self.proj(F.gelu(self.fc(x))))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, width, heads, mlp_ratio, dropout, impl, eps=1e-5):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width, eps=eps)
-        self.attn = Attention(width, heads, dropout, impl)
-        self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, mlp_ratio, dropout)
-
-    def forward(self, x, mask=None):
-        x = x + self.attn(self.ln_1(x), mask)
-        return x + self.mlp(self.ln_2(x))
+def init_distributed(cfg):
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: one process per GPU (NCCL), or per CPU
+    process (gloo). Without torchrun, W = 1 and nothing is initialised."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"torchrun: device {cfg.device!r} is not supported; use cuda or cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, device)
 
 
-class VisionTransformer(nn.Module):
-    """f_v: patchify (conv, stride = patch), class token, learned positions, blocks, final LN.
-    The same layout as timm's ViT, so that its weights load (section 2b); eps 1e-6 is timm's."""
-
-    def __init__(self, image_size, patch_size, width, layers, heads, mlp_ratio, dropout, impl, eps=1e-5):
-        super().__init__()
-        num_patches = (image_size // patch_size) ** 2
-        self.patch_embed = nn.Conv2d(1, width, kernel_size=patch_size, stride=patch_size)
-        self.class_embedding = nn.Parameter(torch.zeros(width))
-        self.positional_embedding = nn.Parameter(torch.zeros(num_patches + 1, width))
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, impl, eps) for _ in range(layers))
-        self.ln_post = nn.LayerNorm(width, eps=eps)
-
-    def forward(self, images):
-        # images: (B, 1, H, W), grayscale
-        x = self.patch_embed(images)                   # (B, C, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2)               # (B, P, C): one token per patch
-        cls = self.class_embedding.expand(x.size(0), 1, -1)  # (B, 1, C)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding  # (B, 1 + P, C)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_post(x[:, 0])                   # (B, C): the class token
+@torch.no_grad()
+def all_gather(x, dist):
+    """(n, ...) on every process -> (W * n, ...): all of them, in rank order (MoCo's
+    concat_all_gather). Used for teacher features and pair ids only, which carry no gradient."""
+    parts = [torch.empty_like(x) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
-class TextTransformer(nn.Module):
-    """f_t: token + position embeddings, bidirectional blocks with the padding mask, final LN, [CLS]."""
+def check_replicas_agree(model, dist, step):
+    """Every process applies the same averaged gradient, EMA and enqueue, so student, teacher
+    and queues must stay identical without ever being sent; one all-reduce of their sums checks it."""
+    parts = [model.student.parameters()]
+    if model.teacher is not None:
+        parts += [model.teacher.parameters(), model.image_queue.buffers(), model.text_queue.buffers()]
+    sums = torch.stack([torch.stack([t.double().sum() for t in part]).sum() for part in parts])
+    low, high = sums.clone(), sums.clone()
+    torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"step {step}: the processes' copies of the student / teacher / queues "
+                           f"differ (sums {low.tolist()} .. {high.tolist()}); stopping")
 
-    def __init__(self, vocab_size, max_len, width, layers, heads, mlp_ratio, dropout, impl):
-        super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.zeros(max_len, width))
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, impl) for _ in range(layers))
-        self.ln_final = nn.LayerNorm(width)
 
-    def forward(self, input_ids, attention_mask):
-        # input_ids, attention_mask: (B, L), L <= max_len; position 0 holds [CLS]
-        L = input_ids.size(1)
-        x = self.token_embedding(input_ids) + self.positional_embedding[:L]  # (B, L, C)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, attention_mask)
-        return self.ln_final(x[:, 0])                  # (B, C): the [CLS] token
+def rng_states(dist):
+    """The RNG state of every process (a collective: all processes call it), for the checkpoint."""
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if dist.world_size == 1:
+        return [mine]
+    states = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def get_rng_state(device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+# -----------------------------------------------------------------------------
+# E. Pretrained weights: the post-LN BERT, a safetensors reader, the BERT and ViT name maps
+# Read this when you start from published encoders (configs/mimic_pretrained.json). At paper
+# scale f_t starts from Bio_ClinicalBERT and f_v from an ImageNet ViT-B/16. Their published
+# files are read here without transformers, timm or safetensors: each name map below says once
+# which tensor of theirs becomes which parameter of ours, and a file that does not fit is
+# refused with one error listing every missing, unexpected, mis-shaped, integer or NaN / inf
+# tensor. A config.json is checked against its weights file before a tower is built from it,
+# and a file is trusted for nothing its bytes do not back. Nothing is ever downloaded
+# (docs/mimic.md says which files to fetch by hand). tests/test_pretrained.py checks all of it
+# against the reference libraries' own outputs.
+# -----------------------------------------------------------------------------
 
 
 class PostLNBlock(nn.Module):
@@ -386,10 +1578,11 @@ class PostLNBlock(nn.Module):
 
 class BertTextTransformer(nn.Module):
     """f_t for text_arch "bert": a BERT-family encoder whose shape comes from the checkpoint's
-    config.json (`bert_config`, section 2b). Token + position + token-type embeddings (every token
-    is of type 0, so only row 0 of BERT's type table is kept), LayerNorm, post-LN blocks with exact
-    GELU, and the last hidden state of [CLS]. BERT's pooler (dense + tanh, trained for next-
+    config.json (`bert_config`, read below). Token + position + token-type embeddings (every
+    token is of type 0, so only row 0 of BERT's type table is kept), LayerNorm, post-LN blocks
+    with exact GELU, and the last hidden state of [CLS]. BERT's pooler (dense + tanh, trained for next-
     sentence prediction) is not used; ALBEF also takes the [CLS] state."""
+    pad_multiple = 1  # reports are trimmed to a multiple of this (compile_towers raises it)
 
     def __init__(self, bert_config, vocab_size, max_len, dropout, impl):
         super().__init__()
@@ -424,110 +1617,18 @@ class BertTextTransformer(nn.Module):
         return self.hidden_states(input_ids, attention_mask)[:, 0]  # (B, C): the [CLS] token
 
 
-class DualEncoder(nn.Module):
-    """f_v, g_v, f_t, g_t: the student, and (as a copy) the teacher. forward-only, no state updates.
-
-    With text_arch "bert" / vision_weights, the towers start from published weights (section 2b),
-    loaded here, before MSD copies the student into the teacher. `bert_config` and
-    pretrained=False rebuild a saved model without the weights files (load_checkpoint)."""
-
-    def __init__(self, cfg, vocab_size, bert_config=None, pretrained=True):
-        super().__init__()
-        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width,
-                                        cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio,
-                                        cfg.dropout, cfg.attn_impl,
-                                        eps=TIMM_VIT_LN_EPS if cfg.vision_weights else 1e-5)
-        self.bert_config = None  # the text tower's shape, stored in our checkpoints (text_arch "bert")
-        if cfg.text_arch == "bert":
-            self.bert_config = bert_config or read_bert_config(cfg.text_weights)
-            self.text = BertTextTransformer(self.bert_config, vocab_size, cfg.max_len, cfg.dropout,
-                                            cfg.attn_impl)
-            text_width = self.bert_config["hidden_size"]
-        else:
-            self.text = TextTransformer(vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers,
-                                        cfg.text_heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_impl)
-            text_width = cfg.text_width
-        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)  # g_v
-        self.text_proj = nn.Linear(text_width, cfg.embed_dim, bias=False)          # g_t
-        self._init_weights(cfg)
-        if pretrained and cfg.text_arch == "bert":
-            load_bert_weights(self.text, find_bert_weights(cfg.text_weights))
-        if pretrained and cfg.vision_weights:
-            load_vit_weights(self.visual, cfg.vision_weights)
-
-    def _init_weights(self, cfg):
-        """openai/CLIP's explicit formulas, with w = width and L = layers of each encoder:
-        attention in-projection N(0, w^-1/2); residual out-projections N(0, w^-1/2 (2L)^-1/2);
-        MLP in N(0, (2w)^-1/2); class token N(0, w^-1/2); positions N(0, 0.01); token and patch
-        embeddings N(0, 0.02); projections g N(0, w^-1/2); LayerNorm 1 and 0; biases 0.
-        These keep features of different inputs far apart at step 0. With the GPT-2 style
-        N(0, 0.02) everywhere, every [CLS] output starts as nearly the same vector (cosine 0.99),
-        a drifting common direction that a queue of older teacher features turns into a
-        shortcut ("fresh keys score higher") instead of a signal."""
-        towers = [("visual.", cfg.vision_width, cfg.vision_layers)]
-        if cfg.text_arch == "lite":  # a BERT tower is always overwritten by its checkpoint
-            towers.append(("text.", cfg.text_width, cfg.text_layers))
-        for prefix, w, layers in towers:
-            for name, p in self.named_parameters():
-                if not name.startswith(prefix):
-                    continue
-                if name.endswith("bias"):
-                    nn.init.zeros_(p)
-                elif "ln_" in name:
-                    nn.init.ones_(p)
-                elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                    nn.init.normal_(p, std=w ** -0.5 * (2 * layers) ** -0.5)
-                elif name.endswith("attn.qkv.weight"):
-                    nn.init.normal_(p, std=w ** -0.5)
-                elif name.endswith("mlp.fc.weight"):
-                    nn.init.normal_(p, std=(2 * w) ** -0.5)
-                elif name.endswith("class_embedding"):
-                    nn.init.normal_(p, std=w ** -0.5)
-                elif name.endswith("positional_embedding"):
-                    nn.init.normal_(p, std=0.01)
-                else:  # token_embedding, patch_embed
-                    nn.init.normal_(p, std=0.02)
-        nn.init.normal_(self.vision_proj.weight, std=cfg.vision_width ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=self.text_proj.in_features ** -0.5)
-
-    def image_features(self, images):
-        """(B, 1, H, W) -> (B, vision_width): the class token before projection (for linear probes)."""
-        return self.visual(images)
-
-    def encode_image(self, images):
-        """(B, 1, H, W) -> (B, embed_dim), L2-normalised: v = g_v(f_v(x)) / |.|."""
-        return F.normalize(self.vision_proj(self.visual(images)), dim=-1)
-
-    def encode_text(self, input_ids, attention_mask):
-        """(B, L), (B, L) -> (B, embed_dim), L2-normalised: t = g_t(f_t(w)) / |.|."""
-        return F.normalize(self.text_proj(self.text(input_ids, attention_mask)), dim=-1)
-
-    def forward(self, images, input_ids, attention_mask):
-        """Both features of a batch of pairs: (v, t). The training step calls the student through
-        forward(), because DistributedDataParallel all-reduces gradients only for what runs there."""
-        return self.encode_image(images), self.encode_text(input_ids, attention_mask)
-
-
-# -----------------------------------------------------------------------------
-# 2b. Pretrained weights: a safetensors reader, and the BERT and ViT name maps
-# At paper scale f_t starts from Bio_ClinicalBERT and f_v from an ImageNet ViT-B/16. Their
-# published files are read here without transformers, timm or safetensors: each name map below
-# says once which tensor of theirs becomes which parameter of ours, and a file that does not fit
-# is refused with one error listing every missing, unexpected, mis-shaped, integer or NaN / inf
-# tensor. A config.json is checked against its weights file before a tower is built from it, and
-# a file is trusted for nothing its bytes do not back. Nothing is ever downloaded (docs/mimic.md says which files to fetch by hand).
-# tests/test_pretrained.py checks all of it against the reference libraries' own outputs.
-# -----------------------------------------------------------------------------
-
 class WeightsError(ValueError):
     """A published weights file (or its config.json) that cannot be used; the message names it."""
 
 
 TIMM_VIT_LN_EPS = 1e-6  # timm's ViTs use LayerNorm(eps=1e-6); PyTorch's default (from scratch) is 1e-5
 
+
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library refuses longer headers too
 
 
@@ -715,6 +1816,8 @@ BERT_NAMES = {
     "ln_embed.weight": "embeddings.LayerNorm.weight",
     "ln_embed.bias": "embeddings.LayerNorm.bias",
 }
+
+
 BERT_LAYER_NAMES = [  # ours under blocks.{i}.  <-  theirs under encoder.layer.{i}.
     ("attn.qkv", ("attention.self.query", "attention.self.key", "attention.self.value")),  # [q; k; v]
     ("attn.proj", "attention.output.dense"),
@@ -723,7 +1826,11 @@ BERT_LAYER_NAMES = [  # ours under blocks.{i}.  <-  theirs under encoder.layer.{
     ("mlp.proj", "output.dense"),
     ("ln_2", "output.LayerNorm"),
 ]
+
+
 BERT_UNUSED = ("pooler.", "cls.", "embeddings.position_ids")  # NSP pooler, pretraining heads, a buffer
+
+
 BERT_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size", "max_position_embeddings")
 
@@ -841,8 +1948,12 @@ VIT_NAMES = {
     "ln_post.weight": "norm.weight",
     "ln_post.bias": "norm.bias",
 }
+
+
 VIT_BLOCK_NAMES = [("ln_1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
                    ("ln_2", "norm2"), ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")]
+
+
 VIT_UNUSED = ("head.",)  # the ImageNet classifier
 
 
@@ -900,642 +2011,64 @@ def load_vit_weights(visual, path):
 
 
 # -----------------------------------------------------------------------------
-# 3. Momentum teacher (ALBEF's copy_params / momentum_update)
+# F. Logging and guards
+# Read this when a run stops on NaN, or to see what a run prints and logs.
 # -----------------------------------------------------------------------------
-
-
-def copy_params(student):
-    """The teacher starts as an exact copy of the student, never receives gradients, never drops out."""
-    teacher = copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-@torch.no_grad()
-def momentum_update(teacher, student, m):
-    """theta' <- m * theta' + (1 - m) * theta, for all parameters in one fused call.
-    lerp(theta', theta, 1 - m) = theta' + (1 - m)(theta - theta') is the same formula."""
-    t_params = list(teacher.parameters())
-    s_params = [p.detach() for p in student.parameters()]
-    torch._foreach_lerp_(t_params, s_params, 1.0 - m)
-
-
-# -----------------------------------------------------------------------------
-# 4. Queues: ring buffers of teacher features (MoCo / ALBEF's dequeue_and_enqueue)
-# -----------------------------------------------------------------------------
-
-
-class FeatureQueue(nn.Module):
-    """The last K teacher features of one modality, each with the pair id it came from.
-
-    Buffers (so they move with .to() and live in the checkpoint):
-      feats (K, d)  the features;  ids (K,)  their pair ids;
-      ptr ()        the next slot to write;  filled ()  how many slots hold a real feature.
-    Slots never written are not keys: `keys()` returns only the first `filled` slots (writes start
-    at slot 0, so until the buffer is full the written slots are exactly 0 .. filled-1).
-    The pointer and the fill level are also kept as Python ints (n_ptr, n_filled): reading a
-    buffer that lives on a GPU would make the host wait for the GPU at every step.
-    """
-
-    def __init__(self, size, dim):
-        super().__init__()
-        self.size = size
-        self.register_buffer("feats", torch.zeros(size, dim))
-        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
-        self.n_ptr = self.n_filled = 0
-        self.register_load_state_dict_post_hook(FeatureQueue._read_counters)
-
-    @staticmethod
-    def _read_counters(queue, incompatible_keys):
-        """After load_state_dict (resume): the host copies come from the loaded buffers, once."""
-        queue.n_ptr, queue.n_filled = int(queue.ptr), int(queue.filled)
-
-    def keys(self):
-        """(filled, d) features and (filled,) ids of the written slots."""
-        return self.feats[:self.n_filled], self.ids[:self.n_filled]
-
-    @torch.no_grad()
-    def enqueue(self, feats, ids):
-        """Write a batch of any size at the pointer, wrapping around; the oldest entries go first."""
-        if self.size == 0:
-            return
-        feats, ids = feats[-self.size:], ids[-self.size:]  # a batch larger than K keeps its last K
-        n, p = feats.size(0), self.n_ptr
-        head = min(n, self.size - p)                       # slots left before the end of the buffer
-        self.feats[p:p + head], self.ids[p:p + head] = feats[:head], ids[:head]
-        self.feats[:n - head], self.ids[:n - head] = feats[head:], ids[head:]  # the rest wraps to 0
-        self.n_ptr = (p + n) % self.size
-        self.n_filled = min(self.n_filled + n, self.size)
-        self.ptr.fill_(self.n_ptr)
-        self.filled.fill_(self.n_filled)
-
-
-# -----------------------------------------------------------------------------
-# 5. Losses
-# -----------------------------------------------------------------------------
-
-
-def positive_targets(row_ids, key_ids, dtype=torch.float32):
-    """y: the one-hot positive of each row; columns that carry the same pair id share the mass.
-    row_ids (b,), key_ids (M,) -> (b, M) in `dtype` (the features'), rows sum to 1."""
-    y = (row_ids[:, None] == key_ids[None, :]).to(dtype)  # (b, M)
-    return y / y.sum(dim=1, keepdim=True)
-
-
-def soft_targets(sim_m, y, alpha):
-    """y~_i = alpha * q_i + (1 - alpha) * y_i, with q_i = softmax(teacher logits). Rows sum to 1."""
-    return alpha * sim_m.softmax(dim=1) + (1 - alpha) * y
-
-
-def soft_cross_entropy(logits, target):
-    """- mean_i sum_j target_ij log softmax(logits)_ij; equals KL(target || p) up to a constant."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-
-
-def msd_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_keys, text_keys,
-             row_ids, key_ids, logit_scale, alpha):
-    """The MSD loss of method.md §2 for b rows of the effective batch.
-
-    image_feat, text_feat      (b, d) student features v_i, t_i (with gradient)
-    image_feat_m, text_feat_m  (b, d) teacher features v'_i, t'_i of the same rows
-    image_keys, text_keys      (M, d) K_v = [V'; Q_v], K_t = [T'; Q_t]: teacher features of the
-                               whole effective batch, then the queue (no gradient)
-    row_ids (b,), key_ids (M,) pair ids of the rows and of the key columns
-    logit_scale                log(1/tau), a learnable scalar
-    alpha                      weight of the teacher's distribution in the target
-    """
-    image_keys, text_keys = image_keys.detach(), text_keys.detach()  # keys are stop-gradient
-    scale = logit_scale.exp()
-    sim_i2t = scale * image_feat @ text_keys.t()   # (b, M): logits of p_i (student prediction)
-    sim_t2i = scale * text_feat @ image_keys.t()   # (b, M)
-    with torch.no_grad():  # everything the targets are made of is stop-gradient
-        y = positive_targets(row_ids, key_ids, image_feat.dtype)  # y_i: the row's own pair
-        sim_i2t_m = scale * image_feat_m @ text_keys.t()  # logits of q_i (teacher prediction), same tau
-        sim_t2i_m = scale * text_feat_m @ image_keys.t()
-        target_i2t = soft_targets(sim_i2t_m, y, alpha)
-        target_t2i = soft_targets(sim_t2i_m, y, alpha)
-    loss_i2t = soft_cross_entropy(sim_i2t, target_i2t)  # L_i2t = - mean_i sum_j y~_ij log p_ij
-    loss_t2i = soft_cross_entropy(sim_t2i, target_t2i)  # L_t2i, symmetric
-    return (loss_i2t + loss_t2i) / 2                    # L = (L_i2t + L_t2i) / 2
-
-
-def clip_loss(image_feat, text_feat, row_ids, logit_scale):
-    """End-to-end CLIP baseline: symmetric InfoNCE over in-batch STUDENT features, no teacher, no
-    queue. Rows share negatives, so the loss of a batch is not a sum of per-row terms."""
-    scale = logit_scale.exp()
-    sim_i2t = scale * image_feat @ text_feat.t()   # (b, b)
-    y = positive_targets(row_ids, row_ids, image_feat.dtype)  # column i (and repeats of its pair)
-    return (soft_cross_entropy(sim_i2t, y) + soft_cross_entropy(sim_i2t.t(), y)) / 2
-
-
-# -----------------------------------------------------------------------------
-# 6. The model: student, teacher, queues and the temperature in one module
-# -----------------------------------------------------------------------------
-
-
-class MSD(nn.Module):
-    """Holds the state of the method; forward() is deliberately absent: the training step
-    (section 7) owns every state update (EMA, enqueue, temperature clamp), so none of them can
-    silently run once per micro-batch."""
-
-    def __init__(self, cfg, vocab_size, bert_config=None, pretrained=True):
-        super().__init__()
-        self.student = DualEncoder(cfg, vocab_size, bert_config, pretrained)  # pretrained weights loaded
-        # tau is stored as log(1/tau), CLIP's logit_scale; clamped after each optimizer step
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
-        self.teacher = None
-        self.text_pad_multiple = 1  # compile_towers raises it: a compiled encoder wants few shapes
-        if cfg.method == "msd":
-            self.teacher = copy_params(self.student)
-            self.image_queue = FeatureQueue(cfg.queue_size, cfg.embed_dim)  # Q_v
-            self.text_queue = FeatureQueue(cfg.queue_size, cfg.embed_dim)   # Q_t
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # the teacher never uses dropout, even while the student trains
-        return self
-
-    def dequeue_and_enqueue(self, image_feat_m, text_feat_m, pair_ids):
-        self.image_queue.enqueue(image_feat_m, pair_ids)
-        self.text_queue.enqueue(text_feat_m, pair_ids)
-
-
-def build_model(cfg, vocab_size, bert_config=None, pretrained=True):
-    """The initial model of a run. It seeds the global RNG with cfg.seed first, so that a seed
-    names one set of initial weights; dropout then draws from where the initialisation stopped.
-    pretrained=False: the weights will come from a checkpoint, so no weights file is read."""
-    torch.manual_seed(cfg.seed)
-    return MSD(cfg, vocab_size, bert_config, pretrained)
-
-
-# -----------------------------------------------------------------------------
-# 7. Training
-# -----------------------------------------------------------------------------
-
-
-def get_lr(step, cfg, total_steps):
-    # 1) linear warm-up for warmup_steps optimizer steps
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    # 2) past the end of the schedule, the floor
-    if step >= total_steps:
-        return cfg.min_lr
-    # 3) in between, cosine decay from lr down to min_lr
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def alpha_ramp_steps(cfg, steps_per_epoch):
-    """Optimizer steps over which alpha ramps up: one epoch unless the config says otherwise."""
-    return steps_per_epoch if cfg.alpha_ramp_steps < 0 else cfg.alpha_ramp_steps
-
-
-def get_alpha(step, cfg, steps_per_epoch):
-    """alpha ramps linearly from 0 to cfg.alpha over the first epoch's optimizer steps (ALBEF)."""
-    ramp = alpha_ramp_steps(cfg, steps_per_epoch)
-    return cfg.alpha if ramp == 0 else cfg.alpha * min(1.0, step / ramp)
-
-
-def configure_optimizer(model, cfg):
-    """AdamW; weight decay on weight matrices (>= 2-D) only. The temperature is a 0-D tensor and
-    stays undecayed: under decay it would drift. Teacher parameters are not in the optimizer."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-
-
-def to_fp32(x):
-    """Features leave bf16 autocast as float32 for the loss; float32 and float64 stay as they are."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-
-
-class Batch(NamedTuple):
-    """One effective batch as the loop hands it to train_step (with several processes, this
-    process's share of the global batch: section 8)."""
-    images: torch.Tensor          # (B, 1, H, W)
-    input_ids: torch.Tensor       # (B, L): [CLS] tokens [SEP] [PAD] ...
-    attention_mask: torch.Tensor  # (B, L): 1 = token, 0 = padding
-    pair_ids: torch.Tensor        # (B,): the study each pair comes from
-    text_lengths: list = None     # B Python ints, tokens per report, counted on the host (or None)
-
-
-def chunks(n, size):
-    """Slices of at most `size` rows that cover 0 .. n-1 in order."""
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def trim_padding(input_ids, attention_mask, lengths, multiple=1):
-    """Cut the padding columns that no report of this chunk reaches; padding never changes a
-    feature (tests/test_msd.py), so this only saves time. `multiple` rounds the length up, so
-    that a compiled encoder sees few distinct shapes. The mask becomes None when no report of
-    the chunk is padded: attention then runs on its fastest, mask-free kernel."""
-    L = min(-(-max(lengths) // multiple) * multiple, input_ids.size(1))
-    return input_ids[:, :L], (None if min(lengths) >= L else attention_mask[:, :L])
-
-
-def encode_no_grad(encoder, images, reports, slices, autocast, rng_states=None):
-    """(B, d) image and text features of `encoder` over the row slices, without gradient. Nothing
-    is kept for a backward pass, so the slices may be much larger than a micro-batch. Used for the
-    teacher's pass (MSD) and for the cached pass of exact CLIP accumulation. rng_states: a list
-    that receives the RNG state before each slice, so that a second pass can replay its dropout."""
-    feats = []
-    with torch.no_grad(), autocast():
-        for rows in slices:
-            if rng_states is not None:
-                rng_states.append(get_rng_state(images.device))
-            feats.append((encoder.encode_image(images[rows]), encoder.encode_text(*reports(rows))))
-    return to_fp32(torch.cat([v for v, _ in feats])), to_fp32(torch.cat([t for _, t in feats]))
-
-
-def get_rng_state(device):
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def splice(cached, live, rows):
-    """The cached (M, d) features with rows `rows` replaced by `live` (b, d), which carry gradient."""
-    return torch.cat([cached[:rows.start], live, cached[rows.stop:]])
-
-
-def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
-    """One optimizer step on an effective batch of B = N * b pairs: the six steps of method.md
-    §4 (README.md, "One optimizer step"). With W processes (section 8), `batch` holds this
-    process's N * b pairs of a global batch of W * N * b, and the keys are the features of the
-    global batch.
-
-    Three ways to spend N micro-batches, side by side (method.md §3 and §6):
-      MSD              keys are stop-gradient TEACHER features: the loss is a mean of per-row
-                       terms, so each micro-batch's loss / N backpropagates its exact share;
-      CLIP "exact"     (GradCache, open_clip's accum_freq) keys are the STUDENT's own features,
-                       cached without gradient and recomputed with gradient one micro-batch at a
-                       time: each backward of the WHOLE loss gives its exact share, no / N;
-      CLIP "naive"     each micro-batch is its own small batch: N small-batch losses, not one.
-
-    Returns "loss", "grad_norm" and "tau" as 0-d tensors on the device, plus "lr" and "alpha".
-    Nothing here waits for the GPU (no .item(), no int(tensor)): the loop reads the numbers once
-    per log interval. Gradients stay in .grad after the step (the tests read them)."""
-    ddp = dist is not None and dist.world_size > 1            # several processes: section 8
-    student = dist.ddp_student if ddp else model.student     # called through forward(): v, t
-    N = cfg.accum_steps
-    B = batch.images.size(0)
-    assert B % N == 0, f"batch of {B} pairs is not a multiple of accum_steps {N}"
-    b = B // N  # micro-batch
-    micro = [slice(j * b, (j + 1) * b) for j in range(N)]
-    lengths = batch.text_lengths or batch.attention_mask.sum(1).tolist()
-    exact_clip = cfg.method == "clip" and cfg.clip_accum == "exact"
-    replay = exact_clip and cfg.dropout > 0  # dropout: both passes must draw the same masks
-    device = batch.images.device
-
-    def reports(rows):  # input_ids, attention_mask of these rows, without unreached padding
-        return trim_padding(batch.input_ids[rows], batch.attention_mask[rows], lengths[rows],
-                            model.text_pad_multiple)
-
-    def gathered(*xs):  # W processes: the GLOBAL batch, in rank order (no gradient flows)
-        return [all_gather(x, dist) if ddp else x for x in xs]
-
-    # 1. the loop has taken an effective batch of B = N * b pairs: `batch`
-    # 2. the keys of the whole effective batch are computed first, without gradient, and are then
-    #    fixed for the whole step: every row of every micro-batch sees the same key set.
-    if cfg.method == "msd":
-        # MSD: the teacher encodes ALL B rows: V', T' (B, d). K_v = [V'; Q_v], K_t = [T'; Q_t]
-        image_feat_m, text_feat_m = encode_no_grad(model.teacher, batch.images, reports,
-                                                   chunks(B, cfg.teacher_batch), autocast)
-        image_all, text_all, ids_all = gathered(image_feat_m, text_feat_m, batch.pair_ids)
-        queue_image, queue_ids = model.image_queue.keys()
-        queue_text, _ = model.text_queue.keys()
-        image_keys = torch.cat([image_all, queue_image])  # K_v = [V'; Q_v]   (W*B + filled, d)
-        text_keys = torch.cat([text_all, queue_text])     # K_t = [T'; Q_t]   (W*B + filled, d)
-        key_ids = torch.cat([ids_all, queue_ids])         # their pair ids    (W*B + filled,)
-    elif exact_clip:
-        # exact CLIP: the STUDENT encodes all B rows once without gradient, the cache V, T (B, d).
-        # With dropout the cache is made one micro-batch at a time from a saved RNG state, and
-        # step 3 replays that state, so the recomputed rows equal the cached ones exactly.
-        rng = [] if replay else None
-        image_cache, text_cache = encode_no_grad(model.student, batch.images, reports,
-                                                 micro if replay else chunks(B, cfg.teacher_batch),
-                                                 autocast, rng)
-        image_all, text_all, ids_all = gathered(image_cache, text_cache, batch.pair_ids)
-        offset = dist.rank * B if ddp else 0  # where this process's rows sit in the global batch
-
-    # 3. the student encodes one micro-batch at a time; only b pairs of activations live at once
-    optimizer.zero_grad(set_to_none=True)
-    total_loss = 0.0  # becomes a tensor on the device: summed without reading it back
-    for j, rows in enumerate(micro):
-        # W processes: DDP all-reduces the gradients in backward(); inside no_sync() they only
-        # accumulate, so the all-reduce happens once per optimizer step, on the last micro-batch
-        sync = student.no_sync() if ddp and j < N - 1 else contextlib.nullcontext()
-        with sync:
-            if replay:
-                set_rng_state(rng[j], device)
-            with autocast():
-                image_feat, text_feat = student(batch.images[rows], *reports(rows))  # (b, d) each
-            image_feat, text_feat = to_fp32(image_feat), to_fp32(text_feat)
-            if cfg.method == "msd":
-                loss = msd_loss(image_feat, text_feat, image_feat_m[rows], text_feat_m[rows],
-                                image_keys, text_keys, batch.pair_ids[rows], key_ids,
-                                model.logit_scale, alpha)
-                # divide by N: the loss of B rows is the mean of N equal-sized micro-batch means.
-                # Keys are stop-gradient, so the summed gradients equal the gradient of one batch
-                # of B exactly (and DDP's average over W processes makes it the mean over W * B).
-                (loss / N).backward()
-                total_loss = total_loss + loss.detach() / N
-            elif exact_clip:
-                # L of the whole (global) batch, with rows j live and every other row cached:
-                # backward gives dL/df_j * df_j/dtheta, and summed over j that is dL/dtheta
-                # exactly, so no / N. tau's own gradient must be counted once: only j = 0 sees it.
-                live = slice(offset + rows.start, offset + rows.stop)
-                loss = clip_loss(splice(image_all, image_feat, live), splice(text_all, text_feat, live),
-                                 ids_all, model.logit_scale if j == 0 else model.logit_scale.detach())
-                loss.backward()
-                total_loss = loss.detach()  # the same value in every micro-batch
-            else:
-                # naive accumulation: each micro-batch only sees its own b - 1 negatives, so this
-                # is an average of N small-batch losses, NOT the loss of one batch of B
-                loss = clip_loss(image_feat, text_feat, batch.pair_ids[rows], model.logit_scale)
-                (loss / N).backward()
-                total_loss = total_loss + loss.detach() / N
-        if cfg.method == "msd" and cfg.ema_per_micro_batch:
-            momentum_update(model.teacher, model.student, cfg.momentum)  # THE COMMON BUG, kept
-            # for the ablation: N EMA updates per optimizer step = momentum m^N
-    if ddp:
-        if exact_clip:  # each process holds a part of ONE sum, and DDP averaged the parts: undo / W
-            for p in model.student.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(dist.world_size)
-        # tau lives outside the DDP-wrapped student: average its gradient by hand
-        torch.distributed.all_reduce(model.logit_scale.grad)
-        model.logit_scale.grad /= dist.world_size
-
-    # 4. clip, one optimizer step, keep the temperature in a sane range (tau in [0.01, 1])
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    with torch.no_grad():
-        model.logit_scale.clamp_(0.0, math.log(100.0))
-
-    if cfg.method == "msd":
-        # 5. EMA of the teacher once per optimizer step, after optimizer.step()
-        if not cfg.ema_per_micro_batch:
-            momentum_update(model.teacher, model.student, cfg.momentum)
-        # 6. enqueue this step's teacher features and pair ids (of the global batch), after the
-        #    loss, never before; every process enqueues the same, so the queues stay identical
-        model.dequeue_and_enqueue(image_all, text_all, ids_all)
-    return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "alpha": alpha,
-            "tau": model.logit_scale.detach().exp().reciprocal()}
-
-
-# -----------------------------------------------------------------------------
-# 8. More than one process: torchrun, DistributedDataParallel (an aside; a single process
-# never enters this section). The accumulation argument extends to W processes: the keys are
-# stop-gradient teacher features, so when every process contrasts its rows with the teacher
-# features of the WHOLE global batch (all-gathered) and the same queue, DDP's gradient average
-# over W processes x N micro-batches x b pairs equals the gradient of one batch of W * N * b.
-# -----------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """This process's place among the W processes that torchrun started (W = 1 without it)."""
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = None
-    ddp_student: nn.Module = None  # DistributedDataParallel(model.student), set by pretrain()
-
-    @property
-    def is_main(self):  # rank 0 alone logs, shows progress and writes checkpoints
-        return self.rank == 0
-
-
-def init_distributed(cfg):
-    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: one process per GPU (NCCL), or per CPU
-    process (gloo). Without torchrun, W = 1 and nothing is initialised."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ValueError(f"torchrun: device {cfg.device!r} is not supported; use cuda or cpu")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world_size, device)
-
-
-@torch.no_grad()
-def all_gather(x, dist):
-    """(n, ...) on every process -> (W * n, ...): all of them, in rank order (MoCo's
-    concat_all_gather). Used for teacher features and pair ids only, which carry no gradient."""
-    parts = [torch.empty_like(x) for _ in range(dist.world_size)]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def check_replicas_agree(model, dist, step):
-    """Every process applies the same averaged gradient, EMA and enqueue, so student, teacher
-    and queues must stay identical without ever being sent; one all-reduce of their sums checks it."""
-    parts = [model.student.parameters()]
-    if model.teacher is not None:
-        parts += [model.teacher.parameters(), model.image_queue.buffers(), model.text_queue.buffers()]
-    sums = torch.stack([torch.stack([t.double().sum() for t in part]).sum() for part in parts])
-    low, high = sums.clone(), sums.clone()
-    torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
-    torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise RuntimeError(f"step {step}: the processes' copies of the student / teacher / queues "
-                           f"differ (sums {low.tolist()} .. {high.tolist()}); stopping")
-
-
-def rng_states(dist):
-    """The RNG state of every process (a collective: all processes call it), for the checkpoint."""
-    mine = {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    if dist.world_size == 1:
-        return [mine]
-    states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, mine)
-    return states
-
-
-# -----------------------------------------------------------------------------
-# 9. A training run: data, model, a fresh start / resume / warm start, the loop
-# -----------------------------------------------------------------------------
-
-
-def autocast_for(cfg, device):
-    """A zero-argument factory of the autocast context: bf16 on CUDA when cfg.amp, else a no-op."""
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16,
-                                  enabled=cfg.amp and device.type == "cuda")
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def compile_towers(model, cfg, device):
-    """With cfg.compile (default: on CUDA only), torch.compile the four encoders in place
-    (nn.Module.compile: parameters and checkpoint keys stay those of the eager modules).
-    Report lengths are then rounded up to a multiple of 16: few shapes, few compilations."""
-    mode = ("on" if device.type == "cuda" else "off") if cfg.compile == "auto" else cfg.compile
-    if mode == "off":
-        return "off"
-    for encoder in (model.student, model.teacher):
-        if encoder is not None:
-            for tower in (encoder.visual, encoder.text):
-                tower.compile(**({} if mode == "on" else {"mode": mode}))
-    model.text_pad_multiple = 16
-    return mode
-
-
-def prepare_data(cfg):
-    """The manifest CSV this run trains on; the synthetic set is generated on first use. A
-    patient or study in 'train' and in another split is refused unless cfg.allow_split_overlap."""
-    if cfg.data == "synth":
-        path = data.ensure_synthetic(cfg.synth_dir, n=cfg.synth_n, size=cfg.synth_size,
-                                     seed=cfg.synth_seed, n_per_class_5x=cfg.synth_per_class_5x,
-                                     progress=cfg.progress)
-    else:
-        path = Path(cfg.data)
-        if not path.is_file():
-            raise FileNotFoundError(f"config key 'data': manifest not found: {path} "
-                                    f"(use 'synth' for the built-in synthetic data)")
-    data.check_split_overlap(data.read_manifest(path), path, cfg.allow_split_overlap)
-    return path
-
-
-def build_tokenizer(cfg, manifest):
-    """text_arch "bert": the checkpoint's WordPiece. Otherwise the vocabulary comes from the
-    training split's reports only."""
-    if cfg.text_arch == "bert":
-        read_bert_config(cfg.text_weights)  # a missing folder fails here, before the data is read
-        return data.WordPieceTokenizer.from_pretrained(cfg.text_weights, max_len=cfg.max_len)
-    train_texts = [row["text"] for row in data.read_manifest(manifest) if row["split"] == "train"]
-    if not train_texts:
-        raise ValueError(f"{manifest}: no rows with split 'train'")
-    if not any(text.strip() for text in train_texts):
-        raise ValueError(f"{manifest}: the training split has no report text (a labels-only "
-                         f"manifest such as CheXpert or RSNA is for evaluation, not pretraining)")
-    return data.Tokenizer.build(train_texts, min_freq=cfg.min_freq, max_len=cfg.max_len)
-
-
-def epoch_batches(n, B, seed, epoch):
-    """The effective batches of one epoch: a permutation seeded by (seed, epoch), cut into full
-    batches of B (the last partial batch is dropped). It depends on B only, never on how each
-    batch is later split into micro-batches or processes."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[: n // B * B].view(-1, B).tolist()  # (steps_per_epoch, B)
-
-
-def peak_memory_mb(device):
-    """CUDA: max_memory_allocated. Elsewhere: the process's peak resident set size (ru_maxrss;
-    NaN where the `resource` module does not exist, i.e. on Windows)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:
-        return float("nan")
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / (2**20 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient norm became NaN or inf: the run stops, nothing more is written."""
 
 
-# Keys a resumed run may change: none of them alters the model, the optimizer state or the order
-# in which pairs are seen. epochs / max_steps may grow (the cosine schedule then stretches).
-RESUME_SAFE_KEYS = ("epochs", "max_steps", "log_every", "ckpt_every", "num_workers", "progress",
-                    "device", "compile", "teacher_batch", "attn_impl", "cache_images", "out_dir",
-                    "init_from", "text_weights", "vision_weights")  # the last three: read at a fresh start only
-# Keys that must match the checkpoint named by init_from: its weights must fit the model.
-ARCHITECTURE_KEYS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
-                     "text_arch", "text_width", "text_layers", "text_heads", "mlp_ratio", "embed_dim",
-                     "max_len")
+class RunLog:
+    """log.jsonl: one JSON record per log_every steps, written by rank 0 alone. On --resume the
+    records after the checkpoint's step are dropped first: the run does those steps again."""
+
+    def __init__(self, path, resume, step, dist, echo):
+        self.file, self.echo = None, echo
+        if dist.is_main:
+            if resume:
+                truncate_log(path, step)
+            self.file = open(path, "a" if resume else "w")
+
+    def write(self, record):
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.echo:
+                print(json.dumps(record), flush=True)
+
+    def record(self, out, step, epoch, pairs_per_s, model, dist, bar):
+        """train_step's numbers (0-d tensors on the device) read once, shown and written. With
+        several processes: the loss is averaged over the global batch, and the replicas are
+        checked to agree."""
+        loss = out["loss"].clone()
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= dist.world_size
+            check_replicas_agree(model, dist, step)
+        last = {"loss": loss.item(), "grad_norm": out["grad_norm"].item(), "lr": out["lr"],
+                "alpha": out["alpha"], "tau": out["tau"].item(), "pairs_per_s": pairs_per_s}
+        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.1e}", alpha=f"{last['alpha']:.2f}",
+                        tau=f"{last['tau']:.3f}", pairs_s=f"{last['pairs_per_s']:.0f}")
+        self.write({"step": step, "epoch": epoch, **last})
+        return last
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
 
 
-def config_changes(saved, cfg, keys):
-    """{key: (value in the checkpoint, value now)} for the keys that differ."""
-    default = Config()
-    return {k: (saved.get(k, getattr(default, k)), getattr(cfg, k))
-            for k in keys if saved.get(k, getattr(default, k)) != getattr(cfg, k)}
-
-
-def check_resumable(ckpt, cfg, dist, path):
-    """A resumed run must continue the same run: same model, optimizer and data order."""
-    config_from_dict(ckpt["config"], path)  # one rule with evaluate.py: unknown keys are refused
-    unsafe = [f.name for f in fields(Config) if f.name not in RESUME_SAFE_KEYS]
-    changed = config_changes(ckpt["config"], cfg, unsafe)
-    if changed:
-        raise CheckpointError(
-            f"--resume: {path} was trained with another config: "
-            + "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            + ". These keys change the model, the optimizer state or the data order. A resumed "
-            f"run may change only {', '.join(RESUME_SAFE_KEYS)}; to change the others start a "
-            f"new run (another out_dir, or --overwrite).")
-    if ckpt.get("world_size", 1) != dist.world_size:
-        raise CheckpointError(
-            f"--resume: {path} was written by {ckpt.get('world_size', 1)} process(es), this run "
-            f"has {dist.world_size}: each process's share of every batch, and so the data order, "
-            f"would change. Resume with the same number of processes.")
-    for k, (old, new) in config_changes(ckpt["config"], cfg, RESUME_SAFE_KEYS).items():
-        if dist.is_main and k not in ("out_dir", "progress"):
-            print(f"resume: {k} {old!r} -> {new!r}")
-
-
-def restore(model, optimizer, ckpt, dist, device):
-    """--resume: weights, teacher, queues, temperature, optimizer, step and this process's RNG
-    state, exactly as they were when the checkpoint was written."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    rng = ckpt["rng"][dist.rank]
-    torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    return ckpt["step"]
-
-
-def warm_start(model, source, cfg, path):
-    """init_from: a NEW run whose student starts as the student of another run's checkpoint
-    (e.g. a pretraining run). The teacher is an exact copy of that student (copy_params on the
-    loaded weights), the queues start empty, the optimizer and the step start fresh. The
-    temperature is the checkpoint's: its features were trained with it."""
-    changed = config_changes(source["config"], cfg, ARCHITECTURE_KEYS)
-    if changed:
-        raise CheckpointError(
-            f"init_from {path}: the architecture differs from the checkpoint's: "
-            + "; ".join(f"{k} {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items())
-            + ". Set these keys as in the checkpoint.")
-    student = {k[len("student."):]: v for k, v in source["model"].items() if k.startswith("student.")}
-    model.student.load_state_dict(student)
-    if model.teacher is not None:
-        model.teacher.load_state_dict(model.student.state_dict())
-    with torch.no_grad():
-        model.logit_scale.copy_(source["model"]["logit_scale"])
+def run_summary(step, seconds, pairs_done, last, device, ckpt_path, dist):
+    """What pretrain returns, and the "done:" line it prints."""
+    summary = {"steps": step, "seconds": seconds, "pairs_per_s": pairs_done / max(seconds, 1e-9),
+               "final_loss": last.get("loss"), "peak_memory_mb": peak_memory_mb(device),
+               "checkpoint": str(ckpt_path)}
+    if dist.is_main:
+        print(f"done: {step} steps in {seconds:.1f} s | {summary['pairs_per_s']:.0f} pairs/s | "
+              f"final loss {summary['final_loss']} | peak memory {summary['peak_memory_mb']:.0f} MB "
+              f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}) | {ckpt_path}")
+    return summary
 
 
 def truncate_log(path, step):
@@ -1558,136 +2091,17 @@ def truncate_log(path, step):
     os.replace(tmp, path)
 
 
-class RunLockedError(RuntimeError):
-    """Another run holds the run folder (or a killed run left its lock behind)."""
-
-
-def check_output_paths(folder):
-    """Everything a run will write, checked before step 1: out_dir is (or can be) a folder, and
-    ckpt.pt and log.jsonl are files if they exist (a folder there would fail at the last save)."""
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"out_dir {folder} is a file, not a folder; choose another --out_dir")
-    for name in ("ckpt.pt", "log.jsonl"):
-        if (folder / name).exists() and not (folder / name).is_file():
-            raise FileExistsError(f"{folder / name} exists and is not a file, so the run could not "
-                                  f"write it; move it away or choose another --out_dir")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot create out_dir {folder}: {e.strerror}; choose another "
-                               f"--out_dir") from None
-
-
-def describe_lock(lock):
-    """Why a run folder is locked, and the way out."""
-    try:
-        pid, host = lock.read_text().split()[:2]
-        pid = int(pid)
-    except (OSError, ValueError):
-        return (f"{lock.parent} is locked ({lock} exists but cannot be read); if no run uses this "
-                f"folder, delete {lock} and start again")
-    if host == socket.gethostname() and not process_alive(pid):
-        return (f"{lock.parent} holds a stale lock {lock} of process {pid}, which is no longer "
-                f"running (a run that was killed). If no other run uses this folder, delete "
-                f"{lock} and start again (--resume continues the killed run)")
-    return (f"{lock.parent} is in use by another run (process {pid} on {host}, lock {lock}). Wait "
-            f"for it to end, or choose another --out_dir")
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def locked_run_folder(out_dir, dist):
-    """The run folder, checked and locked for the whole run. run.lock is created with O_EXCL, so
-    of two runs started together into one folder exactly one gets it; it holds the pid and host
-    of its run and is removed when the run ends, however it ends (SIGTERM included: it is turned
-    into SystemExit while the run holds the lock). Rank 0 alone locks."""
-    folder = Path(out_dir)
-    check_output_paths(folder)
-    if not dist.is_main:
-        yield
-        return
-    lock = folder / "run.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise RunLockedError(describe_lock(lock)) from None
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write in out_dir {folder}: {e.strerror}; choose another "
-                               f"--out_dir") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    except ValueError:  # not the main thread: signals cannot be caught here
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        lock.unlink(missing_ok=True)
-
-
-def finished_run(cfg, resume, overwrite, dist):
-    """A fresh start into an out_dir whose run already finished with this same config is no
-    error: nothing is trained, and the summary says so (the quick start can be run twice). Any
-    other run already there is refused unless --resume or --overwrite."""
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    if resume or overwrite or not ckpt_path.is_file():
-        return None
-    ckpt = read_checkpoint(ckpt_path)
-    keys = [f.name for f in fields(Config) if f.name not in ("out_dir", "progress")]  # where, and how shown
-    same = not config_changes(ckpt["config"], cfg, keys)
-    if not (same and ckpt.get("finished")):
-        raise FileExistsError(
-            f"{cfg.out_dir} already holds a run ({'unfinished' if same else 'of another config'}: "
-            f"{ckpt_path}, step {ckpt['step']}). Continue it with --resume, start over there with "
-            f"--overwrite (its checkpoint and log are replaced), or choose another --out_dir.")
-    if dist.is_main:
-        print(f"{cfg.out_dir}: already finished (step {ckpt['step']}, the same config); nothing to "
-              f"train. --overwrite trains it again.")
-    return {"steps": ckpt["step"], "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
-            "peak_memory_mb": float("nan"), "checkpoint": str(ckpt_path), "already_finished": True}
-
-
-def data_fingerprint(train_set):
-    """What a run trains on, cheaply: the manifest's SHA-256, the number of training rows, and a
-    SHA-256 of every training image's path, size and modification time (os.stat: no image is
-    read). Stored in the checkpoint; --resume refuses data that differ."""
-    images = hashlib.sha256()
-    for row in train_set.rows:
-        st = os.stat(row["_path"])
-        images.update(f"{row['_path']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return {"manifest": str(train_set.manifest_path), "train_rows": len(train_set.rows),
-            "manifest_sha256": hashlib.sha256(train_set.manifest_path.read_bytes()).hexdigest(),
-            "images_sha256": images.hexdigest()}
-
-
-def check_same_data(saved, now, path):
-    """--resume: the run must see the data it was trained on, or it silently trains on others."""
-    if saved is None:
-        print(f"warning: {path} records no fingerprint of its data (written by an earlier "
-              f"version); cannot check that the data are the same", file=sys.stderr)
-        return
-    what = {"train_rows": "training rows", "manifest_sha256": "the manifest's contents (SHA-256)",
-            "images_sha256": "the training images (paths, sizes or modification times; SHA-256)"}
-    short = lambda v: v[:12] if isinstance(v, str) else v  # noqa: E731
-    changed = [f"{label} {short(saved.get(k))} -> {short(now[k])}" for k, label in what.items()
-               if saved.get(k) != now[k]]
-    if changed:
-        raise CheckpointError(
-            f"--resume: {path} was trained on other data than {now['manifest']} holds now: "
-            + "; ".join(changed) + ". A resumed run must see the same data: restore them, or start "
-            f"a new run (another --out_dir, or --overwrite).")
+def stop_if_not_finite(first_bad, dist, ckpt_path):
+    """One read of the device per log interval: was the loss or the gradient norm of any step so
+    far NaN or inf? first_bad holds the first such step on the device (-1: none)."""
+    bad = first_bad.clone()
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+    if int(bad) >= 0:
+        raise NonFiniteError(
+            f"step {int(bad)}: the loss or the gradient norm is not finite (NaN or inf). Training "
+            f"stopped; nothing was written after step {int(bad) - 1}, and the last good "
+            f"checkpoint {ckpt_path} (if any) is kept. Lower lr, or check the data.")
 
 
 def print_run_summary(cfg, run, dist, compiled):
@@ -1709,7 +2123,8 @@ def print_run_summary(cfg, run, dist, compiled):
         half_life = math.log(0.5) / math.log(cfg.momentum) if 0 < cfg.momentum < 1 else float("inf")
         print(f"teacher half-life {half_life:.0f} optimizer steps (m = {cfg.momentum}) | queue "
               f"K = {cfg.queue_size} fills in {math.ceil(cfg.queue_size / B)} steps | alpha "
-              f"{cfg.alpha} reached after {alpha_ramp_steps(cfg, run.steps_per_epoch)} steps")
+              f"{cfg.alpha} reached after "
+              f"{run.steps_per_epoch if cfg.alpha_ramp_steps < 0 else cfg.alpha_ramp_steps} steps")
         if cfg.queue_size > len(train_set) - B:
             print(f"warning: queue_size {cfg.queue_size} > training pairs - B = "
                   f"{len(train_set) - B}: a pair's own older copy will often sit in the queue")
@@ -1720,369 +2135,27 @@ def print_run_summary(cfg, run, dist, compiled):
         print(f"resuming from {Path(cfg.out_dir) / 'ckpt.pt'} at step {run.step}")
 
 
-@dataclass
-class Run:
-    """What start_run prepares for the loop."""
-    model: nn.Module              # MSD: student, teacher, queues, temperature
-    optimizer: torch.optim.Optimizer
-    tokenizer: object             # data.Tokenizer or data.WordPieceTokenizer
-    train_set: data.PairDataset
-    manifest: Path
-    device: torch.device
-    B: int                        # the effective batch (global, with several processes)
-    steps_per_epoch: int
-    total_steps: int
-    step: int                     # optimizer steps already done (> 0 after --resume)
-    source: dict = None           # the init_from checkpoint, if any
-    data: dict = None             # data_fingerprint of the training split
-
-
-def start_run(cfg, dist, resume, overwrite):
-    """A fresh start, --resume, or init_from: the data, the vocabulary, the model and the
-    optimizer, checked, initialised or restored."""
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    if resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-
-    # where the weights and the vocabulary come from: the checkpoint to resume, the checkpoint
-    # to start from (init_from), or nowhere (a fresh start: the vocabulary of the training split)
-    ckpt = read_checkpoint(ckpt_path) if resume else None
-    source = read_checkpoint(cfg.init_from) if cfg.init_from and not resume else None
-    if ckpt is not None:
-        check_resumable(ckpt, cfg, dist, ckpt_path)
-
-    # the data (several processes: rank 0 generates the synthetic set while the others wait)
-    if dist.world_size > 1 and not dist.is_main:
-        torch.distributed.barrier()
-    manifest = prepare_data(cfg)
-    if dist.world_size > 1 and dist.is_main:
-        torch.distributed.barrier()
-    if ckpt is not None or source is not None:  # the embedding rows follow that vocabulary
-        tokenizer = data.tokenizer_from_dict((ckpt or source)["tokenizer"])
-    else:
-        tokenizer = build_tokenizer(cfg, manifest)
-    train_set = data.PairDataset(manifest, "train", tokenizer,
-                                 data.ImageTransform(cfg.image_size, train=True),
-                                 seed=cfg.seed, cache_images=cfg.cache_images)
-    fingerprint = data_fingerprint(train_set)
-    if ckpt is not None:
-        check_same_data(ckpt.get("data"), fingerprint, ckpt_path)
-    B = cfg.batch_size * cfg.accum_steps * dist.world_size  # the (global) effective batch
-    steps_per_epoch = len(train_set) // B
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training split has {len(train_set)} pairs, fewer than one "
-                         f"effective batch of {B}")
-
-    # the model: seeded by cfg.seed, initialised (from published weights on a fresh start only),
-    # then the weights of the checkpoint to resume or to start from
-    device = dist.device or pick_device(cfg.device)
-    model = build_model(cfg, tokenizer.vocab_size, (ckpt or source or {}).get("bert_config"),
-                        pretrained=ckpt is None and source is None)
-    if source is not None:
-        warm_start(model, source, cfg, cfg.init_from)
-    model.to(device)
-    optimizer = configure_optimizer(model, cfg)
-    step = restore(model, optimizer, ckpt, dist, device) if ckpt is not None else 0
-    if dist.world_size > 1 and ckpt is None:
-        torch.manual_seed(cfg.seed * 1000 + 1 + dist.rank)  # dropout: other masks in each process
-    return Run(model, optimizer, tokenizer, train_set, manifest, device, B, steps_per_epoch,
-               cfg.max_steps or cfg.epochs * steps_per_epoch, step, source, fingerprint)
-
-
-class RunLog:
-    """log.jsonl: one JSON record per log_every steps, written by rank 0 alone. On --resume the
-    records after the checkpoint's step are dropped first: the run does those steps again."""
-
-    def __init__(self, path, resume, step, dist, echo):
-        self.file, self.echo = None, echo
-        if dist.is_main:
-            if resume:
-                truncate_log(path, step)
-            self.file = open(path, "a" if resume else "w")
-
-    def write(self, record):
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if self.echo:
-                print(json.dumps(record), flush=True)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
-def stop_if_not_finite(first_bad, dist, ckpt_path):
-    """One read of the device per log interval: was the loss or the gradient norm of any step so
-    far NaN or inf? first_bad holds the first such step on the device (-1: none)."""
-    bad = first_bad.clone()
-    if dist.world_size > 1:
-        torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
-    if int(bad) >= 0:
-        raise NonFiniteError(
-            f"step {int(bad)}: the loss or the gradient norm is not finite (NaN or inf). Training "
-            f"stopped; nothing was written after step {int(bad) - 1}, and the last good "
-            f"checkpoint {ckpt_path} (if any) is kept. Lower lr, or check the data.")
-
-
-def pretrain(cfg, resume=False, overwrite=False, stop_after=None):
-    """Train for cfg.max_steps optimizer steps (or cfg.epochs), checkpointing into cfg.out_dir.
-    resume: continue the run in out_dir. overwrite: start over in an out_dir that holds a run.
-    cfg.init_from: a new run that starts from another run's student. `stop_after` ends the run
-    early after that many steps, as an interruption would (for tests). Returns a summary dict.
-    A run that already finished with this config is not trained again (see finished_run)."""
-    dist = init_distributed(cfg)
-    with locked_run_folder(cfg.out_dir, dist):  # one run at a time in a folder
-        done = finished_run(cfg, resume, overwrite, dist)
-        if done is not None:
-            return done
-        run = start_run(cfg, dist, resume, overwrite)
-        return train_loop(cfg, run, dist, resume, stop_after)
-
-
-def train_loop(cfg, run, dist, resume, stop_after):
-    """The loop: effective batches in epoch order, one train_step each, logs and checkpoints."""
-    model, optimizer, step, B = run.model, run.optimizer, run.step, run.B
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    compiled = compile_towers(model, cfg, run.device)
-    if dist.world_size > 1:
-        dist.ddp_student = torch.nn.parallel.DistributedDataParallel(
-            model.student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    if dist.is_main:
-        print_run_summary(cfg, run, dist, compiled)
-    end = run.total_steps if stop_after is None else min(run.total_steps, stop_after)
-    if step >= end:
-        if dist.is_main:
-            print(f"nothing to do: {ckpt_path} is at step {step}, the run ends at step {end} "
-                  f"(raise max_steps or epochs to train longer)")
-        return {"steps": step, "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
-                "peak_memory_mb": peak_memory_mb(run.device), "checkpoint": str(ckpt_path)}
-
-    autocast = autocast_for(cfg, run.device)
-    share = slice(dist.rank * B // dist.world_size, (dist.rank + 1) * B // dist.world_size)
-    first_bad = torch.full((), -1, device=run.device)  # first step with a NaN / inf loss or grad norm
-    log = RunLog(Path(cfg.out_dir) / "log.jsonl", resume, step, dist, echo=not cfg.progress)
-    bar = tqdm(total=end, initial=step, disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
-    start, pairs_done, last = time.perf_counter(), 0, {}
-    model.train()
+def peak_memory_mb(device):
+    """CUDA: max_memory_allocated. Elsewhere: the process's peak resident set size (ru_maxrss;
+    NaN where the `resource` module does not exist, i.e. on Windows)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        while step < end:
-            epoch, first = divmod(step, run.steps_per_epoch)
-            run.train_set.set_epoch(epoch)
-            batches = [b[share] for b in epoch_batches(len(run.train_set), B, cfg.seed, epoch)[first:]]
-            # a private generator: creating a loader must not consume the global RNG (dropout's),
-            # or a resumed run would draw different dropout masks than an uninterrupted one
-            loader = torch.utils.data.DataLoader(run.train_set, batch_sampler=batches,
-                                                 num_workers=cfg.num_workers,
-                                                 pin_memory=run.device.type == "cuda",
-                                                 generator=torch.Generator().manual_seed(cfg.seed))
-            for images, input_ids, attention_mask, pair_ids, _ in loader:
-                batch = Batch(*(x.to(run.device, non_blocking=True)
-                                for x in (images, input_ids, attention_mask, pair_ids)),
-                              text_lengths=attention_mask.sum(1).tolist())  # counted on the host
-                out = train_step(model, optimizer, batch, cfg, get_lr(step, cfg, run.total_steps),
-                                 get_alpha(step, cfg, run.steps_per_epoch), autocast, dist)
-                step += 1
-                pairs_done += B
-                bad = ~(torch.isfinite(out["loss"]) & torch.isfinite(out["grad_norm"]))
-                first_bad.masked_fill_(bad & (first_bad < 0), step)  # on the device: no waiting
-                bar.update(1)
-                write_log = step % cfg.log_every == 0 or step == run.total_steps
-                write_ckpt = cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < end
-                if write_log or write_ckpt:  # nothing is written after a non-finite step
-                    stop_if_not_finite(first_bad, dist, ckpt_path)
-                if write_log:
-                    loss = out["loss"].clone()
-                    if dist.world_size > 1:  # the mean over the global batch
-                        torch.distributed.all_reduce(loss)
-                        loss /= dist.world_size
-                        check_replicas_agree(model, dist, step)
-                    last = {"loss": loss.item(), "grad_norm": out["grad_norm"].item(),
-                            "lr": out["lr"], "alpha": out["alpha"], "tau": out["tau"].item(),
-                            "pairs_per_s": pairs_done / (time.perf_counter() - start)}
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.1e}",
-                                    alpha=f"{last['alpha']:.2f}", tau=f"{last['tau']:.3f}",
-                                    pairs_s=f"{last['pairs_per_s']:.0f}")
-                    log.write({"step": step, "epoch": epoch, **last})
-                if write_ckpt:
-                    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist,
-                                    run.source, run.data)
-                if step >= end:
-                    break
-    finally:
-        bar.close()
-        log.close()
-    stop_if_not_finite(first_bad, dist, ckpt_path)
-    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist, run.source,
-                    run.data, finished=step >= run.total_steps)
-    seconds = time.perf_counter() - start
-    summary = {"steps": step, "seconds": seconds, "pairs_per_s": pairs_done / max(seconds, 1e-9),
-               "final_loss": last.get("loss"), "peak_memory_mb": peak_memory_mb(run.device),
-               "checkpoint": str(ckpt_path)}
-    if dist.is_main:
-        print(f"done: {step} steps in {seconds:.1f} s | {summary['pairs_per_s']:.0f} pairs/s | "
-              f"final loss {summary['final_loss']} | peak memory {summary['peak_memory_mb']:.0f} MB "
-              f"({'CUDA allocated' if run.device.type == 'cuda' else 'process RSS'}) | {ckpt_path}")
-    return summary
+        import resource
+    except ImportError:
+        return float("nan")
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / (2**20 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 # -----------------------------------------------------------------------------
-# 10. Checkpoints and the command line
+# G. The command line
+# Read this to see which errors are a user's (one line, no traceback) and which are bugs.
 # -----------------------------------------------------------------------------
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: not one of ours, damaged, or not matching this run."""
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "tokenizer", "rng")
-
-
-def checkpoint_sha256(obj, h=None):
-    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every other
-    value's repr, in order. Stored inside the checkpoint; read_checkpoint recomputes it."""
-    top, h = h is None, h or hashlib.sha256()
-    if torch.is_tensor(obj):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            h.update(repr(key).encode())
-            checkpoint_sha256(value, h)
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"{type(obj).__name__}{len(obj)}".encode())
-        for value in obj:
-            checkpoint_sha256(value, h)
-    else:
-        h.update(repr(obj).encode())
-    return h.hexdigest() if top else None
-
-
-def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, source=None,
-                    data_fingerprint=None, finished=False):
-    """Everything needed to resume bit-identically, with a SHA-256 of it, written atomically
-    (temporary file + rename). Non-finite weights are never written over a checkpoint."""
-    dist = dist or Dist()
-    rng = rng_states(dist)  # all processes take part; rank 0 alone writes
-    if not dist.is_main:
-        return
-    path = Path(path)
-    bad = [name for name, p in model.state_dict().items()
-           if p.is_floating_point() and not torch.isfinite(p).all()]
-    if bad:
-        raise NonFiniteError(f"not writing {path} at step {step}: non-finite values in "
-                             f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; the previous "
-                             f"checkpoint is kept")
-    state = {
-        "model": model.state_dict(),  # student, teacher, queues, logit_scale
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "config": asdict(cfg),
-        "tokenizer": tokenizer.to_dict(),
-        "bert_config": model.student.bert_config,  # text_arch "bert": rebuilds the tower (else None)
-        "rng": rng,  # one entry per process
-        "world_size": dist.world_size,
-        "init_from": None if source is None else {"path": cfg.init_from, "sha256": source["sha256"],
-                                                  "step": source["step"]},
-        "data": data_fingerprint,  # what the run trained on: --resume refuses other data
-        "finished": finished,      # the last step of the schedule is done
-    }
-    state["sha256"] = checkpoint_sha256(state)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # this process's own temporary file
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise OSError(e.errno, f"could not write checkpoint {path}: {why}. The unfinished {tmp.name} "
-                               f"was removed; the previous checkpoint, if any, is untouched") from e
-
-
-def read_checkpoint(path):
-    """A checkpoint of this project as a dict, verified. torch.load(weights_only=True) accepts
-    only tensors, numbers, strings, lists and dicts, so loading a file can never run code from it;
-    then the SHA-256 stored inside is recomputed, and the weights are checked for NaN / inf."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, a broken zip, EOFError ...: all mean "unusable"
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint of this project (a corrupt checkpoint, not "
-            f"a checkpoint at all, or one holding objects other than tensors and plain values, "
-            f"which are refused because loading them could run code): "
-            f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        raise CheckpointError(f"{path}: not a checkpoint of this project (expected the keys "
-                              f"{', '.join(CHECKPOINT_KEYS)})")
-    if isinstance(ckpt["rng"], dict):  # written by an earlier version: one process, one state
-        ckpt["rng"] = [ckpt["rng"]]
-    stored = ckpt.pop("sha256", None)
-    if stored is None:
-        print(f"warning: {path} carries no checksum (written by an earlier version of msd.py); "
-              f"its contents cannot be verified", file=sys.stderr)
-    elif stored != checkpoint_sha256(ckpt):
-        raise CheckpointError(f"corrupt checkpoint {path}: its contents do not match the SHA-256 "
-                              f"recorded when it was written (the file was damaged afterwards); "
-                              f"use another copy")
-    ckpt["sha256"] = stored
-    if not isinstance(ckpt["model"], dict) or not all(map(torch.is_tensor, ckpt["model"].values())):
-        raise CheckpointError(f"{path}: its 'model' entry is not a {{name: tensor}} state dict")
-    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{path}: non-finite values (NaN / inf) in {', '.join(bad[:4])}")
-    return ckpt
-
-
-def _shape(state, key):
-    return tuple(state[key].shape) if key in state else "absent"
-
-
-def check_checkpoint_fits(ckpt, cfg, vocab_size, path):
-    """Before a model is built from a checkpoint's config: does that config describe the tensors
-    in the file? The layer counts are compared first (cheap), then every shape, against a model
-    built on the "meta" device (shapes, no memory). The SHA-256 inside a checkpoint is only a
-    checksum, which anyone can recompute: an edited config asking for a 3,000-layer tower must be
-    refused here, not by the machine running out of memory."""
-    state, bert = ckpt["model"], ckpt.get("bert_config")
-    text_layers = bert.get("num_hidden_layers") if isinstance(bert, dict) else cfg.text_layers
-    for tower, layers in (("visual", cfg.vision_layers), ("text", text_layers)):
-        prefix = f"student.{tower}.blocks."
-        held = len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
-        if held != layers:
-            raise CheckpointError(f"{path}: its config asks for {layers} layers in the {tower} "
-                                  f"tower, its weights hold {held}: the checkpoint was edited or "
-                                  f"damaged; use another copy")
-    try:
-        with torch.device("meta"):
-            wanted = MSD(cfg, vocab_size, bert, pretrained=False).state_dict()
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the model its config describes cannot be built ({e}); "
-                              f"the checkpoint was edited or damaged") from None
-    differ = [k for k in sorted(wanted.keys() | state.keys()) if _shape(wanted, k) != _shape(state, k)]
-    if differ:
-        shown = "; ".join(f"{k}: config {_shape(wanted, k)}, file {_shape(state, k)}" for k in differ[:3])
-        raise CheckpointError(
-            f"{path}: its config does not describe its weights: {len(differ)} tensors differ "
-            f"({shown}{'; ...' if len(differ) > 3 else ''}); the config implies "
-            f"{sum(v.numel() for v in wanted.values()):,} values, the file holds "
-            f"{sum(v.numel() for v in state.values()):,}. The checkpoint was edited or damaged; "
-            f"use another copy")
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """-> (model in eval mode, tokenizer, cfg, the raw checkpoint dict)."""
-    ckpt = read_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"], path)
-    tokenizer = data.tokenizer_from_dict(ckpt["tokenizer"])
-    check_checkpoint_fits(ckpt, cfg, tokenizer.vocab_size, path)  # before anything is allocated
-    # the BERT tower's shape travels in the checkpoint; no weights file is read (pretrained=False)
-    model = MSD(cfg, tokenizer.vocab_size, ckpt.get("bert_config"), pretrained=False)
-    model.load_state_dict(ckpt["model"])
-    return model.to(map_location).eval(), tokenizer, cfg, ckpt
 
 
 def main(argv=None):

@@ -405,3 +405,18 @@ def test_truncated_share_counts_cls_and_sep():
     assert data.truncated_share(texts, 8) == 0.0
     assert math.isnan(data.truncated_share(["", " "], 8))
     assert data.truncated_share(["a-b"], 4, tokenize=str.split) == 0.0
+
+
+def test_both_tokenizers_share_one_truncated_share_encode_and_batching():
+    """truncated_share is defined once: a tokenizer's is data.truncated_share with keep_empty=True
+    (an empty text encodes as [CLS] [SEP] and fits), the module's leaves empty texts out. The
+    word-level and WordPiece tokenizers inherit encode, batching and unk_rate from one base."""
+    word = data.Tokenizer.build(["a b c d", "a b"], min_freq=1, max_len=5)
+    texts = ["a b c d", "a b", ""]                                       # 6, 4, 2 with [CLS] [SEP]
+    assert word.truncated_share(texts) == pytest.approx(1 / 3)
+    assert data.truncated_share(texts, 5, keep_empty=True) == pytest.approx(1 / 3)
+    assert data.truncated_share(texts, 5) == 0.5
+    piece = data.WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b"], max_len=5)
+    assert piece.truncated_share(texts) == pytest.approx(1 / 3) and piece.unk_rate(["a z"]) == 0.5
+    for name in ("encode", "__call__", "unk_rate", "truncated_share", "vocab_size"):
+        assert name not in vars(data.Tokenizer) and name not in vars(data.WordPieceTokenizer), name

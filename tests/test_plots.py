@@ -1,4 +1,4 @@
-"""Tests of evaluate.py's pictures (section 7b): the SVG parses as XML, has one mark per value,
+"""Tests of evaluate.py's pictures (appendix D): the SVG parses as XML, has one mark per value,
 maps a bigger value to a taller bar or a higher point, skips missing values with a note, and
 `python evaluate.py --task plots` draws what is in results/ even when one input is missing."""
 import json

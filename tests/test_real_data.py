@@ -1,4 +1,4 @@
-"""Tests of data.py section 6 (`python data.py prepare ...`) and of the image reading real data
+"""Tests of data.py appendix D (`python data.py prepare ...`) and of the image reading real data
 needs. Each dataset test writes a miniature copy of the real release layout (real file and
 column names, gzipped CSVs, a lateral view, a report without findings, a -1 label, a missing
 image, ...) and checks the manifest that `prepare` produces: rows, texts, labels, splits and
