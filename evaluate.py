@@ -2122,12 +2122,14 @@ def cli(argv=None):
 
 PLOTS_FROM, PLOTS_TO = Path("results"), Path("results/plots")
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
-          "#9c755f", "#bab0ac"]  # one per series, in order; repeats after ten
+          "#9c755f", "#bab0ac", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#a6761d"]
+# one per series, in order; repeats after sixteen
 FLOOR_RUNS, FLOOR_COLOR = ("random", "warm_start"), "#666"  # the floor rows of a table: grey
 CHAR_WIDTH = 0.6  # a sans-serif glyph is about 0.6 font sizes wide on average: for laying out text
 METRIC_NAMES = {"zs_acc": "zero-shot accuracy", "zs_f1": "zero-shot macro-F1",
                 "zs_auroc": "zero-shot AUROC", "probe_100%": "linear probe AUROC (100% of train)",
-                "i2t_R@10": "image-to-text R@10", "t2i_R@10": "text-to-image R@10"}
+                "i2t_R@10": "image-to-text R@10", "t2i_R@10": "text-to-image R@10",
+                "mean_R@10": "mean R@10 (both directions)"}
 CURVE_NAMES = {"loss": "loss (of the logged optimizer step)",
                "tau": "tau: the learned temperature", "alpha": "alpha: weight of the teacher's soft targets",
                "lr": "learning rate", "grad_norm": "gradient norm (before clipping)"}
@@ -2455,8 +2457,11 @@ def draw_bars(bars, runs, groups, colors, title, y_label):
     return svg, top + height + 16 + 14 * lines + 16
 
 
-def plot_ablation(ablation_path, out_path, metrics=("zs_acc", "probe_100%", "i2t_R@10", "t2i_R@10"),
-                  colors=None):
+ABLATION_METRICS = ("zs_acc", "probe_100%", "i2t_R@10", "t2i_R@10")
+BATCH_METRICS = ("zs_auroc", "i2t_R@10", "t2i_R@10", "mean_R@10")  # the valid-split search: no probe
+
+
+def plot_ablation(ablation_path, out_path, metrics=ABLATION_METRICS, colors=None):
     """An ablation file (python evaluate.py --task ablation; {"table": {run: {metric: [mean, std]}}})
     as grouped bars: one group per metric, one bar per run, whiskers at mean ± sample std
     (ddof = 1) over seeds.
@@ -2548,9 +2553,10 @@ def plot_eval(eval_path, out_path, run="run", colors=None):
     return notes
 
 
-PLOTS = [  # (input files in results/, drawn by, how to make one)
+PLOTS = [  # (input files in results/, drawn by, how to make one; None: optional, never "missing")
     ("efficiency*.json", plot_memory, "python evaluate.py --task efficiency --out results/efficiency.json"),
     ("ablation*.json", plot_ablation, "python evaluate.py --task ablation --out results/ablation.json"),
+    ("batch_*.json", plot_ablation, None),          # the batch-size study, drawn when it is there
     ("*log.jsonl", plot_curves, "cp runs/small/log.jsonl results/small_log.jsonl after a training run")]
 
 
@@ -2567,17 +2573,18 @@ def _table_runs(path):
 def readme_pictures():
     """The README's pictures: every input in results/ -> results/plots/<input name>.svg, with one
     colour per run name over all the ablation pictures. -> (jobs, missing inputs)."""
-    ablations = sorted(PLOTS_FROM.glob("ablation*.json"))
+    ablations = sorted(PLOTS_FROM.glob("ablation*.json")) + sorted(PLOTS_FROM.glob("batch_*.json"))
     colors = run_colors([run for path in ablations for run in _table_runs(path)])
     jobs, missing = [], {}
     for pattern, plot, how in PLOTS:
         inputs = sorted(PLOTS_FROM.glob(pattern))
-        if not inputs:
+        if not inputs and how is not None:
             missing[str(PLOTS_FROM / pattern)] = f"no such file, picture not drawn (to make one: {how})"
         for path in inputs:
             if plot is plot_ablation:                   # the shared colours of the runs
+                metrics = BATCH_METRICS if path.name.startswith("batch_") else ABLATION_METRICS
                 jobs.append((path, PLOTS_TO / f"{path.stem}.svg",
-                             lambda p, out: plot_ablation(p, out, colors=colors)))
+                             lambda p, out, m=metrics: plot_ablation(p, out, m, colors=colors)))
             else:
                 jobs.append((path, PLOTS_TO / f"{path.stem}.svg", plot))
     return jobs, missing

@@ -235,6 +235,22 @@ def test_a_run_has_one_colour_in_every_ablation_picture(tmp_path, monkeypatch):
     assert cold["random"] == warm["warm_start"]  # the floor rows: the same grey
 
 
+def test_the_batch_size_study_is_drawn_with_the_same_colours_when_it_is_there(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    cell = {"seeds": [0, 1], "zs_acc": [0.5, 0.1], "mean_R@10": [0.3, 0.02]}
+    ablation_file(tmp_path / "results" / "ablation.json", {n: cell for n in ("random", "a", "b")})
+    res = evaluate.main(["--task", "plots", "--readme-pictures", "--out", str(tmp_path / "plots.json")])
+    assert not (tmp_path / "results" / "plots" / "batch_search.svg").exists()
+    assert "results/batch_*.json" not in res["missing"]              # optional: never "missing"
+    ablation_file(tmp_path / "results" / "batch_search.json", {n: cell for n in ("warm_start", "c", "b")})
+    evaluate.main(["--task", "plots", "--readme-pictures", "--out", str(tmp_path / "plots.json")])
+    cold, batch = (run_fills(parse(tmp_path / "results" / "plots" / f"{n}.svg")) for n in ("ablation", "batch_search"))
+    assert batch["b"] == cold["b"] and batch["c"] != cold["a"]        # shared names, one colour
+    labels = [e.text for e in parse(tmp_path / "results" / "plots" / "batch_search.svg").iter(NS + "text")]
+    assert "mean R@10 (both directions)" in " ".join(t or "" for t in labels)
+
+
 def test_ablation_picture_has_a_y_axis_label(tmp_path):
     evaluate.plot_ablation(ablation_file(tmp_path / "a.json"), tmp_path / "a.svg", metrics=("zs_acc",))
     rotated = [e.text for e in parse(tmp_path / "a.svg").iter(NS + "text") if "rotate(-90" in (e.get("transform") or "")]
