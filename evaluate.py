@@ -2122,8 +2122,8 @@ def cli(argv=None):
 
 PLOTS_FROM, PLOTS_TO = Path("results"), Path("results/plots")
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
-          "#9c755f", "#bab0ac", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#a6761d"]
-# one per series, in order; repeats after sixteen
+          "#9c755f", "#17becf", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#a6761d"]
+# one per series, in order (none of them the grey of the floor rows); repeats after sixteen
 FLOOR_RUNS, FLOOR_COLOR = ("random", "warm_start"), "#666"  # the floor rows of a table: grey
 CHAR_WIDTH = 0.6  # a sans-serif glyph is about 0.6 font sizes wide on average: for laying out text
 METRIC_NAMES = {"zs_acc": "zero-shot accuracy", "zs_f1": "zero-shot macro-F1",

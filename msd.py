@@ -1133,9 +1133,15 @@ def check_output_paths(folder):
 
 
 def describe_lock(lock):
-    """Why a run folder is locked, and the way out."""
+    """Why a run folder is locked, and the way out. The lock's creator writes its pid right
+    after creating it, so an empty lock is read again for up to a second."""
     try:
-        pid, host = lock.read_text().split()[:2]
+        for _ in range(20):
+            text = lock.read_text()
+            if text.strip():
+                break
+            time.sleep(0.05)
+        pid, host = text.split()[:2]
         pid = int(pid)
     except (OSError, ValueError):
         return (f"{lock.parent} is locked ({lock} exists but cannot be read); if no run uses this "
