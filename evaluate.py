@@ -1502,23 +1502,13 @@ def ablation_metrics(ev, args):
 ABLATION_KEYS = ("base", "shared", "seeds", "runs", "eval", "pretrain", "reference")
 
 
-RUN_PLACE_KEYS = ("out_dir", "progress")  # where a run is written and how it shows progress
-
-
-def same_run(a, b):
-    """Two configs that train the same model on the same data the same way (the folder a run is
-    written to and its progress bar do not change a number)."""
-    strip = lambda c: {k: v for k, v in asdict(c).items() if k not in RUN_PLACE_KEYS}  # noqa: E731
-    return strip(a) == strip(b)
-
-
 def run_is_done(ckpt_path, cfg):
     """A finished run of exactly this config (and, with init_from, of exactly that checkpoint).
     Keys that a checkpoint written by an older version lacks take their defaults."""
     if not ckpt_path.is_file():
         return False
     ckpt = msd.read_checkpoint(ckpt_path)
-    if not same_run(msd.config_from_dict(ckpt["config"], ckpt_path), cfg):
+    if not msd.same_run(ckpt["config"], cfg):
         return False
     return not cfg.init_from or (ckpt.get("init_from") or {}).get("sha256") == \
         msd.read_checkpoint(cfg.init_from)["sha256"]
@@ -1667,7 +1657,7 @@ def run_ablation(args):
             cfg = msd.load_config(spec["base"], shared + [f"--seed={seed}", f"--out_dir={run_dir}"]
                                   + [f"--{k}={v}" for k, v in (overrides or {}).items()])
             done = recorded.get(name, {}).get(str(seed))
-            if done and same_run(msd.config_from_dict(done["config"], out), cfg) \
+            if done and msd.same_run(done["config"], cfg) \
                     and done.get("init_sha256") == init_sha:
                 skipped += 1
                 continue
@@ -2098,8 +2088,7 @@ def cli(argv=None):
     except USER_ERRORS as e:
         if "--debug" in argv:
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e   # KeyError quotes str()
-        print(f"evaluate.py: error: {' '.join(str(message).split())}", file=sys.stderr)
+        print(f"evaluate.py: error: {msd.one_line(e)}", file=sys.stderr)
         sys.exit(1)
 
 

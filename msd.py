@@ -966,6 +966,15 @@ ARCHITECTURE_KEYS = ("image_size", "patch_size", "vision_width", "vision_layers"
                      "max_len")
 
 
+RUN_PLACE_KEYS = ("out_dir", "progress")  # where a run is written and how it shows progress
+
+
+def same_run(saved, cfg):
+    """A saved config (a dict; keys it lacks take their defaults) trains exactly what cfg trains:
+    only the folder and the progress bar may differ, and they change no number."""
+    return not config_changes(saved, cfg, [f.name for f in fields(Config) if f.name not in RUN_PLACE_KEYS])
+
+
 def config_changes(saved, cfg, keys):
     """{key: (value in the checkpoint, value now)} for the keys that differ."""
     default = Config()
@@ -1034,8 +1043,7 @@ def finished_run(cfg, resume, overwrite, dist):
     if resume or overwrite or not ckpt_path.is_file():
         return None
     ckpt = read_checkpoint(ckpt_path)
-    keys = [f.name for f in fields(Config) if f.name not in ("out_dir", "progress")]  # where, and how shown
-    same = not config_changes(ckpt["config"], cfg, keys)
+    same = same_run(ckpt["config"], cfg)
     if not (same and ckpt.get("finished")):
         raise FileExistsError(
             f"{cfg.out_dir} already holds a run ({'unfinished' if same else 'of another config'}: "
