@@ -1499,7 +1499,8 @@ def ablation_metrics(ev, args):
     return m
 
 
-ABLATION_KEYS = ("base", "shared", "seeds", "runs", "eval", "pretrain", "reference")
+ABLATION_KEYS = ("base", "shared", "seeds", "runs", "eval", "pretrain", "reference", "contrasts",
+                 "about")
 
 
 def run_is_done(ckpt_path, cfg):
@@ -1534,7 +1535,22 @@ def ablation_job(job):
     ev = Evaluation(model, tokenizer, cfg, manifest, step, ckpt_path, protocol.batch_size)
     metrics = ablation_metrics(ev, protocol)
     metrics["train_seconds"] = seconds
+    if getattr(protocol, "sealed_test", False):  # recorded now, read once when the study ends
+        test = argparse.Namespace(**{**vars(protocol), "split": "test"})
+        metrics["sealed_test"] = {"metrics": ablation_metrics(ev, test),
+                                  "ranks": retrieval_ranks_of(ev, "test")}
     return metrics
+
+
+def retrieval_ranks_of(ev, split):
+    """{"i2t": [rank of each image's report], "t2i": [rank of each distinct report's first
+    image]} on one split's retrieval pool: the per-item numbers a bootstrap resamples."""
+    feats = ev.images(split)
+    image_rows, texts, text_of_image = retrieval_pool(feats["rows"])
+    image_emb, text_emb = feats["embed"][image_rows], ev.text_embeddings(texts)
+    i2t = retrieval_ranks(image_emb @ text_emb.T, text_of_image)
+    t2i = retrieval_ranks(text_emb @ image_emb.T, np.arange(len(texts)), text_of_image)
+    return {"i2t": i2t.tolist(), "t2i": t2i.tolist()}
 
 
 def _one_thread_worker():
@@ -1667,12 +1683,16 @@ def run_ablation(args):
                       f"checkpoint; it moves to 'superseded' in {out} and is trained again", flush=True)
             jobs.append({"name": name, "cfg": cfg, "protocol": protocol,
                          "floor": floor if overrides is None else None})
+    jobs.sort(key=lambda job: spec["seeds"].index(job["cfg"].seed))  # seed by seed: a study
+    # stopped half-way has every row at (nearly) the same number of seeds
     print(f"== {spec_path}: {len(jobs)} runs to train and evaluate, {skipped} already recorded "
           f"in {out}", flush=True)
 
     def record(job, metrics):
+        sealed = metrics.pop("sealed_test", None)
         recorded.setdefault(job["name"], {})[str(job["cfg"].seed)] = {
-            "config": asdict(job["cfg"]), "init_sha256": init_sha, "metrics": metrics}
+            "config": asdict(job["cfg"]), "init_sha256": init_sha, "metrics": metrics,
+            **({"sealed_test": sealed} if sealed is not None else {})}
         write_json_atomic(out, result())  # a finished run is never lost, even if the next dies
         print(f"   {job['name']} seed {job['cfg'].seed}: " + "  ".join(
             f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
