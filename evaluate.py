@@ -52,6 +52,7 @@ default_out), so that no task overwrites another's results; --out FILE puts it e
 """
 import argparse
 import collections
+import fnmatch
 import hashlib
 import json
 import math
@@ -1575,6 +1576,114 @@ def welch_t(a, b):
     return None if se == 0 else float((a.mean() - b.mean()) / se)
 
 
+# Statistics of a study, written once and used by every table: Welch's t for a contrast of row
+# means, its two-sided p from Student's t, Holm's adjustment over a family of contrasts, the
+# smallest difference a design detects, and a bootstrap interval over test items.
+
+
+def _betacf(a, b, x, eps=1e-14, max_iter=500):
+    """The continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, max_iter + 1):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),          # even step
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a, b, x):
+    """The regularised incomplete beta function I_x(a, b), for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t, df):
+    """P(|T| >= |t|) for Student's t with df (> 0, not necessarily whole) degrees of freedom."""
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(q, df):
+    """The q-quantile of Student's t (0.5 < q < 1), by bisection on the two-sided p."""
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > 2 * (1 - q):
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 2 * (1 - q) else (lo, mid)
+    return (lo + hi) / 2
+
+
+def welch_contrast(plus, minus, alpha=0.05, power=0.8):
+    """A contrast of row means: mean of the plus rows' means - mean of the minus rows' means,
+    each side's rows weighted equally (one row a side = Welch's two-sample test). plus, minus:
+    lists of rows, a row being its per-seed values. Standard error from each row's sample
+    variance, Welch-Satterthwaite df, two-sided p, and the smallest detectable difference
+    (t(1 - alpha/2, df) + t(power, df)) * SE. None when a row has fewer than 2 values."""
+    rows = [(np.asarray(r, float), 1 / len(plus)) for r in plus] + \
+           [(np.asarray(r, float), -1 / len(minus)) for r in minus]
+    if any(len(r) < 2 for r, _ in rows):
+        return None
+    parts = [w * w * r.var(ddof=1) / len(r) for r, w in rows]           # w^2 s^2 / n per row
+    estimate = sum(w * r.mean() for r, w in rows)
+    se = math.sqrt(sum(parts))
+    out = {"estimate": float(estimate), "se": se, "n": [len(r) for r, _ in rows]}
+    if se == 0:
+        return {**out, "t": None, "df": None, "p": None, "smallest_detectable": 0.0}
+    df = sum(parts) ** 2 / sum(v * v / (len(r) - 1) for v, (r, _) in zip(parts, rows))
+    t = estimate / se
+    return {**out, "t": t, "df": df, "p": t_two_sided_p(t, df),
+            "smallest_detectable": (t_quantile(1 - alpha / 2, df) + t_quantile(power, df)) * se}
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment of a family's p-values. A contrast not computed yet (None)
+    stays None but still counts in the family's size, so the correction never shrinks."""
+    known = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    adjusted, running = list(pvalues), 0.0
+    for rank, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (len(pvalues) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(contrast, adjusted_p, alpha=0.05):
+    """The registered decision rule: the sign is decided only when the adjusted p < alpha."""
+    if contrast is None or adjusted_p is None:
+        return "not decided (too few seeds)"
+    if adjusted_p < alpha:
+        return "positive" if contrast["estimate"] > 0 else "negative"
+    return f"not decided at this power (smallest detectable {contrast['smallest_detectable']:.3f})"
+
+
+def bootstrap_mean_recall(ranks_per_seed, k=10, resamples=1000, seed=0):
+    """(2.5 %, 97.5 %) bootstrap interval of a row's mean R@k over the test items: the images
+    and the reports are resampled (the same draw for every seed of the row), and each resample's
+    number is the mean over seeds of (i->t R@k + t->i R@k) / 2. ranks_per_seed: one
+    {"i2t": [...], "t2i": [...]} per seed, as retrieval_ranks_of records them."""
+    rng = np.random.default_rng(seed)
+    means = 0.0
+    for d in ("i2t", "t2i"):
+        hits = np.array([np.asarray(r[d]) <= k for r in ranks_per_seed], float)  # (seeds, items)
+        draw = rng.integers(0, hits.shape[1], size=(resamples, hits.shape[1]))   # (resamples, items)
+        means = means + hits[:, draw].mean(axis=(0, 2)) / 2                      # (resamples,)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def with_mean_recall(metrics):
     """The one number the batch-size study compares: mean R@10 = (i->t R@10 + t->i R@10) / 2."""
     if "i2t_R@10" in metrics and "t2i_R@10" in metrics:
@@ -1603,6 +1712,56 @@ def ablation_table(recorded, spec, floor):
                     "welch_t": welch_t([r[k] for r in row["per_seed"]], [r[k] for r in ref["per_seed"]])}
                 for k in row if k in ref and isinstance(row[k], tuple) and ref[k][0] is not None}
     return table
+
+
+def best_of(pattern, table, metric):
+    """The row whose name matches the pattern (fnmatch) with the highest mean metric."""
+    rows = [n for n in table if fnmatch.fnmatch(n, pattern) and table[n].get(metric, (None,))[0] is not None]
+    return max(rows, key=lambda n: table[n][metric][0]) if rows else None
+
+
+def contrast_family(entries, values, resolve):
+    """Every contrast of one family: Welch's t, df, p, Holm's p over the family, the verdict."""
+    out = {}
+    for name, e in entries.items():
+        plus, minus = [resolve(r) for r in e["plus"]], [resolve(r) for r in e["minus"]]
+        c = None if None in plus + minus else welch_contrast([values(r) for r in plus],
+                                                            [values(r) for r in minus])
+        out[name] = {"plus": plus, "minus": minus, **(c or {"estimate": None, "p": None})}
+    for (name, c), p in zip(out.items(), holm([c["p"] for c in out.values()])):
+        c["holm_p"] = p
+        c["verdict"] = verdict(c if c["estimate"] is not None and c.get("t") is not None else None, p)
+    return out
+
+
+def study_contrasts(spec, recorded, table):
+    """The contrasts registered in a study file ("contrasts"): the family "valid" on the
+    table's numbers; the family "test" on the sealed test numbers, computed only when every
+    run of the file has all its seeds (the test split is read once, at the end), with a
+    bootstrap interval over test items for each row it names. Rows named "best of PATTERN"
+    are chosen on the valid split."""
+    spec_c = spec.get("contrasts")
+    if not spec_c:
+        return None
+    metric = spec_c["metric"]
+    resolve = lambda r: best_of(r[len("best of "):], table, metric) if r.startswith("best of ") else r  # noqa: E731
+    valid = lambda r: [s[metric] for s in table[r]["per_seed"]] if r in table else []  # noqa: E731
+    out = {"metric": metric, "valid": contrast_family(spec_c.get("valid", {}), valid, resolve)}
+    missing = [(n, s) for n in spec["runs"] for s in spec["seeds"] if str(s) not in recorded.get(n, {})]
+    if missing or not spec_c.get("test"):
+        out["test"] = {"sealed": f"{len(missing)} (run, seed) pairs still to record"}
+        return out
+
+    def sealed(r):
+        return [with_mean_recall(recorded[r][str(s)]["sealed_test"]["metrics"])[metric]
+                for s in spec["seeds"]]
+    out["test"] = contrast_family(spec_c["test"], sealed, resolve)
+    named = {r for c in out["test"].values() for r in c["plus"] + c["minus"]}
+    out["test_rows"] = {r: {"mean": float(np.mean(sealed(r))), "std": float(np.std(sealed(r), ddof=1)),
+                            "bootstrap_95": bootstrap_mean_recall(
+                                [recorded[r][str(s)]["sealed_test"]["ranks"] for s in spec["seeds"]])}
+                        for r in sorted(named)}
+    return out
 
 
 def read_recorded(path, spec_path, protocol_eval):
@@ -1664,7 +1823,8 @@ def run_ablation(args):
         return {"ablation": str(spec_path), "base": spec["base"], "shared": spec.get("shared", {}),
                 "eval": spec.get("eval", {}), "reference": spec.get("reference"),
                 "init_sha256": init_sha, "recorded": recorded, "superseded": superseded,
-                "table": ablation_table(recorded, spec, floor)}
+                "table": (table := ablation_table(recorded, spec, floor)),
+                **({"contrasts": study_contrasts(spec, recorded, table)} if spec.get("contrasts") else {})}
 
     jobs, skipped = [], 0
     for name, overrides in {floor: None, **spec["runs"]}.items():
@@ -1728,6 +1888,27 @@ def print_ablation(res):
             t = [r["vs_reference"].get(k, {}).get("welch_t") for k in ("i2t_R@10", "t2i_R@10")]
             line += "".join(f"{v:>12.2f}" if v is not None else f"{'n/a':>12}" for v in t)
         print(line)
+    if res.get("contrasts"):
+        print_contrasts(res["contrasts"])
+
+
+def print_contrasts(c):
+    """The registered contrasts: estimate, Welch's t, df, p, Holm's p and the verdict."""
+    for family in ("valid", "test"):
+        entries = c.get(family, {})
+        if "sealed" in entries:
+            print(f"contrasts on the {family} split: sealed until the study is complete ({entries['sealed']})")
+            continue
+        print(f"contrasts on the {family} split ({c['metric']}; Welch's t, two-sided p, Holm over {len(entries)}):")
+        for name, r in entries.items():
+            if r.get("t") is None:
+                print(f"  {name:<30} {r['verdict']}")
+                continue
+            print(f"  {name:<30} {r['estimate']:+.3f}  t {r['t']:+.2f}  df {r['df']:.1f}  p {r['p']:.3f}"
+                  f"  Holm p {r['holm_p']:.3f}  {r['verdict']}")
+    for name, r in c.get("test_rows", {}).items():
+        print(f"  test {name:<30} {r['mean']:.3f} ± {r['std']:.3f}  bootstrap 95 % "
+              f"[{r['bootstrap_95'][0]:.3f}, {r['bootstrap_95'][1]:.3f}]")
 
 
 # -----------------------------------------------------------------------------
