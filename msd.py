@@ -48,7 +48,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -105,11 +105,13 @@ class Config:
     method: str = "msd"               # "msd" (momentum teacher + queue + distillation) or "clip" (end to end)
     clip_accum: str = "naive"         # method "clip" with accum_steps > 1: "naive" (N small batches) or "exact" (GradCache)
     momentum: float = 0.995           # EMA momentum m per optimizer step
+    momentum_half_life: float = 0.0   # > 0: m from the teacher's half-life instead, in optimizer steps (>= 1) or as a share of the run (< 1, e.g. 0.005)
     alpha: float = 0.4                # weight of the teacher's soft target in the mix
     alpha_ramp_steps: int = -1        # optimizer steps over which alpha ramps from 0; -1 = one epoch
     queue_size: int = 1024            # K teacher features per modality (0 = no queue)
     temperature: float = 0.07         # initial tau; learnable, stored as log(1/tau)
     ema_per_micro_batch: bool = False  # reproduce the common bug (EMA per micro-batch = momentum m^N)
+    report_positives: bool = False    # pairs whose cleaned report text is identical share the positive mass
     init_from: str = ""               # start from this checkpoint's student (a NEW run; not --resume)
     # optimisation
     batch_size: int = 32              # micro-batch b: pairs per forward/backward
@@ -345,6 +347,18 @@ def copy_params(student):
     return teacher.eval()
 
 
+def momentum_from_half_life(half_life, total_steps):
+    """The m whose teacher forgets half of a weight in `half_life` optimizer steps: m^h = 1/2.
+    half_life >= 1 is in optimizer steps; below 1 it is a share of the run's total_steps."""
+    steps = half_life if half_life >= 1 else half_life * total_steps
+    return 0.5 ** (1.0 / max(steps, 1e-9))
+
+
+def teacher_half_life(m):
+    """Optimizer steps for the teacher to move half-way to the student: ln 0.5 / ln m."""
+    return math.log(0.5) / math.log(m) if 0 < m < 1 else (0.0 if m == 0 else float("inf"))
+
+
 @torch.no_grad()
 def momentum_update(teacher, student, m):
     """theta' <- m * theta' + (1 - m) * theta, parameter by parameter."""
@@ -414,6 +428,15 @@ def positive_targets(row_ids, key_ids, dtype=torch.float32):
     row_ids (b,), key_ids (M,) -> (b, M) in `dtype` (the features'), rows sum to 1."""
     y = (row_ids[:, None] == key_ids[None, :]).to(dtype)  # (b, M)
     return y / y.sum(dim=1, keepdim=True)
+
+
+def report_ids(texts):
+    """Report-level positives (cfg.report_positives): pairs whose cleaned report text is the same
+    (case and spacing aside) get one pair id, so positive_targets gives them a share of each
+    other's positive mass instead of counting a duplicate report as a negative. (n,) long."""
+    ids = {}
+    return torch.tensor([ids.setdefault(" ".join(t.lower().split()), len(ids)) for t in texts],
+                        dtype=torch.long)
 
 
 def soft_targets(sim_m, y, alpha):
@@ -761,6 +784,7 @@ def train_loop(cfg, run, dist, resume, stop_after):
                 "peak_memory_mb": peak_memory_mb(run.device), "checkpoint": str(ckpt_path)}
 
     autocast = autocast_for(cfg, run.device)
+    step_cfg = replace(cfg, momentum=run.momentum)  # train_step reads the m in force
     share = slice(dist.rank * B // dist.world_size, (dist.rank + 1) * B // dist.world_size)
     first_bad = torch.full((), -1, device=run.device)  # first step with a NaN / inf loss or grad norm
     log = RunLog(Path(cfg.out_dir) / "log.jsonl", resume, step, dist, echo=not cfg.progress)
@@ -782,7 +806,7 @@ def train_loop(cfg, run, dist, resume, stop_after):
                 batch = Batch(*(x.to(run.device, non_blocking=True)
                                 for x in (images, input_ids, attention_mask, pair_ids)),
                               text_lengths=attention_mask.sum(1).tolist())  # counted on the host
-                out = train_step(model, optimizer, batch, cfg, get_lr(step, cfg, run.total_steps),
+                out = train_step(model, optimizer, batch, step_cfg, get_lr(step, cfg, run.total_steps),
                                  get_alpha(step, cfg, run.steps_per_epoch), autocast, dist)
                 step += 1
                 pairs_done += B
@@ -837,6 +861,7 @@ class Run:
     step: int                     # optimizer steps already done (> 0 after --resume)
     source: dict = None           # the init_from checkpoint, if any
     data: dict = None             # data_fingerprint of the training split
+    momentum: float = None        # the teacher's m in force (from momentum_half_life if set)
 
 
 def start_run(cfg, dist, resume, overwrite):
@@ -866,6 +891,8 @@ def start_run(cfg, dist, resume, overwrite):
     train_set = data.PairDataset(manifest, "train", tokenizer,
                                  data.ImageTransform(cfg.image_size, train=True),
                                  seed=cfg.seed, cache_images=cfg.cache_images)
+    if cfg.report_positives:  # one id per distinct report: an identical report is a positive
+        train_set.pair_ids = report_ids(train_set.texts)
     fingerprint = data_fingerprint(train_set)
     if ckpt is not None:
         check_same_data(ckpt.get("data"), fingerprint, ckpt_path)
@@ -887,8 +914,16 @@ def start_run(cfg, dist, resume, overwrite):
     step = restore(model, optimizer, ckpt, dist, device) if ckpt is not None else 0
     if dist.world_size > 1 and ckpt is None:
         torch.manual_seed(cfg.seed * 1000 + 1 + dist.rank)  # dropout: other masks in each process
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     return Run(model, optimizer, tokenizer, train_set, manifest, device, B, steps_per_epoch,
-               cfg.max_steps or cfg.epochs * steps_per_epoch, step, source, fingerprint)
+               total_steps, step, source, fingerprint, momentum_in_force(cfg, total_steps))
+
+
+def momentum_in_force(cfg, total_steps):
+    """cfg.momentum, or the m of cfg.momentum_half_life (steps, or a share of this run)."""
+    if cfg.momentum_half_life > 0:
+        return momentum_from_half_life(cfg.momentum_half_life, total_steps)
+    return cfg.momentum
 
 
 def prepare_data(cfg):
@@ -1464,6 +1499,11 @@ def check_config(cfg):
     need(cfg.out_dir.strip() != "", "out_dir", "a folder for ckpt.pt and log.jsonl (not empty)")
     need(cfg.temperature > 0, "temperature", "a temperature > 0")
     need(0.0 <= cfg.momentum <= 1.0, "momentum", "a value in [0, 1]")
+    need(cfg.momentum_half_life >= 0, "momentum_half_life",
+         "0 (use momentum), a half-life in optimizer steps (>= 1) or a share of the run (< 1)")
+    if cfg.momentum_half_life > 0 and cfg.method != "msd":
+        raise ValueError(f"config key 'momentum_half_life' ({cfg.momentum_half_life}) is only read "
+                         f"with method 'msd' (CLIP has no teacher); leave it 0")
     need(0.0 <= cfg.alpha <= 1.0, "alpha", "a value in [0, 1]")
     need(0.0 <= cfg.dropout < 1.0, "dropout", "a value in [0, 1)")
     need(cfg.alpha_ramp_steps >= -1, "alpha_ramp_steps", "-1 (one epoch) or a number of steps >= 0")
@@ -2134,9 +2174,9 @@ def print_run_summary(cfg, run, dist, compiled):
     print(f"student {count_params(run.model.student) / 1e6:.2f} M parameters | method {cfg.method} | "
           f"torch.compile {compiled}")
     if cfg.method == "msd":
-        half_life = math.log(0.5) / math.log(cfg.momentum) if 0 < cfg.momentum < 1 else float("inf")
-        print(f"teacher half-life {half_life:.0f} optimizer steps (m = {cfg.momentum}) | queue "
-              f"K = {cfg.queue_size} fills in {math.ceil(cfg.queue_size / B)} steps | alpha "
+        for line in teacher_scale_lines(run.momentum, run.steps_per_epoch, run.total_steps):
+            print(line)
+        print(f"queue K = {cfg.queue_size} fills in {math.ceil(cfg.queue_size / B)} steps | alpha "
               f"{cfg.alpha} reached after "
               f"{run.steps_per_epoch if cfg.alpha_ramp_steps < 0 else cfg.alpha_ramp_steps} steps")
         if cfg.queue_size > len(train_set) - B:
@@ -2147,6 +2187,26 @@ def print_run_summary(cfg, run, dist, compiled):
               f"{run.source['step']}; queues empty, optimizer and step fresh")
     if run.step:
         print(f"resuming from {Path(cfg.out_dir) / 'ckpt.pt'} at step {run.step}")
+
+
+# The paper's likely setting (MIMIC-CXR, about 213,000 pairs, B = 256: about 834 steps an epoch,
+# 30 to 50 epochs; ALBEF's m = 0.995): a teacher half-life of 138 steps, 0.3 to 0.55 % of the run.
+PAPER_HALF_LIFE = "138 steps, 0.17 of an epoch, 0.3-0.55 % of the run (MIMIC-CXR, B = 256, m = 0.995)"
+HALF_LIFE_WARN_SHARE = 0.05  # above this share of the run the teacher mostly remembers its start
+
+
+def teacher_scale_lines(m, steps_per_epoch, total_steps):
+    """The teacher's half-life in optimizer steps, in epochs and as a share of the run, beside
+    the paper's likely setting, and a warning when it is more than a few percent of the run."""
+    h = teacher_half_life(m)
+    lines = [f"teacher half-life {h:.1f} optimizer steps = {h / steps_per_epoch:.2f} epochs = "
+             f"{h / total_steps:.2%} of the run (m = {m:.6g}) | the paper's likely setting: {PAPER_HALF_LIFE}"]
+    if h > HALF_LIFE_WARN_SHARE * total_steps:
+        lines.append(f"warning: the teacher's half-life is {h / total_steps:.0%} of the run: for much "
+                     f"of it the teacher stays close to its starting weights. To scale it like the "
+                     f"paper set momentum_half_life=0.005 (0.5 % of the run; docs/choices.md, "
+                     f"'Scaling m, K and the alpha ramp')")
+    return lines
 
 
 def peak_memory_mb(device):
