@@ -13,10 +13,11 @@ PairDataset reads a manifest for training.
     python data.py preview data/synth                                           # contact sheet PNG
     python data.py prepare mimic-cxr --root DIR --out mimic.csv [--cache DIR]   # a real dataset
     python data.py prepare image-folder --root MY_IMAGES --out my.csv           # your own images
+    python data.py prepare csv MY_DATA --out my.csv --image-column file ...     # your own table
 
 Part I, the core that msd.py trains from: 1 labels and the manifest · 2 report text ·
 3 loading images · 4 the word-level tokenizer · 5 image transforms · 6 PairDataset.
-Part II, appendices: A image checks and DICOM · B WordPiece, BERT's tokenizer · C SynthCXR ·
+Part II, appendices: A files, image checks and DICOM · B WordPiece, BERT's tokenizer · C SynthCXR ·
 D real datasets and image folders (prepare) · E command line.
 Only the standard library, numpy, Pillow, torch and tqdm are used (pydicom, optional, for DICOM).
 """
@@ -25,14 +26,17 @@ import collections
 import contextlib
 import csv
 import gzip
+import hashlib
 import html
 import inspect
 import io
 import json
 import math
 import multiprocessing
+import numbers
 import os
 import re
+import stat
 import sys
 import time
 import types
@@ -72,26 +76,46 @@ class ManifestError(ValueError):
         self.reason = reason
 
 
-def read_manifest(path, skip_bad=False):
-    """Read and validate a manifest -> list of row dicts (label values normalised to '1','0','-1','').
+# One bad row of a manifest or of a metadata table: its 1-based data row, its image as written
+# in the file ('' when the row could not be read), the kind of problem (`reason`: "missing
+# image", "empty text", "duplicate row", ...) and the message naming file, row, column and value.
+BadRow = collections.namedtuple("BadRow", "row image reason message")
+EXAMPLES_PER_KIND = 3  # rows of each kind a BadRowsError quotes
 
-    Each row also gets '_row' (1-based data row; the CSV line is _row + 1 when no field spans lines)
-    and '_path' (the absolute image path). The file must be UTF-8 (a byte-order mark, as Excel
-    writes, is fine). A bad row raises ManifestError naming file, row, column and value; with
-    skip_bad=True bad rows are skipped and counted on stderr, never silently.
-    """
+
+class BadRowsError(ManifestError):
+    """Every bad row of a file at once, in one line: the count of each kind, the first
+    EXAMPLES_PER_KIND rows of each kind (file, row, column and value) and the way out. `bad_rows`
+    holds them all (BadRow), for write_skipped."""
+
+    def __init__(self, source, bad_rows, total, way_out=None):
+        kinds = collections.Counter(b.reason for b in bad_rows).most_common()
+        examples = []
+        for reason, n in kinds:
+            first = [b.message for b in bad_rows if b.reason == reason][:EXAMPLES_PER_KIND]
+            examples += first + ([f"... and {n - len(first)} more {reason}"] if n > len(first) else [])
+        good = total - len(bad_rows)
+        way_out = way_out or (f"or pass skip_bad to go on with the {good} good rows (the skipped "
+                              f"ones are counted, and listed by data.write_skipped)")
+        super().__init__(f"{source}: {len(bad_rows)} bad row(s) of {total} ("
+                         f"{', '.join(f'{n} {reason}(s)' for reason, n in kinds)}): "
+                         f"{' | '.join(examples)}. Fix or remove these rows, {way_out}", "bad rows")
+        self.bad_rows = list(bad_rows)
+
+
+def scan_manifest(path):
+    """Read and check a manifest in one pass -> (good rows, [BadRow] of every bad row).
+
+    Good rows are dicts, label values normalised to '1', '0', '-1', ''; each also gets '_row'
+    (1-based data row; the CSV line is _row + 1 when no field spans lines) and '_path' (the
+    absolute image path). A row is bad when a field count, split or label value is wrong, its
+    text is empty (unless EVERY text is: a labels-only manifest), its image is missing or not a
+    file, or it repeats an earlier row in every column. A problem of the whole file (not found,
+    not UTF-8, a missing column, a study_id empty in every row) raises ManifestError / OSError."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+    require_file(path, "manifest")
     root = path.resolve().parent
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
-                            "save the manifest as UTF-8 CSV") from None
-    rows, skipped = [], collections.Counter()
+    text = read_utf8(path, "save the manifest as UTF-8 CSV")
     columns, records = read_csv_records(path, io.StringIO(text, newline=""))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
@@ -99,11 +123,16 @@ def read_manifest(path, skip_bad=False):
     label_columns = [c for c in LABELS if c in columns]  # real datasets may carry only some labels
     # No text in any row = a labels-only manifest (CheXpert, RSNA have no reports), fine for
     # image-label evaluation; one empty text among reports is a broken row.
-    text_at = columns.index("text")
+    text_at, image_at = columns.index("text"), columns.index("image")
     labels_only = bool(records) and not any(f[text_at].strip() for _, f in records if len(f) > text_at)
+    rows, bad, first_of = [], [], {}
     for i, (line, fields) in enumerate(records, start=1):
         try:
             row = record_dict(path, i, line, columns, fields)
+            first = first_of.setdefault(tuple(fields), i)
+            if first != i:
+                raise ManifestError(f"{path}, row {i}: the same as row {first} in every column "
+                                    f"(image {row['image']!r})", "duplicate row")
             if row["split"] not in SPLITS:
                 raise ManifestError(f"{path}, row {i}, column 'split': unknown split "
                                     f"{row['split']!r}; expected one of {list(SPLITS)}",
@@ -118,18 +147,78 @@ def read_manifest(path, skip_bad=False):
                 raise ManifestError(f"{path}, row {i}, column 'text': empty report text "
                                     f"(image {row['image']!r})", "empty text")
             row["_row"], row["_path"] = i, str(root / row["image"])
-            if not os.path.isfile(row["_path"]):
-                raise ManifestError(f"{path}, row {i}, column 'image': file not found: "
-                                    f"{row['_path']}", "missing image")
+            check_row_image(path, i, "image", row["_path"])
             rows.append(row)
         except ManifestError as e:
-            if not skip_bad:
-                raise
-            skipped[e.reason] += 1
-    if skipped:
-        why = ", ".join(f"{reason} ({count})" for reason, count in sorted(skipped.items()))
-        print(f"read_manifest: {path}: skipped {sum(skipped.values())} rows: {why}", file=sys.stderr)
+            bad.append(BadRow(i, fields[image_at] if len(fields) > image_at else "", e.reason, str(e)))
+    check_ids(path, rows)
+    return rows, bad
+
+
+def read_manifest(path, skip_bad=False, skipped=None):
+    """Read and validate a manifest -> list of row dicts (scan_manifest). The file must be UTF-8
+    (a byte-order mark, as Excel writes, is fine). Bad rows raise ONE BadRowsError listing them
+    all; with skip_bad=True they are skipped, counted on stderr (never silently) and, when
+    `skipped` is a list, appended to it (BadRow each; write_skipped writes them as a CSV)."""
+    rows, bad = scan_manifest(path)
+    if bad and not skip_bad:
+        raise BadRowsError(path, bad, len(rows) + len(bad))
+    note_skipped("read_manifest", path, bad, skipped)
     return rows
+
+
+def check_row_image(source, i, column, image):
+    """ManifestError ("missing image", or "image not a file" for a folder, FIFO, device) unless
+    the image of row i of `source` is an existing regular file."""
+    problem = file_problem(image)
+    if problem == NOT_FOUND:
+        raise ManifestError(f"{source}, row {i}, column '{column}': file not found: {image}",
+                            "missing image")
+    if problem:
+        raise ManifestError(f"{source}, row {i}, column '{column}': {image} {problem}",
+                            "image not a file")
+
+
+def check_ids(path, rows):
+    """study_id empty in every row is refused: every image would be one study (one pair id,
+    one retrieval target). An empty study_id or patient_id in some rows is warned on stderr with
+    the count: those rows share a study, or escape the split check (check_split_overlap)."""
+    if rows and not any(r["study_id"].strip() for r in rows):
+        raise ManifestError(f"{path}: column 'study_id' is empty in all {len(rows)} rows, so every "
+                            f"image would be one study (one pair id, one retrieval target); write "
+                            f"each image's study id, or the image's own id for one study per image",
+                            "empty study_id")
+    why = {"study_id": "those rows are pooled into one study",
+           "patient_id": "the split check cannot see their patients, so a patient in 'train' and "
+                         "in a test split would go unnoticed; fill in patient_id"}
+    for column, consequence in why.items():
+        empty = sum(not r[column].strip() for r in rows)
+        if empty:
+            print(f"warning: {path}: column '{column}' is empty in {empty} of {len(rows)} rows: "
+                  f"{consequence}", file=sys.stderr)
+
+
+def note_skipped(who, source, bad, skipped=None, where=""):
+    """skip_bad: the skipped rows counted by kind on one stderr line, and appended to `skipped`
+    (a list) when one is given."""
+    if not bad:
+        return
+    if skipped is not None:
+        skipped.extend(bad)
+    kinds = collections.Counter(b.reason for b in bad)
+    why = ", ".join(f"{reason} ({count})" for reason, count in sorted(kinds.items()))
+    print(f"{who}: {source}: skipped {len(bad)} rows{where}: {why}", file=sys.stderr)
+
+
+def write_skipped(path, skipped):
+    """The skipped rows (BadRow list: read_manifest(..., skipped=[]), PairDataset.skipped) as a
+    CSV with columns row, image, reason, message; msd.py writes it as skipped_rows.csv beside a
+    run. Returns the path."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(BadRow._fields)
+        writer.writerows(skipped)
+    return Path(path)
 
 
 def read_csv_records(path, lines):
@@ -168,11 +257,13 @@ def record_dict(path, i, line, header, fields):
 SPLIT_ID_COLUMNS = ("patient_id", "study_id")
 
 
-def check_split_overlap(rows, source, allow=False):
+def check_split_overlap(rows, source, allow=False, contents=False):
     """Leakage: a patient or a study with rows in split 'train' and in another split (valid,
-    test, test_5x) means that a model is evaluated on people it was trained on. Raises
-    ManifestError giving, per id column, the count and a few examples; with allow=True it warns
-    on stderr instead. Empty ids are not compared."""
+    test, test_5x) means that a model is evaluated on people it was trained on. contents=True
+    also compares the images' bytes (SHA-256, image_sha256; cached beside the manifest `source`):
+    the same picture under two patient ids, or copied under two names. Raises ManifestError
+    giving, per id column, the count and a few examples, and for contents both rows of a few
+    pairs; with allow=True it warns on stderr instead. Empty ids are not compared."""
     found = []
     for column in SPLIT_ID_COLUMNS:
         train = {r[column] for r in rows if r["split"] == "train" and r[column]}
@@ -184,6 +275,12 @@ def check_split_overlap(rows, source, allow=False):
             splits = sorted(set().union(*shared.values()))
             examples = ", ".join(sorted(shared)[:3]) + (", ..." if len(shared) > 3 else "")
             found.append(f"{len(shared)} {column}(s) in 'train' and in {splits} (e.g. {examples})")
+    pairs = same_bytes_across_splits(source, rows) if contents else []
+    if pairs:
+        examples = "; ".join(f"{describe_row(a)} and {describe_row(b)}" for a, b in pairs[:3])
+        found.append(f"{len(pairs)} image(s) outside 'train' with the same bytes as an image in "
+                     f"'train' (the same picture under two patient ids, or copied under two "
+                     f"names; e.g. {examples}{'; ...' if len(pairs) > 3 else ''})")
     if not found:
         return
     message = (f"{source}: {'; '.join(found)}: a model would be evaluated on patients it was "
@@ -191,9 +288,44 @@ def check_split_overlap(rows, source, allow=False):
     if allow:
         print(f"warning: {message} (allowed by allow_split_overlap)", file=sys.stderr)
         return
-    raise ManifestError(f"{message}. Split by patient (each patient in one split), or allow it: "
-                        f"config key allow_split_overlap=true (msd.py --allow_split_overlap=true, "
-                        f"evaluate.py --allow-split-overlap)", "split overlap")
+    raise ManifestError(f"{message}. Split by patient (each patient in one split, each image "
+                        f"under one patient id), or allow it: config key allow_split_overlap=true "
+                        f"(msd.py --allow_split_overlap=true, evaluate.py --allow-split-overlap)",
+                        "split overlap")
+
+
+def same_bytes_across_splits(source, rows):
+    """[(train row, other row)]: each row outside 'train' whose image file has the same bytes as
+    a 'train' row's. Only files whose size occurs both in 'train' and outside it are hashed."""
+    size_of = {}
+    for r in rows:
+        with contextlib.suppress(OSError):  # a missing file is reported by read_manifest
+            size_of[image_path(r)] = os.stat(image_path(r)).st_size
+    sizes = {split: {size_of.get(image_path(r)) for r in rows if (r["split"] == "train") == split}
+             for split in (True, False)}
+    both = (sizes[True] & sizes[False]) - {None}
+    candidates = [r for r in rows if size_of.get(image_path(r)) in both]
+    digest = image_sha256(source, candidates)
+    train = {}
+    for r in candidates:
+        if r["split"] == "train" and image_path(r) in digest:
+            train.setdefault(digest[image_path(r)], r)
+    return [(train[digest[image_path(r)]], r) for r in candidates
+            if r["split"] != "train" and digest.get(image_path(r)) in train]
+
+
+def image_path(row):
+    """The image file of a row: '_path' of a row read_manifest returns, 'image' (absolute) of a
+    row a preparer makes."""
+    return row.get("_path") or row["image"]
+
+
+def describe_row(row):
+    """A row named for a message: 'metadata.csv row 3 (/data/a.png, patient p1, train)'. '_source'
+    names the file whose rows '_row' counts, when it is not the manifest itself."""
+    where = f"row {row['_row']} " if "_row" in row else ""
+    where = f"{row['_source']} {where}" if "_source" in row else where
+    return f"{where}({row['image']}, patient {row['patient_id'] or '(empty)'}, {row['split']})"
 
 
 def _label_str(value):
@@ -204,8 +336,9 @@ def _label_str(value):
 
 
 def write_manifest(path, rows, label_names=LABELS):
-    """Write rows (dicts) as a manifest. `image` is an absolute path or one already relative to the
-    CSV's folder; absolute paths are stored relative. Keys starting with '_' are not written."""
+    """Write rows (dicts) as a manifest, whole or not at all (atomic_write). `image` is an absolute
+    path or one already relative to the CSV's folder; absolute paths are stored relative. Keys
+    starting with '_' are not written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = path.resolve().parent
@@ -213,7 +346,7 @@ def write_manifest(path, rows, label_names=LABELS):
     for row in rows:
         extra += [k for k in row if k not in REQUIRED_COLUMNS and k not in label_names
                   and not k.startswith("_") and k not in extra]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, [*REQUIRED_COLUMNS, *extra, *label_names], lineterminator="\n",
                                 extrasaction="ignore")
         writer.writeheader()
@@ -306,10 +439,10 @@ def load_image(path, max_side=None):
     """Open an image as 8-bit grayscale (mode "L"): 8/16-bit PNG (16-bit min-max scaled to 0..255),
     JPEG, DICOM (needs pydicom). An image whose longer side exceeds max_side (default
     MAX_IMAGE_SIDE; 0 = never) is downscaled here, once, not by every epoch's transform.
-    Raises FileNotFoundError (missing) or ValueError (unreadable, truncated), naming the path."""
+    Raises FileNotFoundError (missing), OSError (a folder, FIFO, device) or ValueError
+    (unreadable, truncated), naming the path."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+    require_file(path, "image")
     max_side = MAX_IMAGE_SIDE if max_side is None else max_side
     try:
         if _is_dicom(path):  # DICOM: appendix A
@@ -438,11 +571,14 @@ class Tokenizer(_TokenizerBase):
         return cls(d["vocab"], d["max_len"])
 
     def save(self, path):
-        Path(path).write_text(json.dumps(self.to_dict()), encoding="utf-8")
+        write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path):
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        found = read_json(path)
+        if not isinstance(found, dict):
+            raise ValueError(f"{path}: expected a tokenizer's JSON object, found {type(found).__name__}")
+        return cls.from_dict(found)
 
 
 def tokenizer_from_dict(d):
@@ -518,30 +654,34 @@ class PairDataset(torch.utils.data.Dataset):
     (with persistent DataLoader workers, recreate the loader for it to take effect).
 
     check_images=True checks every image of the split once at construction (find_bad_images), so
-    a truncated file is reported, with all other bad ones, before training starts rather than at
-    the step that first draws it; skip_bad=True drops those rows instead, counted on stderr."""
+    a truncated file is reported before training starts rather than at the step that first draws
+    it. Every bad row (scan_manifest's, and this split's unreadable images) is reported at once
+    in one BadRowsError; skip_bad=True drops them instead, counted on stderr, and keeps them
+    (BadRow each) in self.skipped: data.write_skipped(path, dataset.skipped) lists them."""
 
     def __init__(self, manifest_path, split, tokenizer, transform, seed=0, label_names=LABELS,
                  cache_images=False, skip_bad=False, check_images=True):
         self.manifest_path = Path(manifest_path)
-        all_rows = read_manifest(self.manifest_path, skip_bad=skip_bad)
+        all_rows, bad = scan_manifest(self.manifest_path)
         pair_of = {s: i for i, s in enumerate(sorted({r["study_id"] for r in all_rows}))}
         self.rows = [r for r in all_rows if r["split"] == split]
+        unreadable = [BadRow(r["_row"], r["image"], "unreadable image",
+                             f"{self.manifest_path}, row {r['_row']}: {r['_path']}: {problem}")
+                      for r, problem in (find_bad_images(self.manifest_path, self.rows)
+                                         if check_images else [])]
+        if (bad or unreadable) and not skip_bad:
+            raise BadRowsError(self.manifest_path, bad + unreadable, len(all_rows) + len(bad))
+        self.skipped = []
+        note_skipped("read_manifest", self.manifest_path, bad, self.skipped)
+        note_skipped("PairDataset", self.manifest_path, unreadable, self.skipped,
+                     f" of split {split!r}")
         if not self.rows:
             raise ValueError(f"{self.manifest_path}: no rows with split {split!r} "
                              f"(splits present: {sorted({r['split'] for r in all_rows})})")
-        bad = find_bad_images(self.manifest_path, self.rows) if check_images else []
-        if bad and not skip_bad:
-            lines = [f"  row {r['_row']}: {r['_path']}: {problem}" for r, problem in bad]
-            raise ManifestError(f"{self.manifest_path}: {len(bad)} unreadable image(s) in split "
-                                f"{split!r} (fix or remove them, or pass skip_bad):\n" + "\n".join(lines))
-        if bad:
-            dropped = {id(r) for r, _ in bad}
-            self.rows = [r for r in self.rows if id(r) not in dropped]
-            print(f"PairDataset: {self.manifest_path}: skipped {len(bad)} rows of split {split!r}: "
-                  f"unreadable image ({len(bad)})", file=sys.stderr)
-            if not self.rows:
-                raise ValueError(f"{self.manifest_path}: every image of split {split!r} is unreadable")
+        dropped = {b.row for b in unreadable}
+        self.rows = [r for r in self.rows if r["_row"] not in dropped]
+        if not self.rows:
+            raise ValueError(f"{self.manifest_path}: every image of split {split!r} is unreadable")
         self.texts = [r["text"] for r in self.rows]
         self.pair_ids = torch.tensor([pair_of[r["study_id"]] for r in self.rows], dtype=torch.long)
         self.labels = torch.tensor([[float(r[n]) if r.get(n, "") != "" else math.nan
@@ -579,10 +719,143 @@ class PairDataset(torch.utils.data.Dataset):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# A. Image checks and DICOM
-# Read this when an image is refused or you bring DICOM files; load_image and PairDataset
-# call it: the whole-file check before training (cached beside the manifest), DICOM reading.
+# A. Files, image checks and DICOM
+# Read this when a file is refused or you bring DICOM files. Every file data.py reads is first
+# checked to be a regular file and every file it writes goes through atomic_write; then the
+# whole-file image check before training and the image hashes of the split check (both cached
+# beside the manifest), and DICOM reading.
 # -----------------------------------------------------------------------------
+
+NOT_FOUND = "not found"
+
+
+def file_problem(path):
+    """None when path is an existing regular file (links followed), else what it is instead:
+    NOT_FOUND, "is a folder, not a file", or "is not a regular file (a FIFO, socket or device)"
+    (reading a FIFO would wait forever), or why it cannot be looked at."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return NOT_FOUND
+    except OSError as e:
+        return f"cannot be looked at ({e.strerror or e})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def require_file(path, what):
+    """FileNotFoundError ("<what> not found: path") only for a path that does not exist;
+    OSError naming the path and what it is for a folder, FIFO or device."""
+    problem = file_problem(path)
+    if problem == NOT_FOUND:
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if problem:
+        raise OSError(f"{what} {path} {problem}")
+
+
+def check_not_input(out, inputs, option="--out"):
+    """ValueError when the existing file `out` is one of `inputs` ((what, path) pairs), compared
+    by device and inode, so that a link or another spelling of the same path is caught too."""
+    try:
+        key = os.stat(out)
+    except OSError:  # nothing there yet: it cannot be an input
+        return
+    for what, path in inputs:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == (key.st_dev, key.st_ino):
+                raise ValueError(f"{option} {out} is {what}, an input: it is never written over; "
+                                 f"choose another {option}")
+
+
+def read_utf8(path, advice):
+    """A text file's content; not UTF-8 (a byte-order mark is fine) -> ManifestError naming the
+    file, the byte and the line, then `advice`."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
+                            f"{advice}") from None
+
+
+def read_json(path):
+    """A JSON file's value. Not UTF-8, not JSON, or nested deeper than Python's parser can follow
+    (RecursionError) -> ValueError naming the file; OSError as raised."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not readable JSON (nested too deeply)") from None
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """`with atomic_write(path) as tmp:` write tmp (a hidden file beside path); when the block
+    ends, os.replace puts it at path, so a reader sees the old file or the new one, never half of
+    one. On any failure the temporary file is removed; an OSError or RuntimeError (a full disk,
+    "No space left on device", "File too large"; torch.save reports those as RuntimeError)
+    becomes one OSError naming path (errno kept). Works for torch.save(obj, tmp) too."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and not isinstance(e, RecursionError)):
+            reason = (e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split()))
+            error = OSError(f"cannot write {path}: {reason or type(e).__name__}")
+            error.errno = getattr(e, "errno", None)
+            raise error from e
+        raise
+
+
+def write_text(path, text):
+    """A text file (UTF-8) written whole or not at all."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def sha256_file(path):
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_path(manifest_path, kind):
+    """<manifest stem>.<kind>.json beside the manifest."""
+    manifest_path = Path(manifest_path)
+    return manifest_path.with_name(f"{manifest_path.stem}.{kind}.json")
+
+
+def _read_cache(path, key):
+    """The {image path: [size, mtime_ns, ...]} dict under `key` of a cache file; {} when there is
+    none or it is unreadable (the work is then redone)."""
+    try:
+        found = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    found = found.get(key) if isinstance(found, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _write_cache(path, key, entries):
+    """Write a cache file; a folder we cannot write to (a read-only dataset) only costs a note."""
+    try:
+        write_text(path, json.dumps({key: entries}))
+    except OSError as e:
+        print(f"note: {e}; the work it saves is redone next run", file=sys.stderr)
+
 
 def _is_dicom(path):
     """By suffix, or for an unknown suffix by the DICOM magic (RSNA and PACS exports vary)."""
@@ -661,19 +934,15 @@ def find_bad_images(manifest_path, rows):
     """check_image for every row -> [(row, problem)] of the bad ones, all at once. The images
     found whole are remembered in <manifest stem>.image_check.json beside the manifest (with their
     size and modification time), so the check is paid once per image, not once per run."""
-    manifest_path = Path(manifest_path)
-    cache_path = manifest_path.with_name(manifest_path.stem + ".image_check.json")
-    try:
-        checked = json.loads(cache_path.read_text(encoding="utf-8"))["ok"]
-    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: check again
-        checked = {}
+    cache_path = _cache_path(manifest_path, "image_check")
+    checked = _read_cache(cache_path, "ok")
     bad, new = [], 0
     for row in tqdm(rows, desc="checking images", disable=None, leave=False):
-        try:
-            st = os.stat(row["_path"])
-        except OSError as e:
-            bad.append((row, f"cannot open: {e}"))
+        problem = file_problem(row["_path"])  # a FIFO is never opened: it would wait forever
+        if problem:
+            bad.append((row, problem))
             continue
+        st = os.stat(row["_path"])
         stamp = [st.st_size, st.st_mtime_ns]
         if checked.get(row["_path"]) == stamp:
             continue
@@ -683,14 +952,33 @@ def find_bad_images(manifest_path, rows):
         else:
             checked[row["_path"]], new = stamp, new + 1
     if new:
-        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"ok": checked}), encoding="utf-8")
-            os.replace(tmp, cache_path)
-        except OSError as e:  # e.g. a read-only dataset folder: check again next time
-            print(f"note: cannot write {cache_path} ({e}); images will be checked again next run",
-                  file=sys.stderr)
+        _write_cache(cache_path, "ok", checked)
     return bad
+
+
+def image_sha256(manifest_path, rows):
+    """SHA-256 of each row's image file -> {image path: hex digest}; a file that cannot be read
+    is left out (read_manifest reports it). Remembered in <manifest stem>.image_sha256.json beside
+    the manifest, keyed by path with size and modification time, so each file is read once."""
+    cache_path = _cache_path(manifest_path, "image_sha256")
+    known = _read_cache(cache_path, "sha256")
+    digests, new = {}, 0
+    for path in sorted({image_path(r) for r in rows}):
+        if file_problem(path):
+            continue
+        st = os.stat(path)
+        entry = known.get(path)
+        stamp = [st.st_size, st.st_mtime_ns]
+        if not (isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp):
+            try:
+                entry = known[path] = [*stamp, sha256_file(path)]
+            except OSError:
+                continue
+            new += 1
+        digests[path] = entry[2]
+    if new:
+        _write_cache(cache_path, "sha256", known)
+    return digests
 
 
 # -----------------------------------------------------------------------------
@@ -772,10 +1060,9 @@ class WordPieceTokenizer(_TokenizerBase):
         for name in ("tokenizer_config.json", "config.json"):
             path = folder / name
             if path.is_file():
-                try:
-                    found = json.loads(path.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: not valid JSON ({e})") from None
+                found = read_json(path)
+                if not isinstance(found, dict):
+                    raise ValueError(f"{path}: expected a JSON object, found {type(found).__name__}")
                 keys = ("do_lower_case", "strip_accents", "tokenize_chinese_chars")
                 if any(k in found for k in keys):
                     settings, source = {k: found[k] for k in keys if k in found}, str(path)
@@ -1404,15 +1691,74 @@ def _caption(findings):
     return "; ".join(parts) or "normal"
 
 
-def generate_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, progress=None):
+# Bounds of a SynthCXR request, checked before anything is drawn or allocated. The estimate is
+# (studies + SYNTH_RENDER_BYTES_PER_PIXEL) * size^2 bytes: every image's 8-bit pixels (the PNGs
+# take at most about that on disk) plus the float32 planes of the one image being drawn (its
+# peak is about 110 bytes a pixel, measured with tracemalloc at 128 and 256 px). The default set
+# (4,500 images of 128 px) needs about 76 MB.
+MAX_SYNTH_BYTES = 16 * 2**30
+SYNTH_RENDER_BYTES_PER_PIXEL = 128
+MIN_SYNTH_SIZE = 8
+# What SynthCXR writes into its folder, and what reading it adds there: everything else makes a
+# folder without meta.json someone else's (check_synthetic_folder).
+SYNTH_OWN = {"images": re.compile(r"s\d+\.png"), "reports": re.compile(r"s\d+\.txt")}
+SYNTH_OWN_FILES = re.compile(r"manifest\.csv|meta\.json|preview\.png|manifest\.[\w]+\.json"
+                             r"|\.?[^/]+\.\d+\.tmp")  # the last: temporary files of a killed run
+SYNTH_HEADER = ",".join([*REQUIRED_COLUMNS, "report", "findings", *LABELS])
+
+
+def synth_bytes(n, size, n_per_class_5x):
+    """The estimate of what SynthCXR with these settings takes (see MAX_SYNTH_BYTES)."""
+    return (n + len(FIVE_CLASSES) * n_per_class_5x + SYNTH_RENDER_BYTES_PER_PIXEL) * size * size
+
+
+def check_synth_settings(n, size, n_per_class_5x, max_bytes=None):
+    """ValueError, in one line with the value and the way out, unless n >= 1 study, size >=
+    MIN_SYNTH_SIZE px, n_per_class_5x >= 0, and synth_bytes <= max_bytes (default
+    MAX_SYNTH_BYTES)."""
+    for name, value, least, where in (("n", n, 1, "--n, config key synth_n"),
+                                      ("size", size, MIN_SYNTH_SIZE, "--size, config key synth_size"),
+                                      ("n_per_class_5x", n_per_class_5x, 0,
+                                       "--n-5x, config key synth_per_class_5x")):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            raise ValueError(f"SynthCXR {name}={value!r}: expected a whole number of at least "
+                             f"{least} ({where})")
+    max_bytes = MAX_SYNTH_BYTES if max_bytes is None else max_bytes
+    need = synth_bytes(n, size, n_per_class_5x)
+    if need > max_bytes:
+        raise ValueError(f"SynthCXR n={n}, size={size}, n_per_class_5x={n_per_class_5x} would take "
+                         f"about {need / 2**30:,.1f} GiB ({need:,} bytes: every image's pixels and "
+                         f"the drawing of one), more than the limit of {max_bytes / 2**30:,.1f} GiB "
+                         f"(data.MAX_SYNTH_BYTES): lower --size or --n, or raise the limit with "
+                         f"data.py synth --max-bytes")
+
+
+def synth_folder(out_dir):
+    """The SynthCXR folder as a Path. An empty path (`--synth_dir=` gives "") is refused, never
+    taken as the current folder; so is a path that is a file."""
+    if not str(out_dir).strip():
+        raise ValueError("the SynthCXR folder is empty (\"\"): give a folder to write into (config "
+                         "key synth_dir, or data.py synth --out); it is never the current folder")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"SynthCXR folder {out} is a file, not a folder: give a new or empty "
+                              f"folder (config key synth_dir, or data.py synth --out)")
+    return out
+
+
+def generate_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, progress=None,
+                       max_bytes=None):
     """Write SynthCXR to out_dir: images/*.png, reports/*.txt, manifest.csv, meta.json (last, so
     an interrupted run is redone by ensure_synthetic). Splits train/valid/test (by patient) of n
     studies plus test_5x: n_per_class_5x studies per FIVE_CLASSES class, each with exactly that
     one finding, certain phrasing, all other observations 0 (blank -> 0 as in CheXpert 5x200),
     on patients of their own. Same arguments -> byte-identical files. Returns the manifest path.
-    A folder holding a set made with other settings is refused (check_synthetic_folder): another
-    run may be training on it. progress: a tqdm bar (None: when stderr is a terminal)."""
-    out = Path(out_dir)
+    Settings out of bounds are refused before anything is drawn (check_synth_settings; max_bytes
+    defaults to MAX_SYNTH_BYTES); so is a folder holding a set made with other settings, or files
+    SynthCXR did not write (check_synthetic_folder). progress: a tqdm bar (None: when stderr is
+    a terminal). Every file is written whole or not at all (atomic_write)."""
+    out = synth_folder(out_dir)
+    check_synth_settings(n, size, n_per_class_5x, max_bytes)
     meta = _synth_meta(n, size, seed, n_per_class_5x)
     check_synthetic_folder(out, meta)
     for sub in ("images", "reports"):
@@ -1437,19 +1783,18 @@ def generate_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, pr
             findings = sample_findings(rng)
         study_id, patient_id = f"s{50000000 + i}", f"p{10000000 + patient}"
         pixels = render_study(seed * 1_000_000 + patient, findings, size, study_seed=i)
-        Image.fromarray(pixels).save(out / "images" / f"{study_id}.png", format="PNG")
+        with atomic_write(out / "images" / f"{study_id}.png") as tmp:
+            Image.fromarray(pixels).save(tmp, format="PNG")
         report, labels = write_report(findings, np.random.default_rng([seed, 2, i]),
                                       strict=split == "test_5x")
-        (out / "reports" / f"{study_id}.txt").write_text(report, encoding="utf-8")
+        write_text(out / "reports" / f"{study_id}.txt", report)
         if split == "test_5x":
             labels = {c: labels.get(c, 0) for c in LABELS if c != "No Finding"}
         rows.append({"image": f"images/{study_id}.png", "text": extract_report_text(report),
                      "split": split, "study_id": study_id, "patient_id": patient_id, "view": "PA",
                      "report": f"reports/{study_id}.txt", "findings": _caption(findings), **labels})
     write_manifest(out / "manifest.csv", rows)
-    tmp = out / f"meta.json.{os.getpid()}.tmp"  # written whole or not at all
-    tmp.write_text(json.dumps(meta, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "meta.json")
+    write_text(out / "meta.json", json.dumps(meta, sort_keys=True) + "\n")
     return out / "manifest.csv"
 
 
@@ -1461,15 +1806,24 @@ def check_synthetic_folder(out, meta):
     """meta.json records the settings a SynthCXR folder was made with. A folder made with other
     settings (or with an unreadable meta.json) is never regenerated in place, since another run
     may be reading it: FileExistsError naming both settings, the folder and the ways out. A
-    folder without meta.json is an unfinished generation, redone."""
+    folder without meta.json is an unfinished generation, redone, when everything in it is
+    SynthCXR's own (SYNTH_OWN, SYNTH_OWN_FILES, a manifest.csv with SynthCXR's header); one that
+    holds anything else (a manifest or images of your own) is refused: FileExistsError naming
+    a few of those files."""
     meta_path = Path(out) / "meta.json"
     if not meta_path.is_file():
+        foreign = _not_synthcxr(Path(out)) if Path(out).is_dir() else []
+        if foreign:
+            raise FileExistsError(f"{out} holds files SynthCXR did not write ({', '.join(foreign)}) "
+                                  f"and no SynthCXR meta.json: SynthCXR writes only into a new or "
+                                  f"empty folder, or one it made. Use another folder (config key "
+                                  f"synth_dir, or data.py synth --out)")
         return
     try:
-        found = json.loads(meta_path.read_text(encoding="utf-8"))
+        found = read_json(meta_path)
     except (OSError, ValueError) as e:
         found = {"meta.json": f"unreadable ({e})"}
-    found = found if isinstance(found, dict) else {"meta.json": repr(found)}
+    found = found if isinstance(found, dict) else {"meta.json": repr(found)[:100]}
     differ = sorted(k for k in meta.keys() | found.keys() if found.get(k) != meta.get(k))
     if differ:
         made = ", ".join(f"{k}={found.get(k)}" for k in differ)
@@ -1481,13 +1835,42 @@ def check_synthetic_folder(out, meta):
                               f"regenerate it there")
 
 
-def ensure_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, progress=None):
+def _not_synthcxr(out, most=3):
+    """Up to `most` entries of the folder out (relative names) that SynthCXR did not write."""
+    found = []
+    for entry in sorted(os.scandir(out), key=lambda e: e.name):
+        if entry.name in SYNTH_OWN and entry.is_dir(follow_symlinks=False):
+            own = SYNTH_OWN[entry.name]
+            found += [f"{entry.name}/{e.name}" for e in sorted(os.scandir(entry.path), key=lambda e: e.name)
+                      if not e.is_file(follow_symlinks=False)
+                      or not (own.fullmatch(e.name) or SYNTH_OWN_FILES.fullmatch(e.name))]
+        elif entry.name == "manifest.csv":
+            if file_problem(entry.path) or _first_line(entry.path) != SYNTH_HEADER:
+                found.append(entry.name)
+        elif not (SYNTH_OWN_FILES.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)):
+            found.append(entry.name)
+        if len(found) >= most:
+            break
+    return found[:most]
+
+
+def _first_line(path, limit=4096):
+    """The first line of a text file, without its line end (at most `limit` bytes read)."""
+    with open(path, "rb") as f:
+        return f.readline(limit).decode("utf-8-sig", errors="replace").rstrip("\r\n")
+
+
+def ensure_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, progress=None,
+                     max_bytes=None):
     """generate_synthetic unless out_dir/meta.json already records the same arguments; a set
-    made with other arguments is refused (check_synthetic_folder), never regenerated."""
-    if (Path(out_dir) / "meta.json").is_file():
-        check_synthetic_folder(out_dir, _synth_meta(n, size, seed, n_per_class_5x))
-        return Path(out_dir) / "manifest.csv"
-    return generate_synthetic(out_dir, n, size, seed, n_per_class_5x, progress)
+    made with other arguments is refused (check_synthetic_folder), never regenerated. Settings
+    out of bounds and an empty out_dir are refused first (check_synth_settings, synth_folder)."""
+    out = synth_folder(out_dir)
+    check_synth_settings(n, size, n_per_class_5x, max_bytes)
+    if (out / "meta.json").is_file():
+        check_synthetic_folder(out, _synth_meta(n, size, seed, n_per_class_5x))
+        return out / "manifest.csv"
+    return generate_synthetic(out, n, size, seed, n_per_class_5x, progress, max_bytes)
 
 
 def wrap_caption(caption, font, width):
@@ -1504,12 +1887,22 @@ def wrap_caption(caption, font, width):
 
 def preview(data_dir, out=None, n=30, cols=6, tile=160):
     """Contact sheet of the first train images and the first test_5x image of each class, each
-    captioned with its drawn findings, so a person can check that the pictures match the words."""
-    rows = read_manifest(Path(data_dir) / "manifest.csv")
+    captioned with its drawn findings (another manifest: its label or text), so a person can
+    check that the pictures match the words. `out` (default data_dir/preview.png) is written
+    whole or not at all, and never over the manifest or one of its images."""
+    manifest = Path(data_dir) / "manifest.csv"
+    rows = read_manifest(manifest)
+    caption_of = lambda r: r.get("findings") or r.get("label") or r["text"]  # noqa: E731
     shown = [r for r in rows if r["split"] == "train"][:n - cols]
-    shown += list({r["findings"].split()[0]: r for r in reversed(rows) if r["split"] == "test_5x"}.values())
+    shown += list({caption_of(r).split()[0] if caption_of(r).split() else "": r
+                   for r in reversed(rows) if r["split"] == "test_5x"}.values())
+    if not shown:
+        raise ValueError(f"{manifest}: no 'train' or 'test_5x' rows to show")
+    out = Path(out) if out else Path(data_dir) / "preview.png"
+    check_not_input(out, [("the manifest", manifest)]
+                    + [(f"the image of row {r['_row']}", r["_path"]) for r in rows], "preview --out")
     font = ImageFont.load_default()
-    captions = ["\n".join(wrap_caption(f"[{r['split']}] {r['findings']}", font, tile - 6)) for r in shown]
+    captions = ["\n".join(wrap_caption(f"[{r['split']}] {caption_of(r)}", font, tile - 6)) for r in shown]
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     cap_h = 6 + max((measure.multiline_textbbox((0, 0), c, font=font)[3] for c in captions), default=0)
     sheet = Image.new("L", (cols * tile, math.ceil(len(shown) / cols) * (tile + cap_h)), 255)
@@ -1518,15 +1911,16 @@ def preview(data_dir, out=None, n=30, cols=6, tile=160):
         x0, y0 = (k % cols) * tile, (k // cols) * (tile + cap_h)
         sheet.paste(load_image(row["_path"]).resize((tile - 4, tile - 4), Image.BILINEAR), (x0 + 2, y0 + 2))
         draw.multiline_text((x0 + 3, y0 + tile), caption, fill=0, font=font)
-    out = Path(out) if out else Path(data_dir) / "preview.png"
-    sheet.save(out)
+    with atomic_write(out) as tmp:
+        sheet.save(tmp, format="PNG")
     return out
 
 
 # -----------------------------------------------------------------------------
 # D. Real datasets and image folders: prepare
 # Read this when you bring a dataset of your own; training never calls it directly.
-# MIMIC-CXR, CheXpert, RSNA, IU X-Ray, ROCO or a folder of your own images -> the manifest.
+# MIMIC-CXR, CheXpert, RSNA, IU X-Ray, ROCO, a folder of your own images or a metadata table of
+# your own -> the manifest.
 # -----------------------------------------------------------------------------
 # One small function per public release turns its files into manifest rows and counts what it
 # skipped and why; `prepare` then (optionally) writes resized PNG copies, the manifest and a
@@ -1553,9 +1947,13 @@ def _expect(root, dataset, *names):
 
 def _read_csv(path, columns=()):
     """Rows of a CSV (plain or gzipped) as dicts; errors name the file and the missing column."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="",
-                                                      encoding="utf-8-sig") as f:
-        header, records = read_csv_records(path, f)
+    require_file(path, "CSV")
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="",
+                                                          encoding="utf-8-sig") as f:
+            header, records = read_csv_records(path, f)
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8 CSV") from None
     missing = [c for c in columns if c not in header]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {missing}; found {header}")
@@ -1836,7 +2234,12 @@ def prepare_iu_xray(root, images=None, valid_frac=0.1, test_frac=0.2, seed=0, de
             root / "NLMCXR_png", root / "images", root)
         reports = []
         for path in sorted((root / "ecgen-radiology").glob("*.xml"), key=lambda p: (len(p.stem), p.stem)):
-            tree = ET.parse(path)
+            require_file(path, "IU X-Ray report")
+            try:  # expat refuses entity bombs ("limit on input amplification factor") as well
+                tree = ET.parse(path)
+            except ET.ParseError as e:
+                raise ValueError(f"{path}: not well-formed XML ({e}); fix or remove this report "
+                                 f"file") from None
             sections = {a.get("Label", "").upper(): " ".join(a.itertext()).strip()
                         for a in tree.iter("AbstractText")}   # itertext: markup elements too
             ids = [p.get("id") for p in tree.iter("parentImage")]
@@ -1960,10 +2363,123 @@ def prepare_image_folder(root, valid_frac=0.1, test_frac=0.2, seed=0):
     return rows, skipped
 
 
+def _keep_filters(keep):
+    """--keep COLUMN=VALUE options -> {column: {values}}; repeating a column allows several values."""
+    filters = collections.defaultdict(set)
+    for item in keep or ():
+        column, sep, value = item.partition("=")
+        if not sep or not column.strip():
+            raise ValueError(f"--keep {item!r}: expected COLUMN=VALUE, e.g. --keep modality=X-ray "
+                             f"(repeat it for several values: --keep view=PA --keep view=AP)")
+        filters[column.strip()].add(value.strip())
+    return dict(filters)
+
+
+def metadata_path(root, metadata=None):
+    """prepare csv's metadata table: --metadata, else ROOT/metadata.csv."""
+    return Path(metadata).absolute() if metadata else root / "metadata.csv"
+
+
+def prepare_csv(root, metadata=None, images=None, image_column="image", text_column="text",
+                patient_column="patient_id", study_column=None, label_column=None,
+                view_column=None, keep=(), valid_frac=0.1, test_frac=0.2, seed=0, skip_bad=False,
+                bad_rows=None):
+    """A metadata table of your own: a UTF-8 CSV (metadata, default root/metadata.csv) with one
+    row per image whose columns give the image file (image_column; relative to `images`, default
+    root), its text (text_column; cleaned like every caption), its patient (patient_column), and
+    optionally its study (study_column; default: each row its own study), a class name
+    (label_column, written as `label`; a row without one is kept as an image-text pair) and the
+    view (view_column). keep: "COLUMN=VALUE" filters; a row is kept when, for every filtered
+    column, its value is one of the values given (the others are counted, not read further).
+    Splits by patient (valid_frac, test_frac, seed) over the patients of the rows written.
+
+    Every bad row is found in one pass: a wrong number of fields, an exact duplicate of an
+    earlier row, an empty patient or study id, a missing, non-file or unreadable image
+    (check_image), an empty text (unless no row has text: a labels-only manifest). They raise one
+    BadRowsError; with skip_bad they are skipped, counted, and appended to bad_rows (prepare
+    writes them to <out stem>_skipped.csv). prepare then refuses the same image bytes in two
+    splits (check_split_overlap with contents=True), naming both rows."""
+    check_split_fractions(valid_frac, test_frac)
+    metadata, folder = metadata_path(root, metadata), Path(images).absolute() if images else root
+    require_file(metadata, "metadata CSV")
+    header, records = read_csv_records(metadata, io.StringIO(
+        read_utf8(metadata, "save the metadata table as UTF-8 CSV"), newline=""))
+    filters = _keep_filters(keep)
+    options = {"--image-column": image_column, "--text-column": text_column,
+               "--patient-column": patient_column, "--study-column": study_column,
+               "--label-column": label_column, "--view-column": view_column,
+               **{f"--keep {c}=...": c for c in filters}}
+    missing = [f"{option} {column!r}" for option, column in options.items()
+               if column is not None and column not in header]
+    if missing:
+        raise ManifestError(f"{metadata}: no column {', '.join(missing)}; the header is {header}")
+    image_at, skipped = header.index(image_column), collections.Counter()
+    rows, bad, untexted = [], [], []  # good rows; BadRow each; (row, BadRow) of each empty text
+    first_of, checked = {}, {}  # fields -> the first row holding them; image -> check_image's verdict
+    for i, (line, fields) in enumerate(records, start=1):
+        try:
+            r = record_dict(metadata, i, line, header, fields)
+            if any(r[c].strip() not in values for c, values in filters.items()):
+                skipped["left out by --keep"] += 1
+                continue
+            first = first_of.setdefault(tuple(fields), i)
+            if first != i:
+                raise ManifestError(f"{metadata}, row {i}: the same as row {first} in every column",
+                                    "duplicate row")
+            patient = r[patient_column].strip()
+            study = f"{patient}/{r[study_column].strip()}" if study_column else f"row{i}"
+            if not patient:
+                raise ManifestError(f"{metadata}, row {i}, column '{patient_column}': empty "
+                                    f"patient id", "empty patient id")
+            if study_column and not r[study_column].strip():
+                raise ManifestError(f"{metadata}, row {i}, column '{study_column}': empty study "
+                                    f"id", "empty study id")
+            if not r[image_column].strip():
+                raise ManifestError(f"{metadata}, row {i}, column '{image_column}': empty file name",
+                                    "missing image")
+            image = folder / r[image_column].strip()
+            check_row_image(metadata, i, image_column, image)
+            if image not in checked:
+                checked[image] = check_image(image)
+            if checked[image]:
+                raise ManifestError(f"{metadata}, row {i}, column '{image_column}': {image}: "
+                                    f"{checked[image]}", "unreadable image")
+            text = extract_report_text(r[text_column], sections=False)
+            view = r[view_column].strip() if view_column else ""
+            row = {**_row(image, text, "", study, patient, view),
+                   **({"label": r[label_column].strip()} if label_column else {}),
+                   "_row": i, "_source": metadata.name}
+            if text:
+                rows.append(row)
+            else:  # bad, unless no row has a text
+                message = f"{metadata}, row {i}, column '{text_column}': empty text"
+                untexted.append((row, BadRow(i, r[image_column].strip(), "empty text", message)))
+        except ManifestError as e:
+            bad.append(BadRow(i, fields[image_at].strip() if len(fields) > image_at else "",
+                              e.reason, str(e)))
+    if rows:
+        bad = sorted(bad + [b for _, b in untexted], key=lambda b: b.row)
+    else:  # no text in any row: a labels-only manifest, for evaluation
+        rows = [row for row, _ in untexted]
+    if bad and not skip_bad:
+        raise BadRowsError(metadata, bad, len(rows) + len(bad),
+                           f"or pass --skip-bad to write the {len(rows)} good rows and list the "
+                           f"skipped ones in <out>_skipped.csv")
+    skipped.update(b.reason for b in bad)
+    if bad_rows is not None:
+        bad_rows.extend(bad)
+    split_of = _split_patients([r["patient_id"] for r in rows], valid_frac, test_frac, seed)
+    return [{**r, "split": split_of[r["patient_id"]]} for r in rows], skipped
+
+
 PREPARERS = {"mimic-cxr": prepare_mimic_cxr, "chexpert": prepare_chexpert,
              "chexpert-5x200": prepare_chexpert_5x200, "rsna": prepare_rsna,
-             "iu-xray": prepare_iu_xray, "roco": prepare_roco, "image-folder": prepare_image_folder}
-WITHOUT_CHEXPERT_LABELS = {"image-folder"}  # its manifest has a `label` column instead of the 14
+             "iu-xray": prepare_iu_xray, "roco": prepare_roco, "image-folder": prepare_image_folder,
+             "csv": prepare_csv}
+WITHOUT_CHEXPERT_LABELS = {"image-folder", "csv"}  # a `label` column (or none) instead of the 14
+# Datasets whose rows come from a user's own table: their bad rows are listed (bad_rows), and the
+# split check compares image bytes too, since one picture may sit under two patient ids there.
+USER_TABLES = {"csv"}
 VIEW_ADVICE = {"iu-xray": "put indiana_projections.csv (uid, filename, projection; from the Kaggle "
                           "packaging of the same release) in --root: then only frontal images are "
                           "taken, as in the literature"}
@@ -1979,8 +2495,8 @@ def _cache_one(job):
     except (OSError, ValueError) as e:
         return str(e)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    img.save(dst.with_suffix(".tmp.png"))
-    os.replace(dst.with_suffix(".tmp.png"), dst)   # a run killed mid-write leaves no half file
+    with atomic_write(dst) as tmp:   # a run killed mid-write leaves no half file
+        img.save(tmp, format="PNG")
     return None
 
 
@@ -2012,7 +2528,8 @@ def _summary(dataset, out, rows, skipped, notes):
                   + (f" (-1: {k})" if (k := sum(r.get(name) == "-1" for r in part)) else "")
                   for name in LABELS if any(r.get(name) in ("1", "-1") for r in part)]
         if any("label" in r for r in part):
-            counts = [f"{c} {n}" for c, n in sorted(collections.Counter(r["label"] for r in part).items())]
+            counts = [f"{c} {n}" for c, n in
+                      sorted(collections.Counter(r["label"] or "(no label)" for r in part).items())]
         patients = len({r["patient_id"] for r in part})
         lines.append(f"  {split:8s} {len(part):7d} rows, {patients} patients"
                      + (f"; {'classes' if any('label' in r for r in part) else 'positives'}: "
@@ -2031,6 +2548,15 @@ def _notes(dataset, rows):
     if unknown:
         notes.append(f"{unknown} of {len(rows)} rows have view UNKNOWN (no view information), "
                      f"so laterals may be among them" + (f"; {VIEW_ADVICE[dataset]}" if dataset in VIEW_ADVICE else ""))
+    labels = collections.Counter(r["label"] for r in rows if r.get("label"))
+    if labels:
+        (top, count), = labels.most_common(1)
+        unlabelled = sum("label" in r and not r["label"] for r in rows)
+        notes.append(f"{len(labels)} classes in {sum(labels.values())} labelled rows; the most "
+                     f"frequent, {top!r}, is {count / sum(labels.values()):.0%} of them (the "
+                     f"accuracy of always answering it)"
+                     + (f"; {unlabelled} rows without a label are kept as image-text pairs"
+                        if unlabelled else ""))
     texts = [r["text"] for r in rows]
     if any(t.strip() for t in texts):
         shares = ", ".join(f"{n}: {truncated_share(texts, n):.1%}" for n in TRUNCATION_LENGTHS)
@@ -2039,25 +2565,86 @@ def _notes(dataset, rows):
     return notes
 
 
-def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, **options):
+def prepare_record_path(out):
+    """The sidecar <out stem>.prepare.json that marks a manifest prepare wrote."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.prepare.json")
+
+
+def written_by_prepare(out):
+    """Whether the file `out` is a manifest that prepare wrote and nobody changed since: its
+    sidecar (prepare_record_path) records the SHA-256 of exactly these bytes."""
+    try:
+        record = read_json(prepare_record_path(out))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("manifest_sha256") == sha256_file(out)
+
+
+def check_output(out, force=False, inputs=()):
+    """The rule for the manifest prepare writes (docs/data.md, "Where prepare writes"): an empty
+    path, a folder or device, one of the inputs ((what, path) pairs), or an existing file that
+    prepare did not write (written_by_prepare) is refused; a manifest prepare wrote is replaced
+    only with force (--force). Returns out as a Path."""
+    if not str(out).strip():
+        raise ValueError("--out is empty: give the path of the manifest CSV to write")
+    out = Path(out)
+    if not os.path.lexists(out):
+        return out
+    problem = file_problem(out)
+    if problem:
+        what = "is a link to nothing" if problem == NOT_FOUND else problem
+        raise FileExistsError(f"--out {out} {what}: give the path of the manifest CSV to write")
+    check_not_input(out, inputs)
+    if not written_by_prepare(out):
+        raise FileExistsError(f"--out {out} exists and was not written by data.py prepare (no "
+                              f"{prepare_record_path(out).name} recording these bytes): it is never "
+                              f"replaced; choose another --out, or move the file away first")
+    if not force:
+        raise FileExistsError(f"--out {out} is a manifest an earlier prepare wrote: pass --force "
+                              f"to replace it, or choose another --out")
+    return out
+
+
+def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, force=False, **options):
     """Convert the dataset at root into the manifest out (see PREPARERS); returns a summary dict
     {"rows", "skipped", "splits", "views", "truncated", "notes"} and prints it. With cache, images
-    are first written as resized PNG copies (write_resized_copies) and the manifest points at those."""
+    are first written as resized PNG copies (write_resized_copies) and the manifest points at those.
+    out follows check_output (an existing manifest prepare wrote is replaced only with force);
+    beside it prepare writes <out stem>.prepare.json (what was run, and the manifest's SHA-256)
+    and, for a user's table whose bad rows were skipped, <out stem>_skipped.csv."""
     if dataset not in PREPARERS:
         raise ValueError(f"unknown dataset {dataset!r}; one of {sorted(PREPARERS)}")
-    root, out = Path(root).absolute(), Path(out)  # absolute: write_manifest stores paths relative to out
+    root = Path(root).absolute()  # absolute: write_manifest stores paths relative to out
     if not root.is_dir():
-        raise FileNotFoundError(f"--root {root}: no such folder")
+        raise (NotADirectoryError(f"--root {root} is a file, not a folder") if root.exists()
+               else FileNotFoundError(f"--root {root}: no such folder"))
+    inputs = []  # files prepare reads, which --out must not be
+    if dataset == "csv":
+        inputs.append(("the metadata CSV", metadata_path(root, options.get("metadata"))))
+    out = check_output(out, force, inputs)
+    bad_rows = []
+    if dataset in USER_TABLES:
+        options["bad_rows"] = bad_rows
     rows, skipped = PREPARERS[dataset](root, **options)
     if cache:
         rows = write_resized_copies(rows, root, Path(cache).absolute(), cache_size, workers, skipped)
     if not rows:
         raise ValueError(f"{dataset}: no rows left from {root}; skipped {dict(skipped)}")
+    if dataset in USER_TABLES:
+        check_split_overlap(rows, out, contents=True)
     write_manifest(out, rows, [] if dataset in WITHOUT_CHEXPERT_LABELS else LABELS)
+    notes = _notes(dataset, rows)
     if any(r["split"] == "test_5x" for r in rows):
         patients = sorted({r["patient_id"] for r in rows if r["split"] == "test_5x"})
-        out.with_name(out.stem + "_exclude_patients.txt").write_text("\n".join(patients) + "\n")
-    notes = _notes(dataset, rows)
+        write_text(out.with_name(out.stem + "_exclude_patients.txt"), "\n".join(patients) + "\n")
+    if bad_rows:
+        skipped_csv = write_skipped(out.with_name(out.stem + "_skipped.csv"), bad_rows)
+        notes.append(f"the {len(bad_rows)} bad rows skipped (--skip-bad) are listed in {skipped_csv}")
+    write_text(prepare_record_path(out), json.dumps(
+        {"written_by": "data.py prepare", "dataset": dataset, "root": str(root), "rows": len(rows),
+         "options": {k: v for k, v in options.items() if k != "bad_rows"},
+         "manifest_sha256": sha256_file(out)}, indent=1, default=str) + "\n")
     print(_summary(dataset, out, rows, skipped, notes))
     texts = [r["text"] for r in rows]
     return {"rows": len(rows), "skipped": {k: n for k, n in skipped.items() if n},
@@ -2075,9 +2662,13 @@ def add_prepare_parser(subparsers):
     p = subparsers.add_parser("prepare", help="convert a public dataset, or your own image folder, "
                                               "into a manifest")
     p.add_argument("dataset", choices=sorted(PREPARERS))
-    p.add_argument("--root", required=True, help="the dataset's folder, as downloaded (image-folder: "
-                                                 "<class>/<image> or <split>/<class>/<image>)")
-    p.add_argument("--out", required=True, help="manifest CSV to write")
+    p.add_argument("root_arg", nargs="?", metavar="ROOT", help="the dataset's folder (or --root)")
+    p.add_argument("--root", help="the dataset's folder, as downloaded (image-folder: "
+                                  "<class>/<image> or <split>/<class>/<image>; csv: the folder the "
+                                  "image paths start from)")
+    p.add_argument("--out", required=True, help="manifest CSV to write (docs/data.md, \"Where "
+                                                "prepare writes\")")
+    p.add_argument("--force", action="store_true", help="replace a manifest an earlier prepare wrote")
     p.add_argument("--cache", help="write resized PNG copies here; the manifest points at them")
     p.add_argument("--cache-size", type=int, default=256, help="longest side of cached copies")
     p.add_argument("--workers", type=int, default=1, help="processes decoding images for --cache")
@@ -2098,18 +2689,31 @@ def add_prepare_parser(subparsers):
     p.add_argument("--per-class", type=int, help="chexpert-5x200: images per class (default 200)")
     p.add_argument("--exclude", help="chexpert: file of patient ids to leave out (from chexpert-5x200)")
     p.add_argument("--reports", help="mimic-cxr: folder holding files/pXX/.../sNNN.txt (default --root)")
-    p.add_argument("--images", help="iu-xray: image folder (default: searched under --root)")
+    p.add_argument("--images", help="iu-xray: image folder (default: searched under --root); "
+                                    "csv: the folder image paths are relative to (default --root)")
+    p.add_argument("--metadata", help="csv: the metadata table (default ROOT/metadata.csv)")
+    for name, default in (("image", "image"), ("text", "text"), ("patient", "patient_id"),
+                          ("study", None), ("label", None), ("view", None)):
+        p.add_argument(f"--{name}-column", help=f"csv: the column of the {name}" + (
+            f" (default {default})" if default else " (optional)"))
+    p.add_argument("--keep", action="append", metavar="COLUMN=VALUE",
+                   help="csv: keep only rows whose COLUMN is VALUE (repeat for several values or columns)")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="csv: write the good rows and list the bad ones in <out>_skipped.csv")
 
 
 def _prepare_cli(args):
-    common = ("command", "dataset", "root", "out", "cache", "cache_size", "workers")
+    common = ("command", "dataset", "root_arg", "root", "out", "force", "cache", "cache_size", "workers")
     options = {k: v for k, v in vars(args).items() if k not in common and v is not None}
     accepted = inspect.signature(PREPARERS[args.dataset]).parameters
     wrong = [f"--{k.replace('_', '-')}" for k in options if k not in accepted]
     if wrong:
         raise SystemExit(f"prepare {args.dataset}: {', '.join(wrong)} does not apply to this dataset")
+    if (args.root is None) == (args.root_arg is None):
+        raise SystemExit(f"prepare {args.dataset}: give the dataset's folder once, as ROOT or as --root")
     try:
-        prepare(args.dataset, args.root, args.out, args.cache, args.cache_size, args.workers, **options)
+        prepare(args.dataset, args.root or args.root_arg, args.out, args.cache, args.cache_size,
+                args.workers, args.force, **options)
     except (OSError, ValueError, ImportError) as e:  # a wrong root, column, option: one clear line
         raise SystemExit(f"prepare {args.dataset}: {e}") from e
 
@@ -2123,22 +2727,26 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-5x", type=int, default=100, help="studies per class in the test_5x set")
+    p.add_argument("--max-bytes", type=int, help=f"refuse settings estimated above this many bytes "
+                                                 f"(default data.MAX_SYNTH_BYTES, {MAX_SYNTH_BYTES})")
     p = sub.add_parser("preview", help="contact sheet PNG of a dataset folder with a manifest.csv")
     p.add_argument("dir")
     p.add_argument("--out", default=None, help="PNG path (default DIR/preview.png)")
     add_prepare_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "synth":
-        t0 = time.time()
-        try:
-            path = generate_synthetic(args.out, args.n, args.size, args.seed, args.n_5x)
-        except FileExistsError as e:  # a folder made with other settings: one clear line
-            raise SystemExit(f"synth: {e}") from e
-        print(f"wrote {path}: {args.n + 5 * args.n_5x} studies of {args.size}px in {time.time() - t0:.1f} s")
-    elif args.command == "preview":
-        print(f"wrote {preview(args.dir, args.out)}")
-    elif args.command == "prepare":
-        _prepare_cli(args)
+    if args.command == "prepare":
+        return _prepare_cli(args)
+    try:  # a folder of someone else's, a bound, a missing manifest: one clear line
+        if args.command == "synth":
+            t0 = time.time()
+            path = generate_synthetic(args.out, args.n, args.size, args.seed, args.n_5x,
+                                      max_bytes=args.max_bytes)
+            print(f"wrote {path}: {args.n + 5 * args.n_5x} studies of {args.size}px in "
+                  f"{time.time() - t0:.1f} s")
+        else:
+            print(f"wrote {preview(args.dir, args.out)}")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{args.command}: {e}") from e
 
 
 if __name__ == "__main__":

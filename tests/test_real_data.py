@@ -674,7 +674,7 @@ def test_cache_writes_resized_pngs_once(tmp_path):
     cached = tmp_path / "cache" / big.relative_to(root).with_suffix(".png")
     assert Image.open(cached).size == (64, 48)
     stamp = cached.stat().st_mtime_ns
-    data.prepare("mimic-cxr", root, tmp_path / "m.csv", cache=tmp_path / "cache", cache_size=64)
+    data.prepare("mimic-cxr", root, tmp_path / "m.csv", cache=tmp_path / "cache", cache_size=64, force=True)
     assert cached.stat().st_mtime_ns == stamp                       # decoded once, not per run
 
 
