@@ -48,7 +48,10 @@ task that `--task all` cannot apply to the data is skipped with its reason print
 holds the checkpoint step and SHA-256, the config, the split, the protocol (every option that
 defines it), the split sizes and, per task, its numbers, notes and protocol settings (NaN is
 written as null). It is written beside the checkpoint, <run>/eval/<task>.json (printed; see
-default_out), so that no task overwrites another's results; --out FILE puts it elsewhere.
+default_out), so that no task overwrites another's results; --out FILE puts it elsewhere. Every
+results file starts with "written_by": "evaluate.py", its task and its protocol, and a file is
+replaced only by results of the same task and protocol (--force: also by another's), never a
+checkpoint, a log, a manifest or any file evaluate.py did not write (replace_problem).
 """
 import argparse
 import collections
@@ -60,6 +63,7 @@ import multiprocessing
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -132,19 +136,35 @@ def confusion_matrix(y_true, y_pred, num_classes):
     return cm
 
 
-def macro_f1(y_true, y_pred, num_classes):
-    """Mean over ALL num_classes classes of F1 = 2TP / (2TP + FP + FN); 0 when the denominator is 0
-    (a class never present and never predicted still counts, as in sklearn with labels=...)."""
+def macro_f1(y_true, y_pred, num_classes, labels=None):
+    """Mean over ALL num_classes classes (or over the class indices `labels`) of F1 = 2TP / (2TP +
+    FP + FN); 0 when the denominator is 0 (a class never present and never predicted still counts,
+    as in sklearn with labels=...)."""
     cm = confusion_matrix(y_true, y_pred, num_classes)
     tp = np.diag(cm).astype(float)
     fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
     denom = 2 * tp + fp + fn
     f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    return float(f1.mean())
+    return float(f1.mean() if labels is None else f1[np.asarray(labels, dtype=int)].mean())
 
 
 def accuracy(y_true, y_pred):
     return float((_np(y_true) == _np(y_pred)).mean())
+
+
+def balanced_accuracy(y_true, y_pred, labels):
+    """Mean over the class indices `labels` (those present in y_true) of each class's recall: 1/K
+    for a model that predicts one class whatever the image, however common that class is."""
+    y, p = _np(y_true).astype(int), _np(y_pred).astype(int)
+    return float(np.mean([(p[y == c] == c).mean() for c in labels]))
+
+
+def ovr_auroc(y_true, prob, labels):
+    """One-vs-rest AUROC averaged over the class indices `labels`: class c's positives are the
+    images of class c, its score the column prob[:, c]. With two classes whose probabilities sum
+    to 1 both columns give the binary AUROC."""
+    y, s = _np(y_true).astype(int), _np(prob).astype(float)
+    return nanmean([auroc(y == c, s[:, c]) for c in labels])
 
 
 def _as_ids(targets, n_cand, cand_ids):
@@ -305,10 +325,7 @@ def load_prompt_set(name_or_path):
             raise FileNotFoundError(f"prompt set {str(name_or_path)!r}: neither a shipped set "
                                     f"({', '.join(prompt_set_names())}) nor a JSON file")
         path = shipped
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"prompt file {path}: not valid JSON: {e}") from None
+    raw = read_json(path, f"prompt file {path}")      # a class given twice is an error, too
     if not isinstance(raw, dict):
         raise ValueError(f"prompt file {path}: expected a JSON object {{class: [prompts]}} or "
                          f"{{\"positive\": ..., \"negative\": ...}}, got a {type(raw).__name__}")
@@ -396,17 +413,47 @@ def zeroshot_multiclass(image_emb, y_true, class_emb, class_names):
 
 
 def multiclass_metrics(scores, y_true, class_names):
-    """(N, C) class scores -> prediction argmax_k per image; accuracy, macro-F1, per-class
-    recall, confusion matrix."""
+    """(N, C) class scores -> prediction argmax_k per image; label_metrics, what a model must
+    beat on these images (class_baselines), per-class recall, confusion matrix."""
     pred = torch.as_tensor(scores).argmax(1).numpy()                           # (N,)
     y_true = _np(y_true).astype(int)
     cm = confusion_matrix(y_true, pred, len(class_names))
     recall = {c: float(cm[i, i] / cm[i].sum()) if cm[i].sum() else float("nan")
               for i, c in enumerate(class_names)}
     return {"n": int(len(y_true)), "classes": list(class_names),
-            "accuracy": accuracy(y_true, pred), "macro_f1": macro_f1(y_true, pred, len(class_names)),
-            "chance_accuracy": 1.0 / len(class_names), "per_class_recall": recall,
-            "confusion_matrix": cm.tolist(), "predictions": pred}
+            **label_metrics(y_true, scores, len(class_names)), **class_baselines(y_true, class_names),
+            "per_class_recall": recall, "confusion_matrix": cm.tolist(), "predictions": pred}
+
+
+LABEL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")   # of label_metrics
+
+
+def label_metrics(y_true, scores, num_classes):
+    """(N, C) class scores of N images of classes y_true -> accuracy, balanced accuracy, macro-F1
+    and one-vs-rest AUROC (of softmax(scores): a probe's probabilities; for zero-shot cosines the
+    softmax at temperature 1, as CheXzero's pair_probability), each over the classes PRESENT in
+    y_true (a class absent from the images has no recall, F1 or AUROC). The prediction is the
+    argmax."""
+    scores = torch.as_tensor(scores).double()           # exact: the argmax of the scores as given
+    y, pred = _np(y_true).astype(int), scores.argmax(1).numpy()
+    present = np.unique(y)
+    return {"accuracy": accuracy(y, pred), "balanced_accuracy": balanced_accuracy(y, pred, present),
+            "macro_f1": macro_f1(y, pred, num_classes, present),
+            "auroc": ovr_auroc(y, scores.softmax(1).numpy(), present)}
+
+
+def class_baselines(y_true, class_names):
+    """What a model must beat on these images: the class counts; chance, 1/K over the K classes
+    PRESENT (not over every class the column has); and the label_metrics of the majority-class
+    predictor (accuracy = the majority's share, balanced accuracy 1/K, AUROC 0.5)."""
+    y = _np(y_true).astype(int)
+    counts = np.bincount(y, minlength=len(class_names))
+    majority = int(counts.argmax())
+    always_majority = np.eye(len(class_names))[np.full(len(y), majority)]    # (N, C) one-hot
+    return {"class_counts": dict(zip(class_names, counts.tolist())),
+            "classes_present": int((counts > 0).sum()), "chance_accuracy": 1.0 / int((counts > 0).sum()),
+            "majority_class": class_names[majority],
+            "majority": label_metrics(y, always_majority, len(class_names))}
 
 
 def pair_probability(image_emb, pos_emb, neg_emb):
@@ -582,7 +629,7 @@ def linear_probe_multiclass(train, valid, test, class_names, shots=(1, 2, 4, 8, 
     """Multi-class. train / valid / test: (features (N, D), class indices (N,)). The protocol of
     linear_probe with a softmax head: k shots PER CLASS or a fraction of the training rows, one
     head per weight decay, the one with the best accuracy on `valid` (ties: the smaller decay)
-    scored on `test` -> accuracy and macro-F1 over all classes."""
+    scored on `test` -> label_metrics (over the classes present in `test`), mean and std over seeds."""
     C = len(class_names)
     xs = _standardised(train, valid, test)
     y = {name: _np(s[1]).astype(np.int64) for name, s in (("train", train), ("valid", valid), ("test", test))}
@@ -592,23 +639,22 @@ def linear_probe_multiclass(train, valid, test, class_names, shots=(1, 2, 4, 8, 
                  for f in fractions]
     results = {}
     for name, draw in settings:
-        acc, f1, chosen_wd, n_rows = [], [], [], []
+        per_seed, chosen_wd, n_rows = [], [], []
         for seed in seeds:
             rows = draw(seed)                                   # indices into the TRAIN split
             wd, head = select_on_valid(
                 lambda wd: train_softmax_regression(xs["train"][rows], y["train"][rows], C, wd),
                 lambda head: accuracy(y["valid"], probe_scores(head, xs["valid"]).argmax(1)),
                 weight_decays)
-            pred = probe_scores(head, xs["test"]).argmax(1)
-            acc.append(accuracy(y["test"], pred))
-            f1.append(macro_f1(y["test"], pred, C))
+            per_seed.append(label_metrics(y["test"], probe_scores(head, xs["test"]), C))
             chosen_wd.append(wd)
             n_rows.append(int(len(rows)))
-        (acc_mean, acc_std), (f1_mean, f1_std) = _mean_std(acc), _mean_std(f1)
-        results[name] = {
-            "accuracy_mean": acc_mean, "accuracy_std": acc_std, "accuracy_per_seed": acc,
-            "macro_f1_mean": f1_mean, "macro_f1_std": f1_std, "macro_f1_per_seed": f1,
-            "weight_decay_per_seed": chosen_wd, "train_rows_per_seed": n_rows}
+        results[name] = {"weight_decay_per_seed": chosen_wd, "train_rows_per_seed": n_rows}
+        for metric in LABEL_METRICS:    # accuracy_mean, accuracy_std, accuracy_per_seed, ...
+            values = [m[metric] for m in per_seed]
+            mean, std = _mean_std(values)
+            results[name].update({f"{metric}_mean": mean, f"{metric}_std": std,
+                                  f"{metric}_per_seed": values})
     return results
 
 
@@ -679,6 +725,21 @@ def retrieval_pool(rows):
     return np.array(image_rows), texts, np.array(text_of_image)
 
 
+def check_pool(manifest, split, rows, image_rows, texts):
+    """A pool of one image or of one text makes every recall 1 by construction: an error naming
+    the manifest column that collapsed it (study_id: one image per study; text: identical
+    reports are one candidate) and the count."""
+    for column, kept, unit, fix in (
+            ("study_id", image_rows, "image per study", "give each study its own study_id"),
+            ("text", texts, "candidate per distinct report text", "retrieval needs distinct reports")):
+        if len(kept) < 2:
+            values = sorted({r[column] for r in rows})
+            raise ValueError(f"retrieval on split {split!r}: the {len(rows)} rows of {manifest} in "
+                             f"that split have {len(values)} distinct value(s) of column {column!r} "
+                             f"({values[0][:40]!r}), and retrieval keeps one {unit}, so its pool is "
+                             f"one and every recall would be 1; {fix}")
+
+
 def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
                        ks=(1, 5, 10), chunk_size=256):
     """image->text: each image's one correct candidate is its text's index. text->image: the
@@ -705,11 +766,18 @@ def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
 # -----------------------------------------------------------------------------
 
 
+def stored_sha256(checkpoint):
+    """The SHA-256 that msd.save_checkpoint records in a checkpoint (the SHA-256 of the file's
+    bytes for a checkpoint written without one). mmap=True: the weights are not read."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get("sha256") or hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+
+
 class FeatureCache:
     """The image features of a saved checkpoint's splits on disk, next to the checkpoint
     (features_<split>_<16 hex digits>.pt). The cache key covers what the features depend on: the
-    checkpoint's SHA-256, the manifest's bytes, the size and modification time of every image of
-    the split, the split and the image size. The key is stored inside the file and checked on
+    checkpoint's SHA-256, the manifest's bytes, the bytes (SHA-256) of every image of the split,
+    the split and the image size. The key is stored inside the file and checked on
     loading, so a file copied from another checkpoint, or left from images since replaced, is
     recomputed. A folder that cannot be written (read-only) means no cache, with a note. An
     untrained model (checkpoint None) has no checkpoint to key it by, and so no cache."""
@@ -722,12 +790,9 @@ class FeatureCache:
         self._sha256 = checkpoint_sha256               # read from the checkpoint when not given
 
     def checkpoint_sha256(self):
-        """The SHA-256 that msd.save_checkpoint records in the checkpoint (the SHA-256 of the
-        file's bytes for a checkpoint written without one). mmap=True: the weights are not read."""
+        """The checkpoint's SHA-256 (stored_sha256), read once."""
         if self._sha256 is None:
-            ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)
-            self._sha256 = ckpt.get("sha256") or hashlib.sha256(
-                Path(self.checkpoint).read_bytes()).hexdigest()
+            self._sha256 = stored_sha256(self.checkpoint)
         return self._sha256
 
     def file(self, split, rows):
@@ -735,10 +800,10 @@ class FeatureCache:
         (None, None) for an untrained model, which has no checkpoint to key it by."""
         if self.checkpoint is None:
             return None, None
-        images = hashlib.sha256()                       # a stat per image: cheap, reads no pixels
-        for r in rows:
-            st = os.stat(r["_path"])
-            images.update(f"{r['_path']}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        images = hashlib.sha256()  # each image's bytes, not its size and time (which cp -p keeps):
+        for r in rows:             # about 0.1 s for 1,000 small PNGs, read from disk
+            with open(r["_path"], "rb") as f:
+                images.update(f"{r['_path']}|{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
         key = json.dumps({"checkpoint_sha256": self.checkpoint_sha256(),
                           "manifest_sha256": hashlib.sha256(self.manifest.read_bytes()).hexdigest(),
                           "images": images.hexdigest(), "split": split,
@@ -774,20 +839,18 @@ class FeatureCache:
         return None
 
     def save(self, path, key, feats):
-        """Atomically (a temporary file, then a rename: a killed run leaves no half file); nothing
-        without a cache (path None). A folder that cannot be written only means no cache: a note,
-        and the evaluation goes on."""
+        """Atomically (write_atomic: a killed run leaves no half file); nothing without a cache
+        (path None). A folder that cannot be written, a full disk, or something other than a
+        regular file at the path (a folder, a FIFO) only means no cache: a note, and the
+        evaluation goes on."""
         if path is None:
             return
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                torch.save({**feats, "key": key}, f)
-            os.replace(tmp, path)
+            if path.exists() and not path.is_file():
+                raise OSError(f"{path} is not a regular file, left as it is")
+            write_atomic(path, lambda f: torch.save({**feats, "key": key}, f), binary=True)
         except OSError as e:
-            if tmp.exists():
-                tmp.unlink()
-            print(f"note: cannot write the feature cache {path} ({e.strerror or e}); evaluating "
+            print(f"note: cannot write the feature cache ({msd.one_line(e)}); evaluating "
                   f"without a cache", file=sys.stderr)
 
 
@@ -895,6 +958,9 @@ def class_targets(ev, split, column):
     index = {c: i for i, c in enumerate(names)}
     y = np.array([index.get(r[column].strip(), -1) for r in ev.images(split)["rows"]])
     notes = []
+    if (y < 0).all():
+        raise ValueError(f"--label-column {column!r}: none of the {len(y)} images of split "
+                         f"{split!r} in {ev.manifest} has a value in that column")
     if (y < 0).any():
         notes.append(f"{int((y < 0).sum())} of {len(y)} images of split {split!r} have no "
                      f"value in column {column!r}: left out")
@@ -930,19 +996,37 @@ def zeroshot_nway(ev, args, image_emb, y, all_prompts, classes, split):
     prompt file in its order; gloria draws over all of them, so that a class's prompts do not
     depend on which other classes the data has."""
     protocol = {"name": args.zeroshot_protocol, "about": ZEROSHOT_PROTOCOLS[args.zeroshot_protocol]}
+    warnings = []
     if args.zeroshot_protocol == "gloria":
         drawn = sample_prompts(all_prompts, args.prompts_per_class, args.prompt_seed)
         prompts = {c: drawn[c] for c in classes}
         scores = zscore_per_class(max_prompt_similarity(ev.text_embeddings, image_emb, prompts))
+        used = [len(p) for p in prompts.values()]
         protocol.update(prompts_per_class=args.prompts_per_class, prompt_seed=args.prompt_seed,
-                        prompts=prompts)
+                        prompts_used={"min": min(used), "max": max(used)}, prompts=prompts)
+        short = {c: len(p) for c, p in prompts.items() if len(p) < args.prompts_per_class}
+        if short:
+            warnings.append(f"--prompts-per-class {args.prompts_per_class}: fewer prompts exist for "
+                            f"{len(short)} of {len(prompts)} classes, all of theirs used ("
+                            + ", ".join(f"{c} {n}" for c, n in short.items()) + ")")
     else:
         prompts = {c: all_prompts[c] for c in classes}
         scores = image_emb @ class_embeddings(ev.text_embeddings, prompts).T      # (N, C)
     mc = multiclass_metrics(scores, y, classes)
     mc.pop("predictions")
-    mc.update(split=split, n_prompts={c: len(p) for c, p in prompts.items()}, protocol=protocol)
+    mc.update(split=split, n_prompts={c: len(p) for c, p in prompts.items()}, protocol=protocol,
+              warnings=warnings + unknown_word_warnings(ev.tokenizer, prompts))
     return mc
+
+
+def unknown_word_warnings(tokenizer, prompts_by_class, most=0.5):
+    """A class whose prompts are mostly words the tokenizer does not know (more than `most` of
+    their tokens become [UNK]) is scored by the [UNK] embedding, not by its words: a warning
+    naming the class and the share."""
+    shares = {c: tokenizer.unk_rate(prompts) for c, prompts in prompts_by_class.items()}
+    return [f"class {c!r}: {share:.0%} of the tokens of its prompts are unknown to the tokenizer "
+            f"([UNK]), so its score says little about its words; give prompts in the words of "
+            f"the training reports (--prompts FILE.json)" for c, share in shares.items() if share > most]
 
 
 def run_zeroshot(ev, args):
@@ -1040,11 +1124,39 @@ def _print_notes(notes, indent="  "):
 
 
 def _protocol_text(protocol):
-    """'grid', or 'gloria: 5 prompts per class, seed 6' (the settings that change a number)."""
+    """'grid', or 'gloria: 5 prompts per class, seed 6, z-scored per class; 5-5 used per class'
+    (the settings that change a number, and the prompts a class actually had)."""
     if protocol["name"] != "gloria":
         return protocol["name"]
+    used = protocol["prompts_used"]
     return (f"gloria: {protocol['prompts_per_class']} prompts per class, seed "
-            f"{protocol['prompt_seed']}, z-scored per class")
+            f"{protocol['prompt_seed']}, z-scored per class; {used['min']}-{used['max']} used per class")
+
+
+def _cell(value):
+    """A table cell: a number, 'mean ± std', or '-' (no such number)."""
+    if isinstance(value, (tuple, list)):
+        return f"{_fmt(value[0])} ± {_fmt(value[1])}"
+    return "-" if value is None else _fmt(value)
+
+
+def print_against_baselines(rows, base):
+    """The own-label table (--label-column): the class counts of the evaluated split, then
+    accuracy, balanced accuracy, macro-F1 and AUROC of each row (the model's, the untrained
+    floor's), of the majority-class predictor and of chance (1/K over the K classes present), in
+    the same columns: a number is never read without what it must beat.
+    rows: [(name, {metric: value or (mean, std)})]."""
+    n = sum(base["class_counts"].values())
+    print("  images per class: " + ", ".join(f"{c} {k} ({k / n:.0%})" for c, k in
+                                              base["class_counts"].items())
+          + f"; {base['classes_present']} of {len(base['class_counts'])} classes present")
+    chance = base["chance_accuracy"]
+    rows = rows + [(f"majority class ({base['majority_class']})", base["majority"]),
+                   (f"chance (1/{base['classes_present']})",
+                    {"accuracy": chance, "balanced_accuracy": chance, "auroc": 0.5})]
+    print(f"  {'':<30}" + "".join(f"{h:>16}" for h in ("accuracy", "balanced acc.", "macro-F1", "AUROC")))
+    for name, metrics in rows:
+        print(f"  {name:<30}" + "".join(f"{_cell(metrics.get(k)):>16}" for k in LABEL_METRICS))
 
 
 def print_zeroshot(res):
@@ -1052,9 +1164,16 @@ def print_zeroshot(res):
     if mc:
         print(f"zero-shot {len(mc['classes'])}-way on {mc['split']} (n={mc['n']}, prompts "
               f"{res['prompt_set']}, protocol {_protocol_text(mc['protocol'])}): accuracy {_fmt(mc['accuracy'])}  macro-F1 {_fmt(mc['macro_f1'])}"
-              f"  (chance {_fmt(mc['chance_accuracy'])})")
+              f"  (chance {_fmt(mc['chance_accuracy'])} over the {mc['classes_present']} classes "
+              f"present; majority class {_fmt(mc['majority']['accuracy'])})")
+        if res.get("label_column"):
+            floor = [("untrained floor", mc["floor"])] if mc.get("floor") else []
+            print_against_baselines([("zero-shot", mc)] + floor, mc)
         for c in mc["classes"]:
-            print(f"  {c:<28} recall {_fmt(mc['per_class_recall'][c])}  prompts {mc['n_prompts'][c]}")
+            print(f"  {c:<28} recall {_fmt(mc['per_class_recall'][c])}  images "
+                  f"{mc['class_counts'][c]}  prompts {mc['n_prompts'][c]}")
+        for warning in mc["warnings"]:
+            print(f"  warning: {warning}")
     if res.get("binary"):
         b = res["binary"]
         print(f"zero-shot binary on {b['split']} (protocol {b['protocol']['name']}): mean AUROC {_fmt(b['mean_auroc'])}")
@@ -1081,7 +1200,7 @@ def run_fewshot(ev, args):
 
     notes = []
     if args.labels:
-        names = [n.strip() for n in args.labels.split(",")]
+        names = list(args.labels)
         unknown = [n for n in names if n not in ev.label_names]
         if unknown:
             raise ValueError(f"--labels: {unknown} not among the manifest's labels {ev.label_names}")
@@ -1126,6 +1245,7 @@ def _fewshot_label_column(ev, args):
     results = linear_probe_multiclass(part["train"], part["valid"], part[args.split], classes,
                                       args.shots, args.fractions, range(args.seeds), args.weight_decays)
     return {"kind": "multi-class", "label_column": args.label_column, "classes": classes,
+            **class_baselines(part[args.split][1], classes),        # of the evaluated split
             "split": args.split, "shots": list(args.shots), "fractions": list(args.fractions),
             "seeds": list(range(args.seeds)), "weight_decays": list(args.weight_decays),
             "selection": "best accuracy on valid", "results": results, "notes": notes}
@@ -1153,11 +1273,16 @@ def print_fewshot(res):
         print(f"linear probe skipped: {res['skipped']}")
     elif res["kind"] == "multi-class":
         print(f"linear probe, {len(res['classes'])} classes of column {res['label_column']!r}, on "
-              f"{res['split']} ({len(res['seeds'])} seeds; chance accuracy {_fmt(1 / len(res['classes']))})")
+              f"{res['split']} ({len(res['seeds'])} seeds, mean ± std; chance accuracy "
+              f"{_fmt(res['chance_accuracy'])} over the {res['classes_present']} classes present)")
+        floor = (res.get("floor") or {}).get("results", {})
+        rows = []
         for name, r in res["results"].items():
-            print(f"  {name:<9} accuracy {_fmt(r['accuracy_mean'])} ± {_fmt(r['accuracy_std'])}  "
-                  f"macro-F1 {_fmt(r['macro_f1_mean'])} ± {_fmt(r['macro_f1_std'])}  "
-                  f"train rows {r['train_rows_per_seed'][0]}")
+            rows.append((f"{name} ({r['train_rows_per_seed'][0]} train rows)",
+                         {k: (r[f"{k}_mean"], r[f"{k}_std"]) for k in LABEL_METRICS}))
+            if name in floor:
+                rows.append((f"{name} untrained floor", floor[name]))
+        print_against_baselines(rows, res)
     else:
         print(f"linear probe on {res['split']} (labels: {', '.join(res['labels'])}; "
               f"{len(res['seeds'])} seeds)")
@@ -1177,6 +1302,7 @@ def run_retrieval(ev, args):
             continue
         feats = ev.images(split)
         image_rows, texts, text_of_image = retrieval_pool(feats["rows"])
+        check_pool(ev.manifest, split, feats["rows"], image_rows, texts)
         classes, notes = None, []
         trivial = [k for k in args.ks if k >= min(len(texts), len(image_rows))]
         if trivial:
@@ -1326,10 +1452,11 @@ def matmul_tflops(device, n=2048, repeats=10):
     return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def measure_step(cfg, steps, vocab_size=1000, warmup=2):
+def measure_step(cfg, steps, vocab_size=1000, warmup=2, repeats=1):
     """Seconds per optimizer step, training FLOPs per pair and peak memory for one config.
     Every report is max_len tokens long (no padding): the worst case. FLOPs are counted on an
-    eager step (the count is the same when compiled)."""
+    eager step (the count is the same when compiled). The `steps` steps are timed `repeats`
+    times: seconds per step is the median, "cv" their spread (std / mean; None for one)."""
     device = msd.pick_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1356,20 +1483,56 @@ def measure_step(cfg, steps, vocab_size=1000, warmup=2):
         flops, warmup = counter.get_total_flops() / B, warmup - 1
     for _ in range(warmup):                               # compilation happens here
         step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / steps
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        times.append((time.perf_counter() - start) / steps)
+    seconds = float(np.median(times))
     peak = msd.peak_memory_mb(device)
     return {"effective_batch": B, "micro_batch": cfg.batch_size, "accum_steps": cfg.accum_steps,
-            "seconds_per_step": seconds, "pairs_per_s": B / seconds, "flops_per_pair": flops,
+            "seconds_per_step": seconds, "seconds_per_step_repeats": times,
+            "cv": float(np.std(times, ddof=1) / np.mean(times)) if repeats > 1 else None,
+            "pairs_per_s": B / seconds, "flops_per_pair": flops,
             "peak_memory_mb": peak, "step_memory_mb": peak - baseline}
 
 
-def _measure_child(cfg_dict, steps, queue):
-    queue.put(measure_step(msd.Config(**cfg_dict), steps))
+def _measure_child(cfg_dict, steps, repeats, queue):
+    queue.put(measure_step(msd.Config(**cfg_dict), steps, repeats=repeats))
+
+
+NOISY_CV = 0.10   # a row whose repeats spread more than this (std / mean) was not timed reliably
+
+
+def load_average():
+    """The 1-minute load average (os.getloadavg), None where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def noise_warnings(rows, load_before, load_after, cores, max_cv=NOISY_CV):
+    """Why the timings of an efficiency run cannot be trusted (no warning: they can): rows whose
+    repeats spread by more than max_cv (their coefficient of variation), or a load average,
+    before or after, above the number of cores (other processes took turns with the timed one,
+    which slows some rows more than others and so moves the ratios)."""
+    warnings = []
+    noisy = [f"{r['name']} ({r['cv']:.0%})" for r in rows if r.get("cv") is not None and r["cv"] > max_cv]
+    if noisy:
+        warnings.append(f"{len(noisy)} of {len(rows)} rows vary by more than {max_cv:.0%} between "
+                        f"repeats ({'; '.join(noisy)}): their times and ratios cannot be trusted")
+    busy = [f"{when} {load:.1f}" for when, load in (("before", load_before), ("after", load_after))
+            if load is not None and load > cores]
+    if busy:
+        warnings.append(f"load average {' and '.join(busy)} above the {cores} cores: other "
+                        f"processes ran during the timing, so its times and ratios cannot be trusted")
+    if warnings:
+        warnings.append("rerun on an idle machine (python evaluate.py --task efficiency)")
+    return warnings
 
 
 GPU_MEMORY_GB = (11, 24, 80)  # an RTX 2080 Ti, an RTX 4090 (the paper's GPUs), an H100
@@ -1399,6 +1562,8 @@ def run_efficiency(args):
            "memory": ("CUDA max_memory_allocated" if device.type == "cuda" else
                       "process peak RSS (ru_maxrss); step memory = peak minus the RSS before the "
                       "first step (model, teacher, queue and inputs already allocated)"),
+           "repeats": args.repeats, "cores": os.cpu_count(),
+           "load_average": {"before": load_average(), "after": None},
            "rows": [], "skipped": []}
     start = time.perf_counter()
     for name, row_cfg in configs:
@@ -1406,10 +1571,11 @@ def run_efficiency(args):
             res["skipped"].append(name)
             continue
         if device.type == "cuda":
-            r = measure_step(row_cfg, args.steps)
+            r = measure_step(row_cfg, args.steps, repeats=args.repeats)
         else:                                         # a fresh process: its peak memory is its own
             queue = ctx.Queue()
-            proc = ctx.Process(target=_measure_child, args=(asdict(row_cfg), args.steps, queue))
+            proc = ctx.Process(target=_measure_child,
+                               args=(asdict(row_cfg), args.steps, args.repeats, queue))
             proc.start()
             r = queue.get()
             proc.join()
@@ -1419,8 +1585,10 @@ def run_efficiency(args):
             if device.type == "cuda" else None    # + 1 GB: CUDA context and fragmentation
         res["rows"].append(r)
         print(f"  measured {name}: {r['seconds_per_step']:.3f} s/step", flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(to_json(res), indent=1, allow_nan=False))
+        write_json_atomic(args.out, {**results_mark(args), **res})
+    res["load_average"]["after"] = load_average()
+    res["warnings"] = noise_warnings(res["rows"], res["load_average"]["before"],
+                                     res["load_average"]["after"], res["cores"])
     rows = res["rows"]
     by_name = {r["name"]: r for r in rows}
     for r in rows:  # FLOPs per pair do not depend on compilation: take the eager twin's count
@@ -1461,19 +1629,25 @@ def print_efficiency(res):
                   f"{r['pairs_per_s']:>8.0f} {num(r['time_ratio'], '>21.2f')} "
                   f"{r['peak_memory_mb'] / 1024:>8.1f}"
                   + "".join(f" {'fits' if r['fits_gb'][gb] else 'no':>6}" for gb in fits))
-    print(f"  {'configuration':<40} {'B':>4} {'s/step':>7} {'pairs/s':>8} {'epoch min':>9} "
+    print(f"  {'configuration':<40} {'B':>4} {'s/step':>7} {'cv':>5} {'pairs/s':>8} {'epoch min':>9} "
           f"{'x time/pair':>11} {'peak MB':>8} {'step MB':>8} {'x step mem':>10} "
           f"{'GFLOP/pair':>10} {'MFU':>6}")
     for r in res["rows"]:
         if r["name"].startswith("sweep"):
             continue
         print(f"  {r['name']:<40} {r['effective_batch']:>4} {r['seconds_per_step']:>7.3f} "
+              f"{num(r.get('cv'), '>5.0%')} "
               f"{r['pairs_per_s']:>8.0f} {num(r['epoch_minutes'], '>9.2f')} {r['time_ratio']:>11.2f} "
               f"{r['peak_memory_mb']:>8.0f} {r['step_memory_mb']:>8.0f} {r['memory_ratio']:>10.2f} "
               f"{num(r['flops_per_pair'] and r['flops_per_pair'] / 1e9, '>10.3f')} "
               f"{num(r['mfu'], '>6.1%')}")
     if res.get("skipped"):
         print(f"  skipped (past --time-budget): {', '.join(res['skipped'])}")
+    load = res["load_average"]
+    print(f"  cv: spread of the {res['repeats']} repeats of each row (std / mean); load average "
+          f"before {num(load['before'], '.2f')}, after {num(load['after'], '.2f')}, on {res['cores']} cores")
+    for warning in res["warnings"]:
+        print(f"warning: {warning}")
 
 
 # -----------------------------------------------------------------------------
@@ -1735,28 +1909,30 @@ def contrast_family(entries, values, resolve):
 
 
 def study_contrasts(spec, recorded, table):
-    """The contrasts registered in a study file ("contrasts"): the family "valid" on the
-    table's numbers; the family "test" on the sealed test numbers, computed only when every
-    run of the file has all its seeds (the test split is read once, at the end), with a
-    bootstrap interval over test items for each row it names. Rows named "best of PATTERN"
-    are chosen on the valid split."""
+    """The contrasts registered in an ablation file ("contrasts"): the family "table" on the
+    table's own numbers (the split of its "eval" entry); the family "sealed_test" on the sealed
+    test numbers, computed only when every run of the file has all its seeds (the test split is
+    read once, at the end), with a bootstrap interval over test items for each row it names.
+    Rows named "best of PATTERN" are chosen on the table's numbers."""
     spec_c = spec.get("contrasts")
     if not spec_c:
         return None
     metric = spec_c["metric"]
     resolve = lambda r: best_of(r[len("best of "):], table, metric) if r.startswith("best of ") else r  # noqa: E731
-    valid = lambda r: [s[metric] for s in table[r]["per_seed"]] if r in table else []  # noqa: E731
-    out = {"metric": metric, "valid": contrast_family(spec_c.get("valid", {}), valid, resolve)}
+    own = lambda r: [s[metric] for s in table[r]["per_seed"]] if r in table else []  # noqa: E731
+    out = {"metric": metric, "table": contrast_family(spec_c.get("table", {}), own, resolve)}
     missing = [(n, s) for n in spec["runs"] for s in spec["seeds"] if str(s) not in recorded.get(n, {})]
-    if missing or not spec_c.get("test"):
-        out["test"] = {"sealed": f"{len(missing)} (run, seed) pairs still to record"}
+    if not spec_c.get("sealed_test"):
+        return out
+    if missing:
+        out["sealed_test"] = {"sealed": f"{len(missing)} (run, seed) pairs still to record"}
         return out
 
     def sealed(r):
         return [with_mean_recall(recorded[r][str(s)]["sealed_test"]["metrics"])[metric]
                 for s in spec["seeds"]]
-    out["test"] = contrast_family(spec_c["test"], sealed, resolve)
-    named = {r for c in out["test"].values() for r in c["plus"] + c["minus"]}
+    out["sealed_test"] = contrast_family(spec_c["sealed_test"], sealed, resolve)
+    named = {r for c in out["sealed_test"].values() for r in c["plus"] + c["minus"]}
     out["test_rows"] = {r: {"mean": float(np.mean(sealed(r))), "std": float(np.std(sealed(r), ddof=1)),
                             "bootstrap_95": bootstrap_mean_recall(
                                 [recorded[r][str(s)]["sealed_test"]["ranks"] for s in spec["seeds"]])}
@@ -1894,12 +2070,15 @@ def print_ablation(res):
 
 def print_contrasts(c):
     """The registered contrasts: estimate, Welch's t, df, p, Holm's p and the verdict."""
-    for family in ("valid", "test"):
-        entries = c.get(family, {})
-        if "sealed" in entries:
-            print(f"contrasts on the {family} split: sealed until the study is complete ({entries['sealed']})")
+    for family in ("table", "sealed_test"):
+        entries = c.get(family)
+        if not entries:
             continue
-        print(f"contrasts on the {family} split ({c['metric']}; Welch's t, two-sided p, Holm over {len(entries)}):")
+        if "sealed" in entries:
+            print(f"contrasts on the sealed test split: sealed until every run is recorded ({entries['sealed']})")
+            continue
+        print(f"contrasts on the {'table' if family == 'table' else 'sealed test split'}'s {c['metric']} "
+              f"(Welch's t, two-sided p, Holm over {len(entries)}):")
         for name, r in entries.items():
             if r.get("t") is None:
                 print(f"  {name:<30} {r['verdict']}")
@@ -1975,7 +2154,8 @@ def run_folder(args):
 
 
 NOT_PROTOCOL = ("task", "checkpoint", "config", "out", "device", "batch_size", "chunk_size",
-                "debug", "overrides", "jobs", "readme_pictures")  # where and how fast, not what
+                "debug", "overrides", "jobs", "readme_pictures", "force",
+                "floor")  # where and how fast, and what is shown beside the numbers, not what
 
 
 def protocol_of(args):
@@ -2003,7 +2183,7 @@ def default_out(args):
         variant += f"_{args.label_column}"
     if args.task in (*TASKS, "all"):
         return free_name(run_folder(args) / "eval" / _file_name_part(f"{args.task}{variant}.json"),
-                         protocol_of(args))
+                         args.task, protocol_of(args))
     if args.task == "plots":
         return (Path("runs/plots/readme-pictures.json") if args.readme_pictures
                 else run_folder(args) / "plots" / "plots.json")
@@ -2012,23 +2192,68 @@ def default_out(args):
     return Path("runs") / args.task / _file_name_part(f"{Path(args.config).stem}{variant}.json")
 
 
-def free_name(path, protocol):
-    """path, or the first of <name>-2.json, <name>-3.json, ... that does not hold the results of
-    another protocol: a rerun replaces its own file, never another protocol's (nor a file that
-    cannot be read)."""
+def free_name(path, task, protocol):
+    """path, or the first of <name>-2.json, <name>-3.json, ... that the results of `task` under
+    `protocol` may replace (replace_problem): a rerun replaces its own file, never another task's
+    or protocol's, nor a file that evaluate.py did not write."""
     candidate, n = path, 1
-    while candidate.is_file() and _recorded_protocol(candidate) != protocol:
+    while replace_problem(candidate, task, protocol) is not None:
         n += 1
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
     return candidate
 
 
-def _recorded_protocol(path):
-    try:
-        res = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+WRITTEN_BY = "evaluate.py"   # the mark of every results JSON this file writes (results_mark)
+# results files written before the mark, known by keys that only their task writes
+UNMARKED_RESULTS = {"ablation": ("recorded", "table"), "efficiency": ("rows", "matmul_tflops"),
+                    "plots": ("plots", "missing"), "pixel-probe": ("auroc", "n_train", "image_size")}
+
+
+def results_mark(args):
+    """The keys by which a results file says that evaluate.py wrote it, for which task and
+    protocol: replace_problem recognises its own files by them, never by their names."""
+    return {"written_by": WRITTEN_BY, "task": args.task, "protocol": protocol_of(args)}
+
+
+def results_kind(res):
+    """-> (task, protocol) of a parsed JSON that is a results file of evaluate.py, else None.
+    Files written before results_mark are known by their keys (an ablation file is continued by
+    later calls, so one of those is still its own)."""
+    if not isinstance(res, dict):
         return None
-    return res.get("protocol") if isinstance(res, dict) else None
+    if res.get("written_by") == WRITTEN_BY:
+        return res.get("task"), res.get("protocol")
+    tasks = [t for t in TASKS if t in res]
+    if "checkpoint_sha256" in res and tasks:
+        return ("all" if len(tasks) == len(TASKS) else tasks[0]), res.get("protocol")
+    return next(((task, res.get("protocol")) for task, keys in UNMARKED_RESULTS.items()
+                 if all(k in res for k in keys)), None)
+
+
+def replace_problem(path, task, protocol, force=False):
+    """Why the results of `task` under `protocol` may not replace what is at path (None: they
+    may, or nothing is there). They may replace only a regular file that evaluate.py wrote for
+    the same task and protocol (an ablation file: for the same task; it is continued, and
+    read_recorded checks its protocol). force: also evaluate.py's results of another task or
+    protocol, never anything else (a checkpoint, a log, a manifest, a picture, a device)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return None
+    if not path.is_file():
+        return "is not a regular file (a device, a FIFO, a socket or a broken link); choose another --out"
+    try:
+        with open(path, "rb") as f:
+            json_object = f.read(1) == b"{"             # a checkpoint is not read through
+        kind = results_kind(read_json(path)) if json_object else None
+    except (OSError, ValueError):
+        kind = None
+    if kind is None:
+        return ("is not a results file of evaluate.py (a checkpoint, a log, a manifest, a picture "
+                "or a file of yours?) and would be lost; choose another --out")
+    if force or kind[0] == task and (task == "ablation" or kind[1] == protocol):
+        return None
+    which = f"--task {kind[0]}" if kind[0] != task else f"--task {task} under another protocol"
+    return f"holds evaluate.py's results of {which}; choose another --out, or add --force to replace them"
 
 
 def check_writable(p, path, given):
@@ -2046,6 +2271,14 @@ def check_writable(p, path, given):
         p.error(f"{option} {path}: {folder} is not writable; choose another --out")
 
 
+def check_replaceable(p, args, given):
+    """What is at the results path may be replaced by this task's results (replace_problem):
+    checked before any work; else a usage error naming the path and the way out."""
+    problem = replace_problem(args.out, args.task, protocol_of(args), args.force)
+    if problem:
+        p.error(f"{'--out' if given else 'the default results file'} {args.out} {problem}")
+
+
 def to_json(obj):
     """numpy / torch values -> plain Python; NaN -> null (strict JSON)."""
     if isinstance(obj, dict):
@@ -2060,12 +2293,66 @@ def to_json(obj):
 
 
 def write_json_atomic(path, obj):
-    """Write to a temporary file of this process, then rename: a reader never sees half a file."""
+    """obj as strict JSON (to_json), written atomically (write_atomic)."""
+    write_atomic(path, lambda f: json.dump(to_json(obj), f, indent=1, allow_nan=False))
+
+
+def write_atomic(path, write, binary=False):
+    """Make path's folder, call write(f) on a temporary file of this process beside path, then
+    rename it over path: a reader never sees half a file. The temporary file is removed on any
+    failure. A write that fails (a full disk: OSError ENOSPC or EFBIG, or the RuntimeError that
+    torch.save raises for it) is an OSError in one line naming the file and the free space."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(to_json(obj), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise OSError(f"cannot write {path}: {msd.one_line(e)} ({free_space(path.parent)})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def free_space(folder):
+    """'1,234 MB free there', from shutil.disk_usage of the folder (or its nearest parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:,.0f} MB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def parse_json(text, source):
+    """JSON text -> Python, strictly: invalid JSON, a key given twice in one object (json.loads
+    would keep the last one silently) or nesting too deep for Python's parser (RecursionError) is
+    a ValueError naming `source` (a file, an option)."""
+    def no_repeated_keys(pairs):
+        counts = collections.Counter(k for k, _ in pairs)
+        repeated = [k for k, n in counts.items() if n > 1]
+        if repeated:
+            raise ValueError(f"{source}: key {repeated[0]!r} appears {counts[repeated[0]]} times in "
+                             f"one object; keep one")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_repeated_keys)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{source}: JSON nested too deeply to read") from None
+
+
+def read_json(path, source=None):
+    """A JSON file read by parse_json (errors name `source`, default the path)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source or path}: not UTF-8 text ({e})") from None
+    return parse_json(text, source or path)
 
 
 def _numbers(text, kind):
@@ -2082,6 +2369,20 @@ def _floats(text):
 
 def _ints(text):
     return _numbers(text, int)
+
+
+def _names(text):
+    """Names separated by commas, or a JSON list of strings (for names that hold a comma)."""
+    if not text.lstrip().startswith("["):
+        return [n.strip() for n in text.split(",")]
+    try:
+        names = parse_json(text, "the JSON list")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of names such as '[\"a, b\", "
+                                         f"\"c\"]', got {text!r}")
+    return names
 
 
 class Parser(argparse.ArgumentParser):
@@ -2109,7 +2410,12 @@ def build_parser():
                         "a multi-class probe over its classes")
     p.add_argument("--out", help="the results JSON (default: <run>/eval/<task>.json beside the "
                                  "checkpoint; benchmarks: runs/<task>/...; see default_out)")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace evaluate.py's results of another task or protocol "
+                        "(never a checkpoint, log, manifest, picture or any other file)")
     p.add_argument("--debug", action="store_true", help="a user error shows its traceback")
+    p.add_argument("--floor", help="with --label-column: the results of --checkpoint random to show "
+                                   "beside the model's (default: where that command writes them)")
     p.add_argument("--prompt-set", dest="prompt_set", choices=prompt_set_names(),
                    help="a shipped prompt set, configs/prompts/NAME.json (default: synth for a "
                         "synthetic manifest, the class names with --label-column, else chexpert; "
@@ -2127,8 +2433,10 @@ def build_parser():
                    choices=list(BINARY_PROTOCOLS),
                    help="binary zero-shot: prompts = the prompt set's positives against its "
                         "negatives (default); chexzero = CheXzero's ('<finding>', 'no <finding>')")
-    p.add_argument("--labels", help="comma-separated CheXpert labels to probe (default: those "
-                                    "with both classes in train and --split)")
+    p.add_argument("--labels", type=_names,
+                   help="CheXpert labels to probe, separated by commas, or a JSON list such as "
+                        "'[\"a, b\", \"c\"]' for names holding a comma (default: those with both "
+                        "classes in train and --split)")
     p.add_argument("--shots", type=_ints, default=(1, 2, 4, 8, 16))
     p.add_argument("--fractions", type=_floats, default=(0.01, 0.1, 1.0))
     p.add_argument("--seeds", type=int, default=5)
@@ -2142,6 +2450,8 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=8, help="pixel-probe: training epochs")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="ablation: skip the probe")
     p.add_argument("--steps", type=int, default=5, help="efficiency: optimizer steps timed per row")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="efficiency: times each row's --steps are timed; their spread is reported")
     p.add_argument("--sweep", action="store_true",
                    help="efficiency: the micro-batch sweep on the CPU too (always on CUDA)")
     p.add_argument("--time-budget", dest="time_budget", type=float, default=0,
@@ -2163,6 +2473,7 @@ def check_options(p, args):
     """Options that the chosen task would ignore are errors, never silent no-ops."""
     uses = {"prompts": ("zeroshot", "all"), "prompt_set": ("zeroshot", "all"),
             "label_column": (*TASKS, "all"), "labels": ("fewshot", "all"), "readme_pictures": ("plots",),
+            "floor": ("zeroshot", "fewshot", "all"), "repeats": ("efficiency",),
             **dict.fromkeys(("zeroshot_protocol", "prompts_per_class", "prompt_seed",
                              "binary_protocol"), ("zeroshot", "all"))}
     for key, tasks in uses.items():
@@ -2179,10 +2490,13 @@ def check_options(p, args):
     if args.label_column and args.binary_protocol != p.get_default("binary_protocol"):
         p.error("--binary-protocol is not used with --label-column (binary zero-shot scores the "
                 "CheXpert label columns)")
+    if args.floor and (not args.label_column or args.checkpoint == "random"):
+        p.error("--floor shows the untrained floor beside a checkpoint's own-label results: it "
+                "needs --label-column and a --checkpoint other than random")
     check_values(p, args)
 
 
-AT_LEAST_ONE = ("seeds", "chunk_size", "batch_size", "epochs", "steps", "jobs")  # counts and sizes
+AT_LEAST_ONE = ("seeds", "chunk_size", "batch_size", "epochs", "steps", "jobs", "repeats")  # counts, sizes
 
 
 def check_values(p, args):
@@ -2217,6 +2531,9 @@ def check_values(p, args):
         if device.type == "cuda" and not torch.cuda.is_available():
             refuse("device", "this machine has no CUDA device (torch.cuda.is_available() is "
                              "False); use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            refuse("device", f"this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         if device.type == "mps" and not torch.backends.mps.is_available():
             refuse("device", "this machine has no MPS device; use --device cpu")
 
@@ -2224,6 +2541,9 @@ def check_values(p, args):
 def evaluate_checkpoint(args):
     """The checkpoint tasks (zeroshot, fewshot, retrieval, all) -> (results, problems: what was
     asked for but could not be computed)."""
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    for task in {"zeroshot", "fewshot"}.intersection(tasks) if args.floor else ():
+        find_floor(args, task)                # a --floor FILE that does not fit: before any work
     model, tokenizer, cfg, manifest, step, checkpoint, sha256 = load_for_eval(args)
     ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size, sha256)
     data.check_split_overlap(ev.rows, manifest, args.allow_split_overlap)
@@ -2232,10 +2552,10 @@ def evaluate_checkpoint(args):
     results = {"checkpoint": str(checkpoint) if checkpoint else "random", "step": step,
                "checkpoint_sha256": sha256, "manifest": str(manifest), "split": args.split,
                "protocol": protocol_of(args), "split_sizes": ev.split_sizes, "config": asdict(cfg)}
-    tasks = list(TASKS) if args.task == "all" else [args.task]
     skipped = {}
     for task in tasks:
         results[task] = TASKS[task](ev, args)
+        add_floor(task, results[task], args)
         print_results(task, results[task])
         if skipped_reason(task, results[task]):
             skipped[task] = skipped_reason(task, results[task])
@@ -2243,6 +2563,86 @@ def evaluate_checkpoint(args):
     if args.task != "all" or len(skipped) == len(tasks):   # all: a task that does not apply
         problems = [f"--task {task}: {why}" for task, why in skipped.items()]
     return results, problems
+
+
+def add_floor(task, res, args):
+    """Own-label results (--label-column) of a checkpoint get the untrained floor's numbers beside
+    them, from the same task's results by --checkpoint random (find_floor), or a note saying how
+    to make them."""
+    if not args.label_column or args.checkpoint == "random" or task not in ("zeroshot", "fewshot") \
+            or res.get("skipped"):
+        return
+    path, floor, notes = find_floor(args, task)
+    res["notes"] += notes
+    if floor is None:
+        res["notes"].append(f"no untrained floor beside these numbers: the same command with "
+                            f"--checkpoint random --config <the run's config> writes it (or give "
+                            f"--floor FILE)")
+    elif task == "zeroshot":
+        mc = floor.get("multiclass") or {}
+        res["multiclass"]["floor"] = {"file": str(path), **{k: mc.get(k) for k in LABEL_METRICS}}
+    else:
+        res["floor"] = {"file": str(path), "results": {
+            name: {k: (r.get(f"{k}_mean"), r.get(f"{k}_std")) for k in LABEL_METRICS}
+            for name, r in (floor.get("results") or {}).items()}}
+    if floor is not None:
+        res["notes"].append(f"untrained floor: {path}")
+
+
+FLOOR_KEYS = ("split", "label_column", "data")  # what a floor must share with the evaluation
+
+
+def find_floor(args, task):
+    """The `task` results of --checkpoint random for this evaluation -> (path, those results,
+    notes), or (None, None, notes). --floor FILE: that file, which must hold them for the same
+    split, label column and manifest (else an error naming it; other differences are a note).
+    By default: where that command writes them (its `task` file or its `all` file), else a file
+    of the run's eval folder holding them, each for the very same protocol."""
+    protocol, notes = protocol_of(args), []
+    if args.floor:
+        res = read_json(args.floor)
+        why = floor_problem(res, task)
+        recorded = (res.get("protocol") or {}) if why is None else {}
+        if why is None:
+            why = next((f"its {k} is {recorded.get(k)!r}, this evaluation's {protocol[k]!r}"
+                        for k in FLOOR_KEYS if recorded.get(k) != protocol[k]), None)
+        if why:
+            raise ValueError(f"--floor {args.floor}: {why}; give the results of --checkpoint random "
+                             f"with the same --split, --label-column and --data")
+        other = sorted(k for k in protocol if recorded.get(k) != protocol[k])
+        if other:
+            notes.append(f"the untrained floor {args.floor} was evaluated with other {', '.join(other)}")
+        return Path(args.floor), res[task], notes
+    candidates = []
+    try:
+        untrained = {**vars(args), "checkpoint": "random"}
+        candidates += [default_out(argparse.Namespace(**{**untrained, "task": t}))
+                       for t in dict.fromkeys((task, "all"))]
+    except (OSError, ValueError, KeyError) as e:    # --config cannot be read: no default place
+        notes.append(f"no default place for the untrained floor ({msd.one_line(e)})")
+    candidates += sorted((run_folder(args) / "eval").glob("*.json"))
+    for path in dict.fromkeys(candidates):
+        if not path.is_file():
+            continue
+        try:
+            res = read_json(path)
+        except (OSError, ValueError) as e:
+            notes.append(f"not read while looking for the untrained floor: {msd.one_line(e)}")
+            continue
+        if floor_problem(res, task) is None and res.get("protocol") == protocol:
+            return path, res[task], notes
+    return None, None, notes
+
+
+def floor_problem(res, task):
+    """Why a parsed results file is not an untrained floor of `task` (None: it is one)."""
+    if results_kind(res) is None:
+        return "not a results file of evaluate.py"
+    if res.get("checkpoint") != "random":
+        return f"the results of checkpoint {res.get('checkpoint')!r}, not of --checkpoint random"
+    if not isinstance(res.get(task), dict) or res[task].get("skipped"):
+        return f"it holds no {task} results"
+    return None
 
 
 def main(argv=None):
@@ -2257,6 +2657,7 @@ def main(argv=None):
     given = args.out is not None
     args.out = str(args.out or default_out(args))   # the benchmarks write it as they go, too
     check_writable(p, args.out, given)
+    check_replaceable(p, args, given)
 
     problems = []
     if args.task in BENCHMARKS:
@@ -2269,6 +2670,7 @@ def main(argv=None):
             problems.append(f"--task pixel-probe: {results['skipped']}")
     else:
         results, problems = evaluate_checkpoint(args)
+    results = {**results_mark(args), **results}
     write_json_atomic(args.out, results)
     print(f"wrote {args.out}")
     if problems:
@@ -2345,14 +2747,27 @@ class Svg:
         self.add("line", x1=x1, y1=y1, x2=x2, y2=y2, stroke=color, stroke_width=width, **attrs)
 
     def write(self, path, title):
-        """The whole document, with a white background and a <title> (what screen readers say)."""
+        """The whole document, with a white background and a <title> (what screen readers say),
+        written atomically. It replaces only a picture that evaluate.py drew (drawn_here)."""
         head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" '
                 f'viewBox="0 0 {self.width} {self.height}" font-family="sans-serif">\n'
                 f"<title>{_escape(title)}</title>\n"
                 f'<rect x="0" y="0" width="{self.width}" height="{self.height}" fill="#fff"/>\n')
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(head + "\n".join(self.parts) + "\n</svg>\n", encoding="utf-8")
+        if os.path.lexists(path) and not drawn_here(path):
+            raise ValueError(f"{path}: not a picture that evaluate.py drew, left as it is; move it "
+                             f"away to draw this picture there")
+        write_atomic(path, lambda f: f.write(head + "\n".join(self.parts) + "\n</svg>\n"))
+
+
+def drawn_here(path):
+    """Whether path is a regular file that Svg.write wrote: its first line opens the <svg> as
+    Svg.write does and its second is the <title>."""
+    if not Path(path).is_file():
+        return False
+    with open(path, "rb") as f:
+        lines = f.read(4096).decode("utf-8", "replace").split("\n")
+    return (len(lines) > 2 and lines[0].startswith('<svg xmlns="http://www.w3.org/2000/svg" width=')
+            and lines[0].endswith('font-family="sans-serif">') and lines[1].startswith("<title>"))
 
 
 def _escape(text):
@@ -2427,19 +2842,12 @@ def _notes(svg, y, notes, font=11):
     return y
 
 
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
     """Memory of one optimizer step against the effective batch B, from the "growth:" rows of an
     efficiency file (python evaluate.py --task efficiency): end-to-end CLIP at B, whose
     activations grow with B, against exact CLIP accumulation and MSD with B/b micro-batches of b.
     -> notes (skipped rows)."""
-    res = _read_json(efficiency_path)
+    res = read_json(efficiency_path)
     series, notes = {}, []                 # "CLIP" / "CLIP exact" / "MSD" -> [(B, memory MB)]
     legend = {"CLIP": "end-to-end CLIP (one batch of B)", "MSD": "MSD (micro-batches, teacher, queue)",
               "CLIP exact": "exact CLIP accumulation (micro-batches)"}
@@ -2527,10 +2935,7 @@ def read_log(log_path):
     for i, line in enumerate(Path(log_path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{log_path} line {i}: not JSON ({e})") from None
+        record = parse_json(line, f"{log_path} line {i}")
         if not isinstance(record, dict) or _number(record.get("step")) is None:
             raise ValueError(f"{log_path} line {i}: a record needs a numeric 'step', got {line[:80]!r}")
         by_step[record["step"]] = record
@@ -2606,14 +3011,18 @@ def run_colors(names):
             **{n: COLORS[k % len(COLORS)] for k, n in enumerate(others)}}
 
 
-def draw_bars(bars, runs, groups, colors, title, y_label):
+def draw_bars(bars, runs, groups, colors, title, y_label, marks=None):
     """Grouped bars: one group per (key, label) of `groups`, one bar per run, whiskers at
     mean ± std where there is a std. bars: {(key, run): (mean, std or None)}; colors: run ->
-    colour. -> (Svg, the y just under the group labels), for the caller to add notes and write."""
+    colour; marks: {key: {name of a MARKS line: value or None}}, dashed lines across a group.
+    -> (Svg, the y just under the group labels), for the caller to add notes and write."""
+    marks = {key: {n: _number(v) for n, v in m.items() if _number(v) is not None}
+             for key, m in (marks or {}).items()}
+    mark_names = [n for n in MARKS if any(n in m for m in marks.values())]
     bar_w, gap, left, top, height = max(12, 60 // len(runs)), 26, 64, 50, 260
     group_w = len(runs) * bar_w + gap
     legend_x = left + len(groups) * group_w + 24
-    legend_w = max(len(r) for r in runs) * CHAR_WIDTH * 12 + 30
+    legend_w = max(len(r) for r in [*runs, *mark_names]) * CHAR_WIDTH * 12 + 30
     svg = Svg(int(max(legend_x + legend_w, CHAR_WIDTH * 15 * len(title) + 20)), 0)
     highest = max(m + (s or 0) for m, s in bars.values())
     _, fy = _axes(svg, (left, top, len(groups) * group_w, height), [(0, ""), (1, "")],
@@ -2636,6 +3045,10 @@ def draw_bars(bars, runs, groups, colors, title, y_label):
                 svg.line(xm, low, xm, high)
                 svg.line(xm - 3, low, xm + 3, low)
                 svg.line(xm - 3, high, xm + 3, high)
+        for name, value in marks.get(key, {}).items():     # majority class, untrained floor
+            color, dashes = MARKS[name]
+            svg.line(x0 - 4, fy(value), x0 + len(runs) * bar_w + 4, fy(value), color=color, width=2,
+                     stroke_dasharray=dashes, class_="mark", data_mark=name)
         wrapped = _wrap(label, max(int(group_w / (CHAR_WIDTH * 11)), 6))
         lines = max(lines, len(wrapped))
         for i, line in enumerate(wrapped):
@@ -2644,6 +3057,11 @@ def draw_bars(bars, runs, groups, colors, title, y_label):
         svg.add("rect", class_="swatch", x=legend_x, y=top + 18 * k, width=14, height=10,
                 fill=colors[run], data_run=run)
         svg.text(legend_x + 20, top + 9 + 18 * k, run, size=12)
+    for k, name in enumerate(mark_names, len(runs)):
+        color, dashes = MARKS[name]
+        svg.line(legend_x, top + 5 + 18 * k, legend_x + 14, top + 5 + 18 * k, color=color, width=2,
+                 stroke_dasharray=dashes)
+        svg.text(legend_x + 20, top + 9 + 18 * k, name, size=12)
     return svg, top + height + 16 + 14 * lines + 16
 
 
@@ -2658,7 +3076,7 @@ def plot_ablation(ablation_path, out_path, metrics=ABLATION_METRICS, colors=None
     colors: run name -> colour (run_colors), shared by the pictures drawn together; default: this
     table's own runs. A missing (null, NaN) mean is not drawn, with a note; a missing std draws
     no whisker. -> notes."""
-    res = _read_json(ablation_path)
+    res = read_json(ablation_path)
     table = res.get("table") if isinstance(res, dict) else None
     if not isinstance(table, dict) or not table:
         raise ValueError(f"{ablation_path}: no 'table' of runs (files come from python evaluate.py "
@@ -2689,35 +3107,51 @@ def _dict(value):
     return value if isinstance(value, dict) else {}
 
 
+OWN_LABEL_BARS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+                  "macro_f1": "macro-F1", "auroc": "AUROC"}   # zero-shot bars of --label-column
+MARKS = {"majority class": ("#a33", "6,3"), "untrained floor": (FLOOR_COLOR, "2,2")}  # colour, dashes
+
+
 def eval_metrics(res):
     """The headline numbers of an evaluation results file (python evaluate.py --task all, or one
-    task) -> {label: (value, std over seeds or None)}, in the order of the tasks."""
-    out = {}
+    task) -> ({label: (value, std over seeds or None)}, in the order of the tasks; {label: {mark:
+    value}}, the lines drawn across a bar: with --label-column, the majority-class predictor's
+    and the untrained floor's value of the same number)."""
+    out, marks = {}, {}
     zs = _dict(res.get("zeroshot"))
     mc, binary = _dict(zs.get("multiclass")), _dict(zs.get("binary"))
-    if mc:
-        out[f"zero-shot accuracy ({mc.get('split')})"] = (mc.get("accuracy"), None)
-        out[f"zero-shot macro-F1 ({mc.get('split')})"] = (mc.get("macro_f1"), None)
+    own = zs.get("label_column") is not None
+    for key, name in OWN_LABEL_BARS.items() if mc else ():
+        if own or key in ("accuracy", "macro_f1"):
+            label = f"zero-shot {name} ({mc.get('split')})"
+            out[label] = (mc.get(key), None)
+            marks[label] = {"majority class": _dict(mc.get("majority")).get(key),
+                            "untrained floor": _dict(mc.get("floor")).get(key)} if own else {}
     if binary:
         out[f"zero-shot binary AUROC ({binary.get('split')})"] = (binary.get("mean_auroc"), None)
     fs = _dict(res.get("fewshot"))
     score = "accuracy" if fs.get("kind") == "multi-class" else "auroc"
+    floors = _dict(_dict(fs.get("floor")).get("results"))
     for name, r in _dict(fs.get("results")).items():
-        out[f"probe {score.replace('auroc', 'AUROC')} {name}"] = (
-            _dict(r).get(f"{score}_mean"), _dict(r).get(f"{score}_std"))
+        label = f"probe {score.replace('auroc', 'AUROC')} {name}"
+        out[label] = (_dict(r).get(f"{score}_mean"), _dict(r).get(f"{score}_std"))
+        if score == "accuracy":
+            floor = _dict(floors.get(name)).get("accuracy")
+            marks[label] = {"majority class": _dict(fs.get("majority")).get("accuracy"),
+                            "untrained floor": floor[0] if isinstance(floor, list) else None}
     for split, r in _dict(res.get("retrieval")).items():
         for direction in ("i2t", "t2i"):
             for k, v in _dict(_dict(r).get(direction)).items():
                 if k.startswith("R@"):
                     out[f"{direction} {k} ({split})"] = (v, None)
-    return out
+    return out, marks
 
 
 def plot_eval(eval_path, out_path, run="run", colors=None):
     """One evaluation results file of a run (its eval/<task>.json) as bars: zero-shot accuracy,
     macro-F1 and AUROC, the probe per setting (± std over seeds), retrieval recall. -> notes."""
-    res = _dict(_read_json(eval_path))
-    metrics = eval_metrics(res)
+    res = _dict(read_json(eval_path))
+    metrics, marks = eval_metrics(res)
     if not metrics:
         raise ValueError(f"{eval_path}: no zero-shot, probe or retrieval numbers (files come from "
                          f"python evaluate.py --task all)")
@@ -2732,7 +3166,7 @@ def plot_eval(eval_path, out_path, run="run", colors=None):
     groups = [(label, label) for label in metrics if (label, run) in bars]
     svg, y = draw_bars(bars, [run], groups, {**run_colors([run]), **(colors or {})},
                        f"{run}: {Path(eval_path).name}, step {res.get('step', '?')}",
-                       "score (1 = perfect)")
+                       "score (1 = perfect)", marks)
     about = (f"checkpoint {res.get('checkpoint', '?')}, manifest {res.get('manifest', '?')}, "
              f"splits {res.get('split_sizes', '?')}")
     for line in _wrap(about, int(svg.width / (CHAR_WIDTH * 11)) - 4):
@@ -2753,7 +3187,7 @@ PLOTS = [  # (input files in results/, drawn by, how to make one; None: optional
 def _table_runs(path):
     """The run names of an ablation file ([] when it cannot be read: plot_ablation says why)."""
     try:
-        res = _read_json(path)
+        res = read_json(path)
     except (OSError, ValueError):
         return []
     table = res.get("table") if isinstance(res, dict) else None
@@ -2780,10 +3214,12 @@ def readme_pictures():
     return jobs, missing
 
 
-def run_pictures(run_dir, train_how, eval_how):
+def run_pictures(run_dir, checkpoint, train_how, eval_how):
     """One run's pictures, in its folder: log.jsonl -> plots/log.svg (training curves) and each
-    eval/<name>.json -> plots/eval_<name>.svg. -> (jobs, missing inputs)."""
-    run_dir, jobs, missing = Path(run_dir), [], {}
+    eval/<name>.json -> plots/eval_<name>.svg, but only the evaluations of `checkpoint` (None:
+    --checkpoint random): a file that records another checkpoint's SHA-256 (of an earlier run
+    in the same folder) is not drawn. -> (jobs, missing inputs, {eval file: why not drawn})."""
+    run_dir, jobs, missing, not_drawn = Path(run_dir), [], {}, {}
     log, evals = run_dir / "log.jsonl", sorted((run_dir / "eval").glob("*.json"))
     if log.is_file():
         jobs.append((log, run_dir / "plots" / "log.svg", plot_curves))
@@ -2791,10 +3227,40 @@ def run_pictures(run_dir, train_how, eval_how):
         missing[str(log)] = f"no such file, no training curves (to make one: {train_how})"
     if not evals:
         missing[str(run_dir / "eval" / "*.json")] = f"no such file, no evaluation picture (to make one: {eval_how})"
+    current = current_sha256(checkpoint)
     for path in evals:
+        recorded = evaluated_sha256(path)
+        if recorded not in (current, "unreadable"):          # unreadable: plot_eval says why
+            not_drawn[str(path)] = (f"evaluates checkpoint {_short(recorded)}, not {checkpoint or 'random'} "
+                                    f"({_short(current)}): not drawn")
+            continue
         jobs.append((path, run_dir / "plots" / f"eval_{path.stem}.svg",
                      lambda p, out: plot_eval(p, out, run=run_dir.name)))
-    return jobs, missing
+    return jobs, missing, not_drawn
+
+
+def current_sha256(checkpoint):
+    """The SHA-256 of the checkpoint whose pictures are drawn: None for --checkpoint random (its
+    evaluations record none), or a word saying why there is none."""
+    if checkpoint is None:
+        return None
+    try:
+        return stored_sha256(checkpoint) if Path(checkpoint).is_file() else "missing"
+    except Exception:                        # a corrupt checkpoint: no evaluation is of it
+        return "unreadable checkpoint"
+
+
+def evaluated_sha256(path):
+    """The checkpoint SHA-256 that an evaluation file records ("unreadable" when it cannot be read)."""
+    try:
+        res = read_json(path)
+    except (OSError, ValueError):
+        return "unreadable"
+    return res.get("checkpoint_sha256", "not recorded") if isinstance(res, dict) else "unreadable"
+
+
+def _short(sha):
+    return "none (untrained)" if sha is None else sha[:12]
 
 
 def draw_pictures(jobs, missing):
@@ -2824,11 +3290,16 @@ def run_plots(args):
         jobs, missing = readme_pictures()
     else:
         run_dir, train_how, eval_how = run_folder(args), how_to_train(args), how_to_evaluate(args)
-        jobs, missing = run_pictures(run_dir, train_how, eval_how)
+        checkpoint = None if args.checkpoint == "random" else Path(args.checkpoint or run_dir / "ckpt.pt")
+        jobs, missing, not_drawn = run_pictures(run_dir, checkpoint, train_how, eval_how)
+        for path, why in not_drawn.items():
+            print(f"note: {path}: {why}")
         if not jobs:
-            raise ValueError(f"{run_dir}: nothing to draw, no log.jsonl and no eval/*.json; train "
+            raise ValueError(f"{run_dir}: nothing to draw, no log.jsonl and no eval/*.json"
+                             + (" of this checkpoint" if not_drawn else "") + f"; train "
                              f"({train_how}) and evaluate ({eval_how}) first, or redraw the "
                              f"README pictures with --readme-pictures")
+        return {"plots": draw_pictures(jobs, missing), "missing": missing, "not_drawn": not_drawn}
     return {"plots": draw_pictures(jobs, missing), "missing": missing}
 
 

@@ -501,7 +501,7 @@ def test_prompt_file_and_labels_options(trained, tmp_path):
                                          "Pleural Effusion"}
     with pytest.raises(ValueError, match="Nonexistent"):
         ev.main(["--task", "fewshot", "--checkpoint", str(trained["ckpt"]), "--labels",
-                 "Edema,Nonexistent", "--out", str(out), *FAST])
+                 "Edema,Nonexistent", "--out", str(tmp_path / "f.json"), *FAST])
 
 
 def test_rsna_like_labels_only_manifest_without_5x_split(trained, tmp_path):
@@ -593,9 +593,9 @@ def test_tuning_mode_reads_no_test_split(trained, tmp_path, monkeypatch):
     ev.main(["--task", "zeroshot", "--checkpoint", str(trained["ckpt"]), "--split", "valid",
              "--no-5x", "--out", str(out)])
     ev.main(["--task", "retrieval", "--checkpoint", str(trained["ckpt"]), "--split", "valid",
-             "--no-5x", "--out", str(out)])
+             "--no-5x", "--out", str(tmp_path / "r.json")])
     assert set(seen) == {"valid"}
-    r = strict_json(out)
+    r = strict_json(tmp_path / "r.json")
     assert list(r["retrieval"]) == ["valid"]
 
 
@@ -614,7 +614,7 @@ def with_label_column(trained, tmp_path, name="label"):
 def test_label_column_zeroshot_prompts_default_missing_and_extra(trained, tmp_path, capsys):
     manifest = with_label_column(trained, tmp_path)
     base = ["--task", "zeroshot", "--checkpoint", str(trained["ckpt"]), "--data", str(manifest),
-            "--label-column", "label", "--out", str(tmp_path / "z.json")]
+            "--label-column", "label", "--out", str(tmp_path / "z.json"), "--force"]
     r = ev.main(base + ["--split", "valid"])["zeroshot"]
     mc = r["multiclass"]
     assert mc["classes"] == ["abnormal", "normal"] and mc["split"] == "valid" and r["binary"] is None
@@ -633,7 +633,7 @@ def test_label_column_zeroshot_prompts_default_missing_and_extra(trained, tmp_pa
     with pytest.raises(ValueError, match=r"no prompts for the classes \['abnormal'\] of column 'label'"):
         ev.main(base + ["--prompts", str(prompts)])
     with pytest.raises(ValueError, match="no such column; its columns are .*'label'"):
-        ev.main(base[:-4] + ["--label-column", "lable", "--out", str(tmp_path / "z.json")])
+        ev.main(base[:-5] + ["--label-column", "lable", "--out", str(tmp_path / "z.json"), "--force"])
 
 
 def test_label_column_probe_and_retrieval_by_class(trained, tmp_path, capsys):
@@ -669,7 +669,8 @@ def rsna_like(trained, tmp_path, name="rsna", positive=("Pneumonia", "Consolidat
 
 def test_what_was_asked_but_cannot_be_computed_exits_non_zero(trained, tmp_path, capsys):
     manifest = rsna_like(trained, tmp_path)
-    common = ["--checkpoint", str(trained["ckpt"]), "--data", str(manifest), "--out", str(tmp_path / "r.json")]
+    common = ["--checkpoint", str(trained["ckpt"]), "--data", str(manifest), "--out", str(tmp_path / "r.json"),
+              "--force"]
     with pytest.raises(SystemExit, match="--task retrieval: test: split 'test' has no report texts"):
         ev.main(["--task", "retrieval", *common])
     assert strict_json(tmp_path / "r.json")["retrieval"]["test"]["note"]   # the JSON is still written

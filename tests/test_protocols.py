@@ -104,7 +104,7 @@ def tiny(tmp_path_factory):
 
 def zeroshot(tiny, *options):
     return ev.main(["--task", "zeroshot", "--checkpoint", "random", "--config", str(tiny["config"]),
-                    "--out", str(tiny["root"] / "z.json"), *options])
+                    "--out", str(tiny["root"] / "z.json"), "--force", *options])
 
 
 def test_gloria_and_chexzero_protocols_end_to_end(tiny, capsys):

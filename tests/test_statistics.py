@@ -91,20 +91,20 @@ def _record(value, test_value, ranks=None):
 def test_study_contrasts_choose_on_valid_and_unseal_test_only_when_complete():
     spec = {"seeds": [0, 1, 2], "runs": {"msd_a": {}, "msd_b": {}, "clip_x": {}},
             "contrasts": {"metric": "mean_R@10",
-                          "valid": {"a_vs_b": {"plus": ["msd_a"], "minus": ["msd_b"]}},
-                          "test": {"best": {"plus": ["best of msd_*"], "minus": ["clip_x"]}}}}
+                          "table": {"a_vs_b": {"plus": ["msd_a"], "minus": ["msd_b"]}},
+                          "sealed_test": {"best": {"plus": ["best of msd_*"], "minus": ["clip_x"]}}}}
     valid = {"msd_a": [0.30, 0.31, 0.32], "msd_b": [0.20, 0.22, 0.21], "clip_x": [0.25, 0.26, 0.24]}
     test = {"msd_a": [0.10, 0.11, 0.12], "msd_b": [0.50, 0.52, 0.51], "clip_x": [0.20, 0.21, 0.22]}
     recorded = {n: {str(s): _record(valid[n][s], test[n][s]) for s in (0, 1)} for n in valid}
     table = evaluate.ablation_table(recorded, spec, "random")
     out = evaluate.study_contrasts(spec, recorded, table)
-    assert "sealed" in out["test"]                    # a seed still to record: test stays sealed
-    assert out["valid"]["a_vs_b"]["estimate"] == pytest.approx(0.095)
+    assert "sealed" in out["sealed_test"]                    # a seed still to record: test stays sealed
+    assert out["table"]["a_vs_b"]["estimate"] == pytest.approx(0.095)
     for n in valid:
         recorded[n]["2"] = _record(valid[n][2], test[n][2])
     table = evaluate.ablation_table(recorded, spec, "random")
     out = evaluate.study_contrasts(spec, recorded, table)
-    best = out["test"]["best"]
+    best = out["sealed_test"]["best"]
     assert best["plus"] == ["msd_a"]                  # chosen on valid, although msd_b wins on test
     assert best["estimate"] == pytest.approx(0.11 - 0.21)
     assert best["verdict"] == "negative" and best["holm_p"] == best["p"] < 0.05
