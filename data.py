@@ -68,7 +68,31 @@ SPLITS = ("train", "valid", "test", "test_5x")  # test_5x: the 5xN zero-shot set
 LABEL_VALUES = {"1": "1", "1.0": "1", "0": "0", "0.0": "0", "-1": "-1", "-1.0": "-1", "": ""}
 
 
-class ManifestError(ValueError):
+class InputError(ValueError):
+    """Bad input that its user can fix: a file, a row, a key or a value, named in the message.
+    Both command lines print its one line and exit non-zero; any other exception is a bug and
+    keeps its traceback. (A ValueError, so that callers may catch it as one.)"""
+
+
+class InputKeyError(InputError, KeyError):
+    """An unknown key (of a config, an ablation file): also a KeyError for callers."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class InputTypeError(InputError, TypeError):
+    """A value of the wrong type (a config key given text where a number belongs)."""
+
+
+class MissingPackageError(InputError, ImportError):
+    """An optional package (pydicom) that this input needs is not installed."""
+
+
+USER_ERRORS = (InputError, OSError)  # msd.USER_ERRORS adds the run's own refusals
+
+
+class ManifestError(InputError):
     """A bad manifest; the message names the file, the row and the column. `reason` groups skips."""
 
     def __init__(self, message, reason="bad row"):
@@ -453,11 +477,13 @@ def load_image(path, max_side=None):
                     f.draft("L", (max_side, max_side))  # JPEG only: decode at a reduced scale
                 too_many = _too_many_pixels(*f.size)
                 if too_many:
-                    raise ValueError(too_many)
+                    raise InputError(too_many)
                 f.load()  # decode now, so that a truncated file fails here and not later
                 img = _to_uint8(f) if f.mode in ("I", "I;16", "I;16B", "I;16L", "F") else f.convert("L")
+    except MissingPackageError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise InputError(f"cannot read image {path}: {e}") from e
     if max_side and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return img
@@ -546,7 +572,7 @@ class Tokenizer(_TokenizerBase):
 
     def __init__(self, vocab, max_len=64):
         if list(vocab[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS or len(set(vocab)) != len(vocab):
-            raise ValueError(f"vocab must start with {SPECIAL_TOKENS} and have no duplicates")
+            raise InputError(f"vocab must start with {SPECIAL_TOKENS} and have no duplicates")
         super().__init__(vocab, max_len)
         self.pad_id, self.cls_id, self.sep_id, self.unk_id = range(4)
 
@@ -577,7 +603,7 @@ class Tokenizer(_TokenizerBase):
     def load(cls, path):
         found = read_json(path)
         if not isinstance(found, dict):
-            raise ValueError(f"{path}: expected a tokenizer's JSON object, found {type(found).__name__}")
+            raise InputError(f"{path}: expected a tokenizer's JSON object, found {type(found).__name__}")
         return cls.from_dict(found)
 
 
@@ -587,7 +613,7 @@ def tokenizer_from_dict(d):
     kinds = {"word": Tokenizer, "wordpiece": WordPieceTokenizer}
     kind = d.get("kind", "word")
     if kind not in kinds:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
+        raise InputError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind].from_dict(d)
 
 
@@ -676,12 +702,12 @@ class PairDataset(torch.utils.data.Dataset):
         note_skipped("PairDataset", self.manifest_path, unreadable, self.skipped,
                      f" of split {split!r}")
         if not self.rows:
-            raise ValueError(f"{self.manifest_path}: no rows with split {split!r} "
+            raise InputError(f"{self.manifest_path}: no rows with split {split!r} "
                              f"(splits present: {sorted({r['split'] for r in all_rows})})")
         dropped = {b.row for b in unreadable}
         self.rows = [r for r in self.rows if r["_row"] not in dropped]
         if not self.rows:
-            raise ValueError(f"{self.manifest_path}: every image of split {split!r} is unreadable")
+            raise InputError(f"{self.manifest_path}: every image of split {split!r} is unreadable")
         self.texts = [r["text"] for r in self.rows]
         self.pair_ids = torch.tensor([pair_of[r["study_id"]] for r in self.rows], dtype=torch.long)
         self.labels = torch.tensor([[float(r[n]) if r.get(n, "") != "" else math.nan
@@ -767,7 +793,7 @@ def check_not_input(out, inputs, option="--out"):
         with contextlib.suppress(OSError):
             st = os.stat(path)
             if (st.st_dev, st.st_ino) == (key.st_dev, key.st_ino):
-                raise ValueError(f"{option} {out} is {what}, an input: it is never written over; "
+                raise InputError(f"{option} {out} is {what}, an input: it is never written over; "
                                  f"choose another {option}")
 
 
@@ -789,9 +815,9 @@ def read_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
-        raise ValueError(f"{path}: not readable JSON (nested too deeply)") from None
+        raise InputError(f"{path}: not readable JSON (nested too deeply)") from None
 
 
 @contextlib.contextmanager
@@ -871,7 +897,7 @@ def _pydicom(path):
     try:
         import pydicom
     except ImportError:
-        raise ImportError(f"{path}: reading DICOM needs the optional package pydicom "
+        raise MissingPackageError(f"{path}: reading DICOM needs the optional package pydicom "
                           "(pip install pydicom), or convert the images to PNG first") from None
     return pydicom
 
@@ -889,10 +915,10 @@ def _read_dicom(path):
         ds = pydicom.dcmread(str(path))
         a = np.asarray(ds.pixel_array)  # compressed transfer syntaxes may need pylibjpeg / gdcm
     except Exception as e:  # pydicom's errors do not derive from OSError / ValueError
-        raise ValueError(f"cannot read DICOM {path}: {e}") from e
+        raise InputError(f"cannot read DICOM {path}: {e}") from e
     too_many = _dicom_too_many_pixels(ds)
     if too_many:
-        raise ValueError(too_many)
+        raise InputError(too_many)
     if a.ndim == 3:  # colour (rows, cols, 3) or multi-frame (frames, rows, cols)
         a = a.mean(-1) if a.shape[-1] in (3, 4) else a[0]
     img = _to_uint8(a)
@@ -1032,7 +1058,7 @@ class WordPieceTokenizer(_TokenizerBase):
         super().__init__(vocab, max_len)  # a repeated line of vocab.txt: the last wins
         missing = [t for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]") if t not in self.token_to_id]
         if missing:
-            raise ValueError(f"the WordPiece vocabulary has no {missing} token")
+            raise InputError(f"the WordPiece vocabulary has no {missing} token")
         self.pad_id, self.cls_id, self.sep_id, self.unk_id = (
             self.token_to_id[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]"))
         specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in self.token_to_id]
@@ -1062,7 +1088,7 @@ class WordPieceTokenizer(_TokenizerBase):
             if path.is_file():
                 found = read_json(path)
                 if not isinstance(found, dict):
-                    raise ValueError(f"{path}: expected a JSON object, found {type(found).__name__}")
+                    raise InputError(f"{path}: expected a JSON object, found {type(found).__name__}")
                 keys = ("do_lower_case", "strip_accents", "tokenize_chinese_chars")
                 if any(k in found for k in keys):
                     settings, source = {k: found[k] for k in keys if k in found}, str(path)
@@ -1070,7 +1096,7 @@ class WordPieceTokenizer(_TokenizerBase):
         try:
             tok = cls(vocab, max_len, **settings)
         except ValueError as e:
-            raise ValueError(f"{vocab_file}: {e}") from None
+            raise InputError(f"{vocab_file}: {e}") from None
         print(f"tokenizer: WordPiece, {tok.vocab_size} pieces from {vocab_file}; "
               f"do_lower_case={tok.do_lower_case} (from {source})")
         return tok
@@ -1721,12 +1747,12 @@ def check_synth_settings(n, size, n_per_class_5x, max_bytes=None):
                                       ("n_per_class_5x", n_per_class_5x, 0,
                                        "--n-5x, config key synth_per_class_5x")):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
-            raise ValueError(f"SynthCXR {name}={value!r}: expected a whole number of at least "
+            raise InputError(f"SynthCXR {name}={value!r}: expected a whole number of at least "
                              f"{least} ({where})")
     max_bytes = MAX_SYNTH_BYTES if max_bytes is None else max_bytes
     need = synth_bytes(n, size, n_per_class_5x)
     if need > max_bytes:
-        raise ValueError(f"SynthCXR n={n}, size={size}, n_per_class_5x={n_per_class_5x} would take "
+        raise InputError(f"SynthCXR n={n}, size={size}, n_per_class_5x={n_per_class_5x} would take "
                          f"about {need / 2**30:,.1f} GiB ({need:,} bytes: every image's pixels and "
                          f"the drawing of one), more than the limit of {max_bytes / 2**30:,.1f} GiB "
                          f"(data.MAX_SYNTH_BYTES): lower --size or --n, or raise the limit with "
@@ -1737,7 +1763,7 @@ def synth_folder(out_dir):
     """The SynthCXR folder as a Path. An empty path (`--synth_dir=` gives "") is refused, never
     taken as the current folder; so is a path that is a file."""
     if not str(out_dir).strip():
-        raise ValueError("the SynthCXR folder is empty (\"\"): give a folder to write into (config "
+        raise InputError("the SynthCXR folder is empty (\"\"): give a folder to write into (config "
                          "key synth_dir, or data.py synth --out); it is never the current folder")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -1897,7 +1923,7 @@ def preview(data_dir, out=None, n=30, cols=6, tile=160):
     shown += list({caption_of(r).split()[0] if caption_of(r).split() else "": r
                    for r in reversed(rows) if r["split"] == "test_5x"}.values())
     if not shown:
-        raise ValueError(f"{manifest}: no 'train' or 'test_5x' rows to show")
+        raise InputError(f"{manifest}: no 'train' or 'test_5x' rows to show")
     out = Path(out) if out else Path(data_dir) / "preview.png"
     check_not_input(out, [("the manifest", manifest)]
                     + [(f"the image of row {r['_row']}", r["_path"]) for r in rows], "preview --out")
@@ -2005,7 +2031,7 @@ def _deid(text, remove):
 def check_split_fractions(valid_frac, test_frac):
     """--valid-frac / --test-frac: each at least 0, together below 1 (a ValueError otherwise)."""
     if not (0 <= valid_frac and 0 <= test_frac and valid_frac + test_frac < 1):
-        raise ValueError(f"--valid-frac {valid_frac} and --test-frac {test_frac}: each at least 0 "
+        raise InputError(f"--valid-frac {valid_frac} and --test-frac {test_frac}: each at least 0 "
                          f"and together below 1, so that some patients are left for 'train'")
 
 
@@ -2127,7 +2153,7 @@ def prepare_chexpert(root, uncertain=None, valid_frac=0.05, seed=0, all_views=Fa
     would leak the labels into any text task); read_manifest accepts a manifest whose text
     column is empty throughout, as one meant only for image-label evaluation."""
     if uncertain not in UNCERTAIN_POLICIES:
-        raise ValueError(f"chexpert needs an explicit --uncertain policy: one of {UNCERTAIN_POLICIES}")
+        raise InputError(f"chexpert needs an explicit --uncertain policy: one of {UNCERTAIN_POLICIES}")
     skipped = collections.Counter()
     excluded = set(Path(exclude).read_text().split()) if exclude else set()
     train, patients = _chexpert_rows(root, "train.csv", uncertain, all_views, skipped)
@@ -2163,11 +2189,11 @@ def _rsna_fractions(split_protocol, valid_frac, test_frac):
     if valid_frac is None and test_frac is None:
         name = split_protocol or "classification"
         if name not in RSNA_SPLITS:
-            raise ValueError(f"--split-protocol {name!r}: one of {sorted(RSNA_SPLITS)}")
+            raise InputError(f"--split-protocol {name!r}: one of {sorted(RSNA_SPLITS)}")
         valid_frac, test_frac, whose = RSNA_SPLITS[name]
         return valid_frac, test_frac, f"--split-protocol {name}, {whose}"
     if split_protocol is not None:
-        raise ValueError(f"--split-protocol {split_protocol} fixes the fractions: give it or "
+        raise InputError(f"--split-protocol {split_protocol} fixes the fractions: give it or "
                          f"--valid-frac / --test-frac, not both")
     default_valid, default_test, _ = RSNA_SPLITS["classification"]
     valid_frac = default_valid if valid_frac is None else valid_frac
@@ -2238,7 +2264,7 @@ def prepare_iu_xray(root, images=None, valid_frac=0.1, test_frac=0.2, seed=0, de
             try:  # expat refuses entity bombs ("limit on input amplification factor") as well
                 tree = ET.parse(path)
             except ET.ParseError as e:
-                raise ValueError(f"{path}: not well-formed XML ({e}); fix or remove this report "
+                raise InputError(f"{path}: not well-formed XML ({e}); fix or remove this report "
                                  f"file") from None
             sections = {a.get("Label", "").upper(): " ".join(a.itertext()).strip()
                         for a in tree.iter("AbstractText")}   # itertext: markup elements too
@@ -2321,7 +2347,7 @@ def prepare_image_folder(root, valid_frac=0.1, test_frac=0.2, seed=0):
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     split_folders = [d for d in folders if d.name.lower() in SPLIT_FOLDERS]
     if split_folders and len(split_folders) != len(folders):
-        raise ValueError(f"{root}: mixes split folders {[d.name for d in split_folders]} with other "
+        raise InputError(f"{root}: mixes split folders {[d.name for d in split_folders]} with other "
                          f"folders {[d.name for d in folders if d not in split_folders]}; use "
                          f"either <class>/ or <split>/<class>/ folders")
     layout = ([(SPLIT_FOLDERS[d.name.lower()], c) for d in split_folders
@@ -2348,7 +2374,7 @@ def prepare_image_folder(root, valid_frac=0.1, test_frac=0.2, seed=0):
                 try:
                     text = extract_report_text(caption.read_text(encoding="utf-8-sig"), sections=False)
                 except UnicodeDecodeError as e:
-                    raise ValueError(f"{caption}: caption is not UTF-8 text ({e.reason})") from None
+                    raise InputError(f"{caption}: caption is not UTF-8 text ({e.reason})") from None
             items.append((split, class_dir.name, image, text))
     if any(text for *_, text in items):
         skipped["no caption"] += sum(not text for *_, text in items)
@@ -2369,7 +2395,7 @@ def _keep_filters(keep):
     for item in keep or ():
         column, sep, value = item.partition("=")
         if not sep or not column.strip():
-            raise ValueError(f"--keep {item!r}: expected COLUMN=VALUE, e.g. --keep modality=X-ray "
+            raise InputError(f"--keep {item!r}: expected COLUMN=VALUE, e.g. --keep modality=X-ray "
                              f"(repeat it for several values: --keep view=PA --keep view=AP)")
         filters[column.strip()].add(value.strip())
     return dict(filters)
@@ -2492,6 +2518,8 @@ def _cache_one(job):
         return None
     try:
         img = load_image(src, max_side=size)
+    except MissingPackageError:
+        raise  # not a bad image: every DICOM would fail the same way
     except (OSError, ValueError) as e:
         return str(e)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -2587,7 +2615,7 @@ def check_output(out, force=False, inputs=()):
     prepare did not write (written_by_prepare) is refused; a manifest prepare wrote is replaced
     only with force (--force). Returns out as a Path."""
     if not str(out).strip():
-        raise ValueError("--out is empty: give the path of the manifest CSV to write")
+        raise InputError("--out is empty: give the path of the manifest CSV to write")
     out = Path(out)
     if not os.path.lexists(out):
         return out
@@ -2614,7 +2642,7 @@ def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, force=Fal
     beside it prepare writes <out stem>.prepare.json (what was run, and the manifest's SHA-256)
     and, for a user's table whose bad rows were skipped, <out stem>_skipped.csv."""
     if dataset not in PREPARERS:
-        raise ValueError(f"unknown dataset {dataset!r}; one of {sorted(PREPARERS)}")
+        raise InputError(f"unknown dataset {dataset!r}; one of {sorted(PREPARERS)}")
     root = Path(root).absolute()  # absolute: write_manifest stores paths relative to out
     if not root.is_dir():
         raise (NotADirectoryError(f"--root {root} is a file, not a folder") if root.exists()
@@ -2630,7 +2658,7 @@ def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, force=Fal
     if cache:
         rows = write_resized_copies(rows, root, Path(cache).absolute(), cache_size, workers, skipped)
     if not rows:
-        raise ValueError(f"{dataset}: no rows left from {root}; skipped {dict(skipped)}")
+        raise InputError(f"{dataset}: no rows left from {root}; skipped {dict(skipped)}")
     if dataset in USER_TABLES:
         check_split_overlap(rows, out, contents=True)
     write_manifest(out, rows, [] if dataset in WITHOUT_CHEXPERT_LABELS else LABELS)
@@ -2714,7 +2742,7 @@ def _prepare_cli(args):
     try:
         prepare(args.dataset, args.root or args.root_arg, args.out, args.cache, args.cache_size,
                 args.workers, args.force, **options)
-    except (OSError, ValueError, ImportError) as e:  # a wrong root, column, option: one clear line
+    except USER_ERRORS as e:  # a wrong root, column, option: one clear line
         raise SystemExit(f"prepare {args.dataset}: {e}") from e
 
 
@@ -2745,7 +2773,7 @@ def main(argv=None):
                   f"{time.time() - t0:.1f} s")
         else:
             print(f"wrote {preview(args.dir, args.out)}")
-    except (OSError, ValueError) as e:
+    except USER_ERRORS as e:
         raise SystemExit(f"{args.command}: {e}") from e
 
 

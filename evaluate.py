@@ -327,26 +327,26 @@ def load_prompt_set(name_or_path):
         path = shipped
     raw = read_json(path, f"prompt file {path}")      # a class given twice is an error, too
     if not isinstance(raw, dict):
-        raise ValueError(f"prompt file {path}: expected a JSON object {{class: [prompts]}} or "
+        raise data.InputError(f"prompt file {path}: expected a JSON object {{class: [prompts]}} or "
                          f"{{\"positive\": ..., \"negative\": ...}}, got a {type(raw).__name__}")
     if "positive" in raw:
         unknown = sorted(set(raw) - {"positive", "negative", "about"})
         if unknown:
-            raise ValueError(f"prompt file {path}: unknown top-level keys {unknown}; expected "
+            raise data.InputError(f"prompt file {path}: unknown top-level keys {unknown}; expected "
                              f"'positive', 'negative' (optional), 'about' (optional)")
         prompts = {"positive": raw["positive"], "negative": raw.get("negative", {})}
     else:
         prompts = {"positive": raw, "negative": {}}
     for part, by_class in prompts.items():
         if not isinstance(by_class, dict):
-            raise ValueError(f"prompt file {path}: {part!r} must be an object {{class: [prompts]}}, "
+            raise data.InputError(f"prompt file {path}: {part!r} must be an object {{class: [prompts]}}, "
                              f"got a {type(by_class).__name__}")
         for cls, lst in by_class.items():
             if not (isinstance(lst, list) and lst and all(isinstance(p, str) and p for p in lst)):
-                raise ValueError(f"prompt file {path}: {part} prompts of {cls!r}: expected a "
+                raise data.InputError(f"prompt file {path}: {part} prompts of {cls!r}: expected a "
                                  f"non-empty list of non-empty strings, got {lst!r}")
     if not prompts["positive"]:
-        raise ValueError(f"prompt file {path}: no classes")
+        raise data.InputError(f"prompt file {path}: no classes")
     return prompts
 
 
@@ -734,7 +734,7 @@ def check_pool(manifest, split, rows, image_rows, texts):
             ("text", texts, "candidate per distinct report text", "retrieval needs distinct reports")):
         if len(kept) < 2:
             values = sorted({r[column] for r in rows})
-            raise ValueError(f"retrieval on split {split!r}: the {len(rows)} rows of {manifest} in "
+            raise data.InputError(f"retrieval on split {split!r}: the {len(rows)} rows of {manifest} in "
                              f"that split have {len(values)} distinct value(s) of column {column!r} "
                              f"({values[0][:40]!r}), and retrieval keeps one {unit}, so its pool is "
                              f"one and every recall would be 1; {fix}")
@@ -865,7 +865,7 @@ class Evaluation:
         self.manifest, self.checkpoint, self.batch_size = Path(manifest), checkpoint, batch_size
         self.rows = data.read_manifest(self.manifest)
         if not self.rows:
-            raise ValueError(f"{self.manifest}: the manifest has no rows")
+            raise data.InputError(f"{self.manifest}: the manifest has no rows")
         self.columns = [c for c in self.rows[0] if not c.startswith("_")]
         self.label_names = [c for c in data.LABELS if c in self.columns]  # those the CSV has
         self.split_sizes = {}
@@ -878,7 +878,7 @@ class Evaluation:
     def check_split(self, split, purpose="--split"):
         """An unknown split is an error that lists the manifest's splits."""
         if not self.split_sizes.get(split):
-            raise ValueError(f"{purpose}: {self.manifest} has no split {split!r}; its splits are "
+            raise data.InputError(f"{purpose}: {self.manifest} has no split {split!r}; its splits are "
                              f"{self.split_sizes}")
 
     def dataset(self, split):
@@ -914,7 +914,7 @@ class Evaluation:
     def _check_finite(self, x, what):
         bad = int((~torch.isfinite(x)).any(-1).sum())
         if bad:
-            raise ValueError(f"{bad} of {len(x)} {what} are not finite (NaN or inf): the model "
+            raise data.InputError(f"{bad} of {len(x)} {what} are not finite (NaN or inf): the model "
                              f"{self.checkpoint or '(untrained)'} holds non-finite weights (a "
                              f"diverged run or a corrupt checkpoint); nothing was evaluated")
 
@@ -925,13 +925,13 @@ def five_way_labels(labels, label_names, rows):
     y = _np(labels) == 1
     cols = [j for j in range(y.shape[1]) if y[:, j].any() and label_names[j] != "No Finding"]
     if not cols:
-        raise ValueError(f"split {rows[0]['split']!r}: no image has a positive CheXpert label, so "
+        raise data.InputError(f"split {rows[0]['split']!r}: no image has a positive CheXpert label, so "
                          f"the 5-way protocol (one positive label column per image) cannot run; "
                          f"for a column of class names use --label-column NAME")
     y = y[:, cols]
     bad = np.flatnonzero(y.sum(1) != 1)
     if len(bad):
-        raise ValueError(f"manifest row {rows[bad[0]]['_row']} (split {rows[bad[0]]['split']!r}): "
+        raise data.InputError(f"manifest row {rows[bad[0]]['_row']} (split {rows[bad[0]]['split']!r}): "
                          f"expected exactly one positive among {[label_names[j] for j in cols]}")
     return [label_names[j] for j in cols], y.argmax(1)
 
@@ -940,14 +940,14 @@ def column_classes(ev, column):
     """The classes of a label column: its distinct non-blank values over the whole
     manifest, sorted, so that every split and task uses the same class indices."""
     if column not in ev.columns:
-        raise ValueError(f"--label-column {column!r}: {ev.manifest} has no such column; "
+        raise data.InputError(f"--label-column {column!r}: {ev.manifest} has no such column; "
                          f"its columns are {ev.columns}")
     if column in data.LABELS:
-        raise ValueError(f"--label-column {column!r} is a CheXpert label column (1 / 0 / -1); "
+        raise data.InputError(f"--label-column {column!r} is a CheXpert label column (1 / 0 / -1); "
                          f"those are evaluated without --label-column")
     names = sorted({r[column].strip() for r in ev.rows if r[column].strip()})
     if len(names) < 2:
-        raise ValueError(f"--label-column {column!r}: {len(names)} distinct class value(s) "
+        raise data.InputError(f"--label-column {column!r}: {len(names)} distinct class value(s) "
                          f"{names} in {ev.manifest}; at least two are needed")
     return names
 
@@ -959,7 +959,7 @@ def class_targets(ev, split, column):
     y = np.array([index.get(r[column].strip(), -1) for r in ev.images(split)["rows"]])
     notes = []
     if (y < 0).all():
-        raise ValueError(f"--label-column {column!r}: none of the {len(y)} images of split "
+        raise data.InputError(f"--label-column {column!r}: none of the {len(y)} images of split "
                          f"{split!r} in {ev.manifest} has a value in that column")
     if (y < 0).any():
         notes.append(f"{int((y < 0).sum())} of {len(y)} images of split {split!r} have no "
@@ -1041,7 +1041,7 @@ def run_zeroshot(ev, args):
         classes, y = five_way_labels(feats["labels"], ev.label_names, feats["rows"])
         missing = [c for c in classes if c not in prompt_set["positive"]]
         if missing:
-            raise ValueError(f"prompt set {name!r} has no prompts for {missing}, classes of "
+            raise data.InputError(f"prompt set {name!r} has no prompts for {missing}, classes of "
                              f"the 5-way split test_5x")
         out["multiclass"] = zeroshot_nway(ev, args, feats["embed"], y, prompt_set["positive"],
                                           classes, "test_5x")
@@ -1080,7 +1080,7 @@ def run_zeroshot(ev, args):
                                 "other than No Finding" if chexzero else f"has prompts in {name!r}"))
     unused = [c for c in prompt_set["positive"] if c not in used]
     if chosen and len(unused) == len(prompt_set["positive"]):
-        raise ValueError(f"prompts {name!r}: none of their classes {unused} was used: "
+        raise data.InputError(f"prompts {name!r}: none of their classes {unused} was used: "
                          + "; ".join(out["notes"]))
     if chosen and unused:
         out["notes"].append(f"prompts of {name!r} not used (no such class here): {unused}")
@@ -1098,7 +1098,7 @@ def _zeroshot_label_column(ev, args, prompt_set, name):
     else:
         missing = [c for c in classes if c not in prompt_set["positive"]]
         if missing:
-            raise ValueError(f"prompts {name!r} have no prompts for the classes {missing} of column "
+            raise data.InputError(f"prompts {name!r} have no prompts for the classes {missing} of column "
                              f"{args.label_column!r} (the prompts' classes: {list(prompt_set['positive'])})")
         extra = [c for c in prompt_set["positive"] if c not in classes]
         if extra:
@@ -1203,7 +1203,7 @@ def run_fewshot(ev, args):
         names = list(args.labels)
         unknown = [n for n in names if n not in ev.label_names]
         if unknown:
-            raise ValueError(f"--labels: {unknown} not among the manifest's labels {ev.label_names}")
+            raise data.InputError(f"--labels: {unknown} not among the manifest's labels {ev.label_names}")
     else:
         names = [n for j, n in enumerate(ev.label_names)
                  if both_classes("train", j) and both_classes(args.split, j)]
@@ -1231,7 +1231,7 @@ def run_fewshot(ev, args):
 def _fewshot_label_column(ev, args):
     """Multi-class probe over the classes of --label-column; rows without a class left out."""
     if args.labels:
-        raise ValueError("--labels picks CheXpert label columns; with --label-column the probe "
+        raise data.InputError("--labels picks CheXpert label columns; with --label-column the probe "
                          "is multi-class over that column's classes")
     part, notes = {}, []
     for split in dict.fromkeys(("train", "valid", args.split)):
@@ -1257,7 +1257,7 @@ def check_shots(shots, supply, unit):
     would call a draw of whole classes "k-shot": an error. -> notes on the labels short of a k."""
     most = max(supply.values())
     if max(shots) > most:
-        raise ValueError(f"--shots {max(shots)}: the train split has at most {most} {unit} of any "
+        raise data.InputError(f"--shots {max(shots)}: the train split has at most {most} {unit} of any "
                          f"label or class; choose shots of at most {most}")
     notes = []
     for k in shots:
@@ -1346,7 +1346,7 @@ def run_pixel_probe(args):
     splits = dict(collections.Counter(r["split"] for r in rows))
     for split in ("train", args.split):
         if split not in splits:
-            raise ValueError(f"pixel-probe: {manifest} has no split {split!r}; its splits are "
+            raise data.InputError(f"pixel-probe: {manifest} has no split {split!r}; its splits are "
                              f"{splits}")
     start = time.perf_counter()
     res = pixel_probe(manifest, args.split, args.epochs)
@@ -1949,13 +1949,13 @@ def read_recorded(path, spec_path, protocol_eval):
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a results file of an ablation ({e}); move it away or "
+        raise data.InputError(f"{path}: not a results file of an ablation ({e}); move it away or "
                          f"choose another --out") from None
     if "recorded" not in old:
-        raise ValueError(f"{path} holds no per-run record (an older results file or another "
+        raise data.InputError(f"{path} holds no per-run record (an older results file or another "
                          f"task's); move it away or choose another --out")
     if old.get("eval", {}) != protocol_eval:
-        raise ValueError(f"{path} was evaluated with eval {old.get('eval')}, {spec_path} asks for "
+        raise data.InputError(f"{path} was evaluated with eval {old.get('eval')}, {spec_path} asks for "
                          f"{protocol_eval}; choose another --out for another protocol")
     return old["recorded"], old.get("superseded", [])
 
@@ -1977,9 +1977,9 @@ def run_ablation(args):
     spec = json.loads(spec_path.read_text())
     unknown = set(spec) - set(ABLATION_KEYS)
     if unknown:
-        raise KeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected {', '.join(ABLATION_KEYS)}")
+        raise data.InputKeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected {', '.join(ABLATION_KEYS)}")
     if spec.get("reference") and spec["reference"] not in spec["runs"]:
-        raise ValueError(f"{spec_path}: reference {spec['reference']!r} is not one of its runs")
+        raise data.InputError(f"{spec_path}: reference {spec['reference']!r} is not one of its runs")
     # the evaluation protocol of the table: the command line's, with the file's "eval" on top
     protocol = argparse.Namespace(**{**vars(args), **{k: tuple(v) if isinstance(v, list) else v
                                                        for k, v in spec.get("eval", {}).items()}})
@@ -2334,16 +2334,16 @@ def parse_json(text, source):
         counts = collections.Counter(k for k, _ in pairs)
         repeated = [k for k, n in counts.items() if n > 1]
         if repeated:
-            raise ValueError(f"{source}: key {repeated[0]!r} appears {counts[repeated[0]]} times in "
+            raise data.InputError(f"{source}: key {repeated[0]!r} appears {counts[repeated[0]]} times in "
                              f"one object; keep one")
         return dict(pairs)
 
     try:
         return json.loads(text, object_pairs_hook=no_repeated_keys)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: not valid JSON ({e})") from None
+        raise data.InputError(f"{source}: not valid JSON ({e})") from None
     except RecursionError:
-        raise ValueError(f"{source}: JSON nested too deeply to read") from None
+        raise data.InputError(f"{source}: JSON nested too deeply to read") from None
 
 
 def read_json(path, source=None):
@@ -2351,7 +2351,7 @@ def read_json(path, source=None):
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{source or path}: not UTF-8 text ({e})") from None
+        raise data.InputError(f"{source or path}: not UTF-8 text ({e})") from None
     return parse_json(text, source or path)
 
 
@@ -2607,7 +2607,7 @@ def find_floor(args, task):
             why = next((f"its {k} is {recorded.get(k)!r}, this evaluation's {protocol[k]!r}"
                         for k in FLOOR_KEYS if recorded.get(k) != protocol[k]), None)
         if why:
-            raise ValueError(f"--floor {args.floor}: {why}; give the results of --checkpoint random "
+            raise data.InputError(f"--floor {args.floor}: {why}; give the results of --checkpoint random "
                              f"with the same --split, --label-column and --data")
         other = sorted(k for k in protocol if recorded.get(k) != protocol[k])
         if other:
@@ -2678,17 +2678,16 @@ def main(argv=None):
     return results
 
 
-USER_ERRORS = (ValueError, KeyError, OSError, ImportError, msd.NonFiniteError)  # bad input, not bugs
 
 
 def cli(argv=None):
-    """The command line: main, with a user error (a bad file, value or option; ValueError,
-    KeyError, OSError, ...) printed as ONE line `evaluate.py: error: ...` and exit status 1.
+    """The command line: main, with a user error (msd.USER_ERRORS: bad input, a file that cannot
+    be read or written) printed as ONE line `evaluate.py: error: ...` and exit status 1.
     Anything else is a bug and keeps its traceback; --debug shows the traceback of both."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except USER_ERRORS as e:
+    except msd.USER_ERRORS as e:
         if "--debug" in argv:
             raise
         print(f"evaluate.py: error: {msd.one_line(e)}", file=sys.stderr)
@@ -2754,7 +2753,7 @@ class Svg:
                 f"<title>{_escape(title)}</title>\n"
                 f'<rect x="0" y="0" width="{self.width}" height="{self.height}" fill="#fff"/>\n')
         if os.path.lexists(path) and not drawn_here(path):
-            raise ValueError(f"{path}: not a picture that evaluate.py drew, left as it is; move it "
+            raise data.InputError(f"{path}: not a picture that evaluate.py drew, left as it is; move it "
                              f"away to draw this picture there")
         write_atomic(path, lambda f: f.write(head + "\n".join(self.parts) + "\n</svg>\n"))
 
@@ -2868,7 +2867,7 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
             continue
         series.setdefault(method, []).append((batch, value))
     if not any(series.values()):
-        raise ValueError(f"{efficiency_path}: no 'growth: ...' rows with {key} (rows come from "
+        raise data.InputError(f"{efficiency_path}: no 'growth: ...' rows with {key} (rows come from "
                          f"python evaluate.py --task efficiency)")
     batches = sorted({b for points in series.values() for b, _ in points})
     top = max(v for points in series.values() for _, v in points)
@@ -2937,10 +2936,10 @@ def read_log(log_path):
             continue
         record = parse_json(line, f"{log_path} line {i}")
         if not isinstance(record, dict) or _number(record.get("step")) is None:
-            raise ValueError(f"{log_path} line {i}: a record needs a numeric 'step', got {line[:80]!r}")
+            raise data.InputError(f"{log_path} line {i}: a record needs a numeric 'step', got {line[:80]!r}")
         by_step[record["step"]] = record
     if not by_step:
-        raise ValueError(f"{log_path}: no records")
+        raise data.InputError(f"{log_path}: no records")
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -2955,7 +2954,7 @@ def plot_curves(log_path, out_path, keys=None):
     notes = [f"'{k}' is not in the log, no panel" for k in keys if k not in logged]
     keys = [k for k in keys if k in logged]
     if not keys:
-        raise ValueError(f"{log_path}: none of the keys to plot is logged (it has {sorted(logged)})")
+        raise data.InputError(f"{log_path}: none of the keys to plot is logged (it has {sorted(logged)})")
     panel_h, gap, left, width = 110, 34, 70, 480
     svg = Svg(600, 0)  # the height is known once the notes are placed
     name = f"{Path(log_path).parent.name}/{Path(log_path).name}"      # run/log.jsonl
@@ -3079,7 +3078,7 @@ def plot_ablation(ablation_path, out_path, metrics=ABLATION_METRICS, colors=None
     res = read_json(ablation_path)
     table = res.get("table") if isinstance(res, dict) else None
     if not isinstance(table, dict) or not table:
-        raise ValueError(f"{ablation_path}: no 'table' of runs (files come from python evaluate.py "
+        raise data.InputError(f"{ablation_path}: no 'table' of runs (files come from python evaluate.py "
                          f"--task ablation)")
     runs, notes, bars = list(table), [], {}          # (metric, run) -> (mean, std or None)
     for metric in metrics:
@@ -3092,7 +3091,7 @@ def plot_ablation(ablation_path, out_path, metrics=ABLATION_METRICS, colors=None
                 bars[metric, run] = _number(mean), _number(std)
     metrics = [m for m in metrics if any((m, r) in bars for r in runs)]
     if not metrics:
-        raise ValueError(f"{ablation_path}: none of the metrics to plot has a value")
+        raise data.InputError(f"{ablation_path}: none of the metrics to plot has a value")
     seeds = "/".join(sorted({str(len(r.get("seeds", []))) for r in table.values() if isinstance(r, dict)}))
     colors = {**run_colors(runs), **(colors or {})}
     svg, y = draw_bars(bars, runs, [(m, METRIC_NAMES.get(m, m)) for m in metrics], colors,
@@ -3153,7 +3152,7 @@ def plot_eval(eval_path, out_path, run="run", colors=None):
     res = _dict(read_json(eval_path))
     metrics, marks = eval_metrics(res)
     if not metrics:
-        raise ValueError(f"{eval_path}: no zero-shot, probe or retrieval numbers (files come from "
+        raise data.InputError(f"{eval_path}: no zero-shot, probe or retrieval numbers (files come from "
                          f"python evaluate.py --task all)")
     bars, notes = {}, []
     for label, (value, std) in metrics.items():
@@ -3162,7 +3161,7 @@ def plot_eval(eval_path, out_path, run="run", colors=None):
         else:
             bars[label, run] = _number(value), _number(std)
     if not bars:
-        raise ValueError(f"{eval_path}: none of the numbers to plot has a value")
+        raise data.InputError(f"{eval_path}: none of the numbers to plot has a value")
     groups = [(label, label) for label in metrics if (label, run) in bars]
     svg, y = draw_bars(bars, [run], groups, {**run_colors([run]), **(colors or {})},
                        f"{run}: {Path(eval_path).name}, step {res.get('step', '?')}",
@@ -3279,7 +3278,7 @@ def draw_pictures(jobs, missing):
     for path, why in missing.items():
         print(f"{path}: {why}")
     if broken:
-        raise ValueError("could not draw: " + "; ".join(f"{p}: {why}" for p, why in broken.items()))
+        raise data.InputError("could not draw: " + "; ".join(f"{p}: {why}" for p, why in broken.items()))
     return written
 
 
@@ -3295,7 +3294,7 @@ def run_plots(args):
         for path, why in not_drawn.items():
             print(f"note: {path}: {why}")
         if not jobs:
-            raise ValueError(f"{run_dir}: nothing to draw, no log.jsonl and no eval/*.json"
+            raise data.InputError(f"{run_dir}: nothing to draw, no log.jsonl and no eval/*.json"
                              + (" of this checkpoint" if not_drawn else "") + f"; train "
                              f"({train_how}) and evaluate ({eval_how}) first, or redraw the "
                              f"README pictures with --readme-pictures")

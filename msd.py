@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -133,6 +134,7 @@ class Config:
     log_every: int = 10               # optimizer steps between log.jsonl records
     ckpt_every: int = 0               # optimizer steps between checkpoints (0 = only at the end)
     progress: bool = True             # show the tqdm progress bar
+    memory_limit_gb: float = 0.0      # refuse a config estimated to need more; 0 = 90 % of the memory free at start
 
 
 # -----------------------------------------------------------------------------
@@ -899,14 +901,15 @@ def start_run(cfg, dist, resume, overwrite):
     B = cfg.batch_size * cfg.accum_steps * dist.world_size  # the (global) effective batch
     steps_per_epoch = len(train_set) // B
     if steps_per_epoch == 0:
-        raise ValueError(f"the training split has {len(train_set)} pairs, fewer than one "
+        raise data.InputError(f"the training split has {len(train_set)} pairs, fewer than one "
                          f"effective batch of {B}")
 
     # the model: seeded by cfg.seed, initialised (from published weights on a fresh start only),
     # then the weights of the checkpoint to resume or to start from
     device = dist.device or pick_device(cfg.device)
-    model = build_model(cfg, tokenizer.vocab_size, (ckpt or source or {}).get("bert_config"),
-                        pretrained=ckpt is None and source is None)
+    bert_config = (ckpt or source or {}).get("bert_config")
+    check_memory(cfg, tokenizer.vocab_size, device, bert_config)
+    model = build_model(cfg, tokenizer.vocab_size, bert_config, pretrained=ckpt is None and source is None)
     if source is not None:
         warm_start(model, source, cfg, cfg.init_from)
     model.to(device)
@@ -950,15 +953,28 @@ def build_tokenizer(cfg, manifest):
         return data.WordPieceTokenizer.from_pretrained(cfg.text_weights, max_len=cfg.max_len)
     train_texts = [row["text"] for row in data.read_manifest(manifest) if row["split"] == "train"]
     if not train_texts:
-        raise ValueError(f"{manifest}: no rows with split 'train'")
+        raise data.InputError(f"{manifest}: no rows with split 'train'")
     if not any(text.strip() for text in train_texts):
-        raise ValueError(f"{manifest}: the training split has no report text (a labels-only "
+        raise data.InputError(f"{manifest}: the training split has no report text (a labels-only "
                          f"manifest such as CheXpert or RSNA is for evaluation, not pretraining)")
     return data.Tokenizer.build(train_texts, min_freq=cfg.min_freq, max_len=cfg.max_len)
 
 
 def pick_device(name):
+    """"auto" = cuda > mps > cpu; a named device this torch or this machine lacks is a user
+    error that says what there is (not a traceback from the first tensor moved there)."""
     if name != "auto":
+        kind, _, index = name.partition(":")
+        has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise data.InputError(f"config key 'device': {name!r}, but this torch build has no CUDA or "
+                             f"sees no GPU (torch {torch.__version__}); use --device=cpu or auto")
+        if kind == "cuda" and index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise data.InputError(f"config key 'device': {name!r}, but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        if kind == "mps" and not has_mps:
+            raise data.InputError(f"config key 'device': 'mps', but MPS is not available here; use "
+                             f"--device=cpu or auto")
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -992,7 +1008,9 @@ def compile_towers(model, cfg, device):
 # in which pairs are seen. epochs / max_steps may grow (the cosine schedule then stretches).
 RESUME_SAFE_KEYS = ("epochs", "max_steps", "log_every", "ckpt_every", "num_workers", "progress",
                     "device", "compile", "teacher_batch", "attn_impl", "cache_images", "out_dir",
-                    "init_from", "text_weights", "vision_weights")  # the last three: read at a fresh start only
+                    "memory_limit_gb",
+                    "init_from", "text_weights", "vision_weights")  # the last three name files read
+# at a fresh start only; whether vision_weights is set is architecture (architecture_changes)
 
 
 # Keys that must match the checkpoint named by init_from: its weights must fit the model.
@@ -1021,7 +1039,7 @@ def check_resumable(ckpt, cfg, dist, path):
     """A resumed run must continue the same run: same model, optimizer and data order."""
     config_from_dict(ckpt["config"], path)  # one rule with evaluate.py: unknown keys are refused
     unsafe = [f.name for f in fields(Config) if f.name not in RESUME_SAFE_KEYS]
-    changed = config_changes(ckpt["config"], cfg, unsafe)
+    changed = {**config_changes(ckpt["config"], cfg, unsafe), **architecture_changes(ckpt["config"], cfg)}
     if changed:
         raise CheckpointError(
             f"--resume: {path} was trained with another config: "
@@ -1051,12 +1069,22 @@ def restore(model, optimizer, ckpt, dist, device):
     return ckpt["step"]
 
 
+def architecture_changes(saved, cfg):
+    """{key: (in the checkpoint, now)} for ARCHITECTURE_KEYS, and vision_weights as far as it
+    shapes the model: a ViT started from timm weights has LayerNorm eps 1e-6, ours 1e-5, so
+    whether it is set is architecture (which file it named is not)."""
+    changed = config_changes(saved, cfg, ARCHITECTURE_KEYS)
+    if bool(saved.get("vision_weights", "")) != bool(cfg.vision_weights):
+        changed["vision_weights"] = (saved.get("vision_weights", ""), cfg.vision_weights)
+    return changed
+
+
 def warm_start(model, source, cfg, path):
     """init_from: a NEW run whose student starts as the student of another run's checkpoint
     (e.g. a pretraining run). The teacher is an exact copy of that student (copy_params on the
     loaded weights), the queues start empty, the optimizer and the step start fresh. The
     temperature is the checkpoint's: its features were trained with it."""
-    changed = config_changes(source["config"], cfg, ARCHITECTURE_KEYS)
+    changed = architecture_changes(source["config"], cfg)
     if changed:
         raise CheckpointError(
             f"init_from {path}: the architecture differs from the checkpoint's: "
@@ -1214,7 +1242,7 @@ def process_alive(pid):
 # -----------------------------------------------------------------------------
 
 
-class CheckpointError(ValueError):
+class CheckpointError(data.InputError):
     """A checkpoint that cannot be used: not one of ours, damaged, or not matching this run."""
 
 
@@ -1276,11 +1304,17 @@ def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, sou
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
-        why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise OSError(e.errno, f"could not write checkpoint {path}: {why}. The unfinished {tmp.name} "
-                               f"was removed; the previous checkpoint, if any, is untouched") from e
+        if isinstance(e, RuntimeError) and "write" not in str(e) and "inline_container" not in str(e):
+            raise  # not a failed write: a real bug keeps its traceback
+        why = "no space left on the device" if getattr(e, "errno", None) == errno.ENOSPC else (
+            getattr(e, "strerror", None) or " ".join(str(e).split())[:200])
+        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else float("nan")
+        raise OSError(getattr(e, "errno", None) or errno.EIO,
+                      f"could not write checkpoint {path} ({free:,.0f} MB free there): {why}. The "
+                      f"unfinished {tmp.name} was removed; the previous checkpoint, if any, is "
+                      f"untouched") from e
 
 
 def read_checkpoint(path):
@@ -1361,6 +1395,9 @@ def load_checkpoint(path, map_location="cpu"):
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"], path)
     tokenizer = data.tokenizer_from_dict(ckpt["tokenizer"])
+    if getattr(tokenizer, "max_len", cfg.max_len) != cfg.max_len:  # it pads every report to it
+        raise CheckpointError(f"{path}: its tokenizer pads to max_len {tokenizer.max_len}, its config "
+                              f"says {cfg.max_len}: the checkpoint was edited or damaged; use another copy")
     check_checkpoint_fits(ckpt, cfg, tokenizer.vocab_size, path)  # before anything is allocated
     # the BERT tower's shape travels in the checkpoint; no weights file is read (pretrained=False)
     model = MSD(cfg, tokenizer.vocab_size, ckpt.get("bert_config"), pretrained=False)
@@ -1388,11 +1425,11 @@ def _coerce(key, value, default, from_cli):
             else:
                 value = kind(text)
         except ValueError:
-            raise ValueError(f"config key '{key}': expected {kind.__name__}, got {value!r}") from None
+            raise data.InputError(f"config key '{key}': expected {kind.__name__}, got {value!r}") from None
     if kind is float and type(value) is int:
         value = float(value)  # JSON writes 1.0 as 1
     if type(value) is not kind:
-        raise TypeError(f"config key '{key}': expected {kind.__name__}, got "
+        raise data.InputTypeError(f"config key '{key}': expected {kind.__name__}, got "
                         f"{type(value).__name__} {value!r}")
     return value
 
@@ -1409,9 +1446,9 @@ def load_config(path=None, overrides=()):
         try:
             from_file = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise data.InputError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(from_file, dict):
-            raise ValueError(f"{path}: expected a JSON object of config keys, got {type(from_file).__name__}")
+            raise data.InputError(f"{path}: expected a JSON object of config keys, got {type(from_file).__name__}")
         for key, value in from_file.items():
             values[key], where[key] = value, f"in {path}"
     from_cli = set()
@@ -1422,7 +1459,7 @@ def load_config(path=None, overrides=()):
     for key, value in values.items():
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=1)
-            raise KeyError(f"unknown config key '{key}' {where[key]}"
+            raise data.InputKeyError(f"unknown config key '{key}' {where[key]}"
                            + (f"; did you mean '{close[0]}'?" if close else ".")
                            + f" Valid keys: {', '.join(sorted(valid))}")
         values[key] = _coerce(key, value, getattr(defaults, key), from_cli=key in from_cli)
@@ -1439,10 +1476,10 @@ def key_value_pairs(items):
     while items:
         item = items.pop(0)
         if not item.startswith("--") or item == "--":
-            raise ValueError(f"override {item!r}: expected --key=value or --key value")
+            raise data.InputError(f"override {item!r}: expected --key=value or --key value")
         if "=" not in item:
             if not items or items[0].startswith("--"):
-                raise ValueError(f"override {item!r} has no value: expected {item}=VALUE or {item} VALUE")
+                raise data.InputError(f"override {item!r} has no value: expected {item}=VALUE or {item} VALUE")
             item = f"{item}={items.pop(0)}"
         pairs.append(item)
     return pairs
@@ -1455,7 +1492,10 @@ def config_from_dict(saved, source):
     if unknown:
         raise CheckpointError(f"{source}: config keys {unknown} are unknown to this version of msd.py")
     cfg = Config(**{k: _coerce(k, v, getattr(Config(), k), from_cli=False) for k, v in saved.items()})
-    check_config(cfg)
+    try:
+        check_config(cfg)
+    except ValueError as e:  # the value came from the file, not from the command line
+        raise CheckpointError(f"{source}: its stored config is refused: {e}") from None
     return cfg
 
 
@@ -1466,7 +1506,7 @@ def check_config(cfg):
     """Values that are the right type but make no sense; each error names the key."""
     def need(ok, key, what):
         if not ok:
-            raise ValueError(f"config key '{key}': expected {what}, got {getattr(cfg, key)!r}")
+            raise data.InputError(f"config key '{key}': expected {what}, got {getattr(cfg, key)!r}")
 
     for f in fields(Config):  # nan and inf are floats too: a run that starts with one ends in NaN
         if f.type in (float, "float"):
@@ -1474,16 +1514,16 @@ def check_config(cfg):
     need(cfg.method in ("msd", "clip"), "method", "'msd' or 'clip'")
     need(cfg.clip_accum in ("naive", "exact"), "clip_accum", "'naive' or 'exact'")
     if cfg.clip_accum != "naive" and cfg.method != "clip":
-        raise ValueError(f"config key 'clip_accum' ({cfg.clip_accum!r}) is only read with method "
+        raise data.InputError(f"config key 'clip_accum' ({cfg.clip_accum!r}) is only read with method "
                          f"'clip'; MSD's accumulation is exact already. Leave it 'naive' or set --method=clip")
     need(cfg.attn_impl in ("sdpa", "manual"), "attn_impl", "'sdpa' or 'manual'")
     need(cfg.compile in COMPILE_MODES, "compile", " or ".join(map(repr, COMPILE_MODES)))
     need(cfg.text_arch in ("lite", "bert"), "text_arch", "'lite' or 'bert'")
     if cfg.text_arch == "bert" and not cfg.text_weights:
-        raise ValueError("text_arch 'bert' needs config key 'text_weights': the folder of a BERT-family "
+        raise data.InputError("text_arch 'bert' needs config key 'text_weights': the folder of a BERT-family "
                          "checkpoint (config.json, vocab.txt, model.safetensors or pytorch_model.bin)")
     if cfg.text_arch == "lite" and cfg.text_weights:
-        raise ValueError(f"config key 'text_weights' ({cfg.text_weights!r}) is only read with "
+        raise data.InputError(f"config key 'text_weights' ({cfg.text_weights!r}) is only read with "
                          f"text_arch 'bert'; set --text_arch=bert or leave it empty")
     for key in ("batch_size", "accum_steps", "embed_dim", "max_len", "epochs", "log_every",
                 "teacher_batch", "image_size", "patch_size", "mlp_ratio", "synth_n", "synth_size",
@@ -1497,12 +1537,13 @@ def check_config(cfg):
     need(cfg.lr > 0, "lr", "a learning rate > 0")
     need(cfg.min_lr <= cfg.lr, "min_lr", f"a floor of the schedule <= lr ({cfg.lr})")
     need(cfg.out_dir.strip() != "", "out_dir", "a folder for ckpt.pt and log.jsonl (not empty)")
-    need(cfg.temperature > 0, "temperature", "a temperature > 0")
+    need(0.01 <= cfg.temperature <= 1.0, "temperature",
+         "an initial tau in [0.01, 1], the range it is clamped to after every step")
     need(0.0 <= cfg.momentum <= 1.0, "momentum", "a value in [0, 1]")
     need(cfg.momentum_half_life >= 0, "momentum_half_life",
          "0 (use momentum), a half-life in optimizer steps (>= 1) or a share of the run (< 1)")
     if cfg.momentum_half_life > 0 and cfg.method != "msd":
-        raise ValueError(f"config key 'momentum_half_life' ({cfg.momentum_half_life}) is only read "
+        raise data.InputError(f"config key 'momentum_half_life' ({cfg.momentum_half_life}) is only read "
                          f"with method 'msd' (CLIP has no teacher); leave it 0")
     need(0.0 <= cfg.alpha <= 1.0, "alpha", "a value in [0, 1]")
     need(0.0 <= cfg.dropout < 1.0, "dropout", "a value in [0, 1)")
@@ -1512,6 +1553,78 @@ def check_config(cfg):
     need(cfg.text_width % cfg.text_heads == 0, "text_width", f"a multiple of text_heads {cfg.text_heads}")
     need(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
          "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    need(cfg.memory_limit_gb >= 0, "memory_limit_gb", "0 (90 % of the free memory) or a limit in GB")
+    check_memory(cfg, vocab_size=0, training=False)  # before anything is built; start_run checks
+    # again with the vocabulary, the optimizer and the activations, against the device's memory
+
+
+def parameter_count(cfg, vocab_size, bert_config=None):
+    """The student's parameters, from the config alone (nothing is built): the ViT, the text
+    tower and the two projections. A block of width w holds (4 + 2r) w^2 + (9 + r) w: qkv and
+    out-projection, the MLP of r * w, two LayerNorms."""
+    def block(w, r):
+        return (4 + 2 * r) * w * w + (9 + r) * w
+    w, r = cfg.vision_width, cfg.mlp_ratio
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    vision = cfg.vision_layers * block(w, r) + (cfg.patch_size ** 2 + tokens + 4) * w
+    if cfg.text_arch == "bert" and bert_config:
+        wt, layers = bert_config["hidden_size"], bert_config["num_hidden_layers"]
+        rt = bert_config["intermediate_size"] / wt
+    else:
+        wt, layers, rt = cfg.text_width, cfg.text_layers, r
+    text = layers * block(wt, rt) + (vocab_size + cfg.max_len + 2) * wt
+    return int(vision + text + (w + wt) * cfg.embed_dim)
+
+
+def memory_needed(cfg, vocab_size, bert_config=None, training=True):
+    """A lower bound of the bytes a run of cfg holds, from the config alone. Building the model:
+    float32 weights of the student and the teacher (an MSD module always has both) and the two
+    queues. Training adds the student's gradient and AdamW's two moments, and the activations
+    one micro-batch keeps for its backward pass and one layer's attention scores (counted at 2
+    bytes a value, as under bf16 autocast)."""
+    P = parameter_count(cfg, vocab_size, bert_config)
+    built = 4 * P * 2 + 2 * cfg.queue_size * (4 * cfg.embed_dim + 8)
+    if not training:
+        return built
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    kept = (tokens * cfg.vision_width * cfg.vision_layers + cfg.max_len * cfg.text_width * cfg.text_layers)
+    activations = 2 * cfg.batch_size * kept * (6 + 2 * cfg.mlp_ratio)
+    scores = 2 * cfg.batch_size * max(cfg.vision_heads * tokens ** 2, cfg.text_heads * cfg.max_len ** 2)
+    return built + 4 * P * 3 + activations + scores
+
+
+def memory_free(device=None):
+    """Bytes free now: the GPU's for a CUDA device, else the host's (MemAvailable on Linux,
+    the physical memory where /proc is missing); None where neither can be read."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg, vocab_size, device=None, bert_config=None, training=True):
+    """Refuse, before anything is allocated, a config whose memory_needed exceeds the limit:
+    cfg.memory_limit_gb, or 90 % of the memory free now."""
+    need = memory_needed(cfg, vocab_size, bert_config, training)
+    free = memory_free(device)
+    limit = cfg.memory_limit_gb * 2**30 if cfg.memory_limit_gb else (0.9 * free if free else None)
+    if limit is not None and need > limit:
+        where = "set by memory_limit_gb" if cfg.memory_limit_gb else (
+            f"90 % of the {free / 2**30:.1f} GB free on {device or 'this machine'}")
+        raise data.InputError(
+            f"this config needs at least {need / 2**30:,.1f} GB ({parameter_count(cfg, vocab_size, bert_config):,} "
+            f"parameters, queue_size {cfg.queue_size}, micro-batch {cfg.batch_size} of "
+            f"{(cfg.image_size // cfg.patch_size) ** 2 + 1} image and {cfg.max_len} text tokens), over the "
+            f"limit of {limit / 2**30:,.1f} GB ({where}). Lower the widths, layers, image_size, max_len, "
+            f"queue_size or batch_size, or raise memory_limit_gb if the estimate is wrong for your machine")
 
 
 # -----------------------------------------------------------------------------
@@ -1550,7 +1663,7 @@ def init_distributed(cfg):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise ValueError(f"torchrun: device {cfg.device!r} is not supported; use cuda or cpu")
+        raise data.InputError(f"torchrun: device {cfg.device!r} is not supported; use cuda or cpu")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world_size, device)
@@ -1642,10 +1755,10 @@ class BertTextTransformer(nn.Module):
         super().__init__()
         c, source = bert_config, bert_config["source"]
         if vocab_size > c["vocab_size"]:
-            raise ValueError(f"the tokenizer has {vocab_size} ids, {source} says vocab_size "
+            raise data.InputError(f"the tokenizer has {vocab_size} ids, {source} says vocab_size "
                              f"{c['vocab_size']}: vocab.txt does not belong to these weights")
         if max_len > c["max_position_embeddings"]:
-            raise ValueError(f"config key 'max_len' = {max_len} exceeds max_position_embeddings "
+            raise data.InputError(f"config key 'max_len' = {max_len} exceeds max_position_embeddings "
                              f"{c['max_position_embeddings']} of {source}; use --max_len="
                              f"{c['max_position_embeddings']} or less")
         width = c["hidden_size"]
@@ -1671,7 +1784,7 @@ class BertTextTransformer(nn.Module):
         return self.hidden_states(input_ids, attention_mask)[:, 0]  # (B, C): the [CLS] token
 
 
-class WeightsError(ValueError):
+class WeightsError(data.InputError):
     """A published weights file (or its config.json) that cannot be used; the message names it."""
 
 
@@ -2017,7 +2130,7 @@ def resample_pos_embed(pos, grid):
     (what timm's resample_abs_pos_embed does when it loads a ViT at another image size)."""
     G = math.isqrt(pos.shape[0] - 1)
     if G * G != pos.shape[0] - 1:
-        raise ValueError(f"{pos.shape[0] - 1} position rows after the class token are not a square grid")
+        raise data.InputError(f"{pos.shape[0] - 1} position rows after the class token are not a square grid")
     if G == grid:
         return pos
     cls_pos, grid_pos = pos[:1], pos[1:]
@@ -2135,7 +2248,7 @@ def truncate_log(path, step):
         try:
             record_step = json.loads(line)["step"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}, line {i}: not a log record ({line[:60]!r}); the log is damaged. "
+            raise data.InputError(f"{path}, line {i}: not a log record ({line[:60]!r}); the log is damaged. "
                              f"Delete that line (or move {path.name} away) and --resume again; "
                              f"the checkpoint does not depend on it") from None
         if record_step <= step:
@@ -2263,7 +2376,10 @@ def main(argv=None):
 
 # What a user can cause: a bad config, file or folder, a refused run, a full disk, a diverging
 # run. Their message says what and where; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, KeyError, TypeError, OSError, NonFiniteError, RunLockedError)
+# The one list of user errors, for both command lines: bad input (data.InputError and its
+# kinds), a file that cannot be read or written (OSError), a run refused or stopped for a reason
+# its message gives. Everything else is a bug and keeps its traceback.
+USER_ERRORS = (*data.USER_ERRORS, NonFiniteError, RunLockedError)
 
 
 def one_line(e):
