@@ -702,15 +702,18 @@ def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.null
                 total_loss = loss.detach()  # the same value in every micro-batch
             else:
                 # naive accumulation: each micro-batch only sees its own b - 1 negatives, so this
-                # is an average of N small-batch losses, NOT the loss of one batch of B
-                loss = clip_loss(image_feat, text_feat, batch.pair_ids[rows], model.logit_scale)
+                # is an average of N small-batch losses, NOT the loss of one batch of B. With W
+                # processes the micro-batch is global, as in open_clip (gather_features): the
+                # other processes' rows of it join as keys without gradient (appendix D)
+                image_mb, text_mb, ids_mb = gathered_live(image_feat, text_feat, batch.pair_ids[rows], dist)
+                loss = clip_loss(image_mb, text_mb, ids_mb, model.logit_scale)
                 (loss / N).backward()
                 total_loss = total_loss + loss.detach() / N
         if cfg.method == "msd" and cfg.ema_per_micro_batch:
             momentum_update(model.teacher, model.student, cfg.momentum)  # THE COMMON BUG, kept
             # for the ablation: N EMA updates per optimizer step = momentum m^N
     if ddp:
-        if exact_clip:  # each process holds a part of ONE sum, and DDP averaged the parts: undo / W
+        if cfg.method == "clip":  # each process holds a part of ONE sum, DDP averaged the parts: undo / W
             for p in model.student.parameters():
                 if p.grad is not None:
                     p.grad.mul_(dist.world_size)
@@ -759,12 +762,16 @@ def pretrain(cfg, resume=False, overwrite=False, stop_after=None):
     early after that many steps, as an interruption would (for tests). Returns a summary dict.
     A run that already finished with this config is not trained again (see finished_run)."""
     dist = init_distributed(cfg)
+    check_ranks_agree(dist, "config", {**asdict(cfg), "resume": resume, "overwrite": overwrite})
     with locked_run_folder(cfg.out_dir, dist):  # one run at a time in a folder
         done = finished_run(cfg, resume, overwrite, dist)
         if done is not None:
             return done
         run = start_run(cfg, dist, resume, overwrite)
-        return train_loop(cfg, run, dist, resume, stop_after)
+        summary = train_loop(cfg, run, dist, resume, stop_after)
+    if dist.world_size > 1:  # every process leaves together: none tears the group down under another
+        torch.distributed.barrier()
+    return summary
 
 
 def train_loop(cfg, run, dist, resume, stop_after):
@@ -896,6 +903,7 @@ def start_run(cfg, dist, resume, overwrite):
     if cfg.report_positives:  # one id per distinct report: an identical report is a positive
         train_set.pair_ids = report_ids(train_set.texts)
     fingerprint = data_fingerprint(train_set)
+    check_ranks_agree(dist, "training data", fingerprint)
     if ckpt is not None:
         check_same_data(ckpt.get("data"), fingerprint, ckpt_path)
     B = cfg.batch_size * cfg.accum_steps * dist.world_size  # the (global) effective batch
@@ -1669,6 +1677,37 @@ def init_distributed(cfg):
     return Dist(rank, world_size, device)
 
 
+def gathered_live(image_feat, text_feat, ids, dist):
+    """CLIP with W processes (open_clip's gather_features): every process's rows of the
+    micro-batch, in rank order, this process's own rows live (with gradient), the others' as
+    all-gathered copies without gradient. One process: the rows as they are."""
+    if dist is None or dist.world_size == 1:
+        return image_feat, text_feat, ids
+    live = slice(dist.rank * len(ids), (dist.rank + 1) * len(ids))
+    image_all, text_all = all_gather(image_feat.detach(), dist), all_gather(text_feat.detach(), dist)
+    return splice(image_all, image_feat, live), splice(text_all, text_feat, live), all_gather(ids, dist)
+
+
+class RanksDisagreeError(data.InputError):
+    """torchrun started processes with different configs or data."""
+
+
+def check_ranks_agree(dist, what, value):
+    """Before step 1: every process must train the same run. One all_gather of a small dict;
+    a difference is refused in every process, and the command line prints rank 0's line."""
+    if dist.world_size == 1:
+        return
+    values = [None] * dist.world_size
+    torch.distributed.all_gather_object(values, value)
+    differ = sorted({k for v in values[1:] for k in set(v) | set(values[0]) if v.get(k) != values[0].get(k)})
+    if differ:
+        shown = "; ".join(f"{k}: " + ", ".join(f"rank {r} {v.get(k)!r}" for r, v in enumerate(values))
+                          for k in differ[:3])
+        raise RanksDisagreeError(f"torchrun: the {dist.world_size} processes were started with "
+                                 f"different {what} ({shown}{'; ...' if len(differ) > 3 else ''}); "
+                                 f"start every process with the same command and files")
+
+
 @torch.no_grad()
 def all_gather(x, dist):
     """(n, ...) on every process -> (W * n, ...): all of them, in rank order (MoCo's
@@ -2368,7 +2407,8 @@ def main(argv=None):
     except USER_ERRORS as e:  # bad input, a refused run, a full disk: one line, exit 1
         if args.debug:
             raise
-        parser.exit(1, f"msd.py: error: {one_line(e)}\n")
+        quiet = isinstance(e, RanksDisagreeError) and os.environ.get("RANK", "0") != "0"
+        parser.exit(1, None if quiet else f"msd.py: error: {one_line(e)}\n")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
