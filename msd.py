@@ -86,7 +86,8 @@ class Config:
     min_freq: int = 2                 # a word needs this many training occurrences for the vocabulary
     num_workers: int = 0              # DataLoader worker processes (0 = load in the main process)
     cache_images: bool = True         # keep decoded images in memory (fine for small data)
-    allow_split_overlap: bool = False  # train although a patient/study is in train and in valid/test
+    allow_split_overlap: bool = False  # train although a patient/study/image is in train and in valid/test
+    skip_bad: bool = False            # train on the good rows of a manifest with bad ones (listed in skipped_rows.csv)
     # model (ViT + BERT-lite from scratch, or published pretrained towers: docs/mimic.md)
     patch_size: int = 8               # ViT patch side; image_size must be a multiple
     vision_width: int = 128           # ViT hidden size
@@ -132,6 +133,7 @@ class Config:
     amp: bool = True                  # bf16 autocast on CUDA (ignored elsewhere)
     compile: str = "auto"             # torch.compile the encoders: "auto" (CUDA only), "on", "off", "reduce-overhead"
     log_every: int = 10               # optimizer steps between log.jsonl records
+    eval_every: int = -1              # steps between held-out checks (valid loss, R@10); -1 = each epoch, 0 = never
     ckpt_every: int = 0               # optimizer steps between checkpoints (0 = only at the end)
     progress: bool = True             # show the tqdm progress bar
     memory_limit_gb: float = 0.0      # refuse a config estimated to need more; 0 = 90 % of the memory free at start
@@ -797,8 +799,13 @@ def train_loop(cfg, run, dist, resume, stop_after):
     share = slice(dist.rank * B // dist.world_size, (dist.rank + 1) * B // dist.world_size)
     first_bad = torch.full((), -1, device=run.device)  # first step with a NaN / inf loss or grad norm
     log = RunLog(Path(cfg.out_dir) / "log.jsonl", resume, step, dist, echo=not cfg.progress)
-    bar = tqdm(total=end, initial=step, disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
+    # smoothing 0.9: the time left follows the latest steps, not the slow first ones
+    bar = tqdm(total=end, initial=step, disable=not (cfg.progress and dist.is_main), dynamic_ncols=True,
+               smoothing=0.9)
     start, pairs_done, last = time.perf_counter(), 0, {}
+    heldout = heldout_split(cfg, run, dist)
+    every = run.steps_per_epoch if cfg.eval_every < 0 else cfg.eval_every
+    stop = stop_on_sigterm(dist)  # SIGTERM: finish this step, write a checkpoint, exit
     model.train()
     try:
         while step < end:
@@ -832,9 +839,19 @@ def train_loop(cfg, run, dist, resume, stop_after):
                 if write_ckpt:
                     save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist,
                                     run.source, run.data)
+                if heldout is not None and every and step % every == 0:
+                    log.heldout(heldout_metrics(model, heldout, run.device, autocast), step, epoch, bar)
+                if stop.asked:
+                    stop_if_not_finite(first_bad, dist, ckpt_path)
+                    save_checkpoint(ckpt_path, model, optimizer, step, cfg, run.tokenizer, dist,
+                                    run.source, run.data)
+                    print(f"SIGTERM: stopped after step {step}; {ckpt_path} written, --resume "
+                          f"continues", flush=True)
+                    raise SystemExit(128 + signal.SIGTERM)
                 if step >= end:
                     break
     finally:
+        stop.restore()
         bar.close()
         log.close()
     stop_if_not_finite(first_bad, dist, ckpt_path)
@@ -899,7 +916,10 @@ def start_run(cfg, dist, resume, overwrite):
         tokenizer = build_tokenizer(cfg, manifest)
     train_set = data.PairDataset(manifest, "train", tokenizer,
                                  data.ImageTransform(cfg.image_size, train=True),
-                                 seed=cfg.seed, cache_images=cfg.cache_images)
+                                 seed=cfg.seed, cache_images=cfg.cache_images, skip_bad=cfg.skip_bad)
+    if train_set.skipped and dist.is_main:  # never dropped silently: counted, and listed beside the run
+        listed = data.write_skipped(Path(cfg.out_dir) / "skipped_rows.csv", train_set.skipped)
+        print(f"skip_bad: {len(train_set.skipped)} bad row(s) of {manifest} left out, listed in {listed}")
     if cfg.report_positives:  # one id per distinct report: an identical report is a positive
         train_set.pair_ids = report_ids(train_set.texts)
     fingerprint = data_fingerprint(train_set)
@@ -949,7 +969,8 @@ def prepare_data(cfg):
         if not path.is_file():
             raise FileNotFoundError(f"config key 'data': manifest not found: {path} "
                                     f"(use 'synth' for the built-in synthetic data)")
-    data.check_split_overlap(data.read_manifest(path), path, cfg.allow_split_overlap)
+    data.check_split_overlap(data.read_manifest(path, skip_bad=cfg.skip_bad), path,
+                             cfg.allow_split_overlap, contents=True)
     return path
 
 
@@ -959,7 +980,8 @@ def build_tokenizer(cfg, manifest):
     if cfg.text_arch == "bert":
         read_bert_config(cfg.text_weights)  # a missing folder fails here, before the data is read
         return data.WordPieceTokenizer.from_pretrained(cfg.text_weights, max_len=cfg.max_len)
-    train_texts = [row["text"] for row in data.read_manifest(manifest) if row["split"] == "train"]
+    train_texts = [row["text"] for row in data.read_manifest(manifest, skip_bad=cfg.skip_bad)
+                   if row["split"] == "train"]
     if not train_texts:
         raise data.InputError(f"{manifest}: no rows with split 'train'")
     if not any(text.strip() for text in train_texts):
@@ -1016,7 +1038,7 @@ def compile_towers(model, cfg, device):
 # in which pairs are seen. epochs / max_steps may grow (the cosine schedule then stretches).
 RESUME_SAFE_KEYS = ("epochs", "max_steps", "log_every", "ckpt_every", "num_workers", "progress",
                     "device", "compile", "teacher_batch", "attn_impl", "cache_images", "out_dir",
-                    "memory_limit_gb",
+                    "memory_limit_gb", "eval_every",
                     "init_from", "text_weights", "vision_weights")  # the last three name files read
 # at a fresh start only; whether vision_weights is set is architecture (architecture_changes)
 
@@ -1027,7 +1049,7 @@ ARCHITECTURE_KEYS = ("image_size", "patch_size", "vision_width", "vision_layers"
                      "max_len")
 
 
-RUN_PLACE_KEYS = ("out_dir", "progress")  # where a run is written and how it shows progress
+RUN_PLACE_KEYS = ("out_dir", "progress", "eval_every")  # where a run is written and what it shows
 
 
 def same_run(saved, cfg):
@@ -2255,14 +2277,89 @@ class RunLog:
             check_replicas_agree(model, dist, step)
         last = {"loss": loss.item(), "grad_norm": out["grad_norm"].item(), "lr": out["lr"],
                 "alpha": out["alpha"], "tau": out["tau"].item(), "pairs_per_s": pairs_per_s}
-        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.1e}", alpha=f"{last['alpha']:.2f}",
-                        tau=f"{last['tau']:.3f}", pairs_s=f"{last['pairs_per_s']:.0f}")
+        shown = {"loss": f"{last['loss']:.3f}", "lr": f"{last['lr']:.1e}", "tau": f"{last['tau']:.3f}",
+                 "pairs_s": f"{last['pairs_per_s']:.0f}"}
+        if model.teacher is not None:  # alpha means something for MSD only
+            shown["alpha"] = f"{last['alpha']:.2f}"
+        bar.set_postfix(shown)
         self.write({"step": step, "epoch": epoch, **last})
         return last
+
+    def heldout(self, metrics, step, epoch, bar):
+        """A held-out check: its own record in log.jsonl, and a line above the bar."""
+        self.write({"step": step, "epoch": epoch, **metrics})
+        if self.file is not None and not self.echo:
+            bar.write(f"step {step}: valid loss {metrics['valid_loss']:.3f}, valid mean R@10 "
+                      f"{metrics['valid_R@10']:.3f} (over {metrics['heldout_pairs']} valid pairs"
+                      f"{'; 1 by construction below 11' if metrics['heldout_pairs'] <= 10 else ''})")
 
     def close(self):
         if self.file is not None:
             self.file.close()
+
+
+HELDOUT_PAIRS = 256  # valid pairs scored at each held-out check (about a second at the default size)
+
+
+def heldout_split(cfg, run, dist):
+    """The valid split as a dataset (images as evaluation sees them), or None: no valid rows,
+    eval_every 0, or a process other than rank 0."""
+    if cfg.eval_every == 0 or not dist.is_main:
+        return None
+    rows = [r for r in data.read_manifest(run.manifest, skip_bad=True) if r["split"] == "valid"]
+    if len(rows) < 2:
+        return None
+    return data.PairDataset(run.manifest, "valid", run.tokenizer, data.ImageTransform(cfg.image_size, train=False),
+                            cache_images=cfg.cache_images, skip_bad=True)
+
+
+@torch.no_grad()
+def heldout_metrics(model, valid, device, autocast):
+    """The student on the first HELDOUT_PAIRS pairs of the valid split: their CLIP loss as one
+    batch at the current tau, and mean R@10 (image -> report and report -> image; a pair's own
+    report is the hit, rows of the same study are not counted against it, ties count against).
+    Eval mode (no dropout) and no random draw, so training continues exactly as without it."""
+    n = min(len(valid), HELDOUT_PAIRS)
+    images, ids, mask, pair_ids, _ = torch.utils.data.default_collate([valid[i] for i in range(n)])
+    model.eval()
+    with autocast():
+        image_feat, text_feat = model.student(images.to(device), ids.to(device), mask.to(device))
+    model.train()
+    image_feat, text_feat, pair_ids = to_fp32(image_feat), to_fp32(text_feat), pair_ids.to(device)
+    loss = clip_loss(image_feat, text_feat, pair_ids, model.logit_scale)
+    sim = image_feat @ text_feat.t()                                  # (n, n)
+    other = pair_ids[:, None] != pair_ids[None, :]                    # (n, n): wrong candidates
+    own = sim.diagonal()
+    rank_i2t = 1 + ((sim >= own[:, None]) & other).sum(1)
+    rank_t2i = 1 + ((sim.t() >= own[:, None]) & other).sum(1)
+    recall = ((rank_i2t <= 10).double().mean() + (rank_t2i <= 10).double().mean()) / 2
+    return {"valid_loss": loss.item(), "valid_R@10": recall.item(), "heldout_pairs": n}
+
+
+class SigtermStop:
+    """While the loop runs (one process): SIGTERM, what a scheduler sends before it kills a job,
+    only sets `asked`; the loop ends the step it is in, writes a checkpoint and exits (143).
+    With several processes each would stop at another step, so there SIGTERM exits at once
+    (the last checkpoint of ckpt_every is kept); so does Ctrl-C (SIGINT) everywhere."""
+
+    def __init__(self, catch):
+        self.asked, self.previous = False, None
+        if catch:
+            try:
+                self.previous = signal.signal(signal.SIGTERM, self.ask)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+
+    def ask(self, *_):
+        self.asked = True
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def stop_on_sigterm(dist):
+    return SigtermStop(catch=dist.world_size == 1)
 
 
 def run_summary(step, seconds, pairs_done, last, device, ckpt_path, dist):
@@ -2313,7 +2410,8 @@ def stop_if_not_finite(first_bad, dist, ckpt_path):
 def print_run_summary(cfg, run, dist, compiled):
     """The derived quantities a reader should know before the first step."""
     tokenizer, train_set, B = run.tokenizer, run.train_set, run.B
-    valid_texts = [r["text"] for r in data.read_manifest(run.manifest) if r["split"] == "valid"]
+    valid_texts = [r["text"] for r in data.read_manifest(run.manifest, skip_bad=cfg.skip_bad)
+                   if r["split"] == "valid"]
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     print(f"device {run.device} | manifest {run.manifest} | {len(train_set)} training pairs | "
           f"vocabulary {tokenizer.vocab_size} | unknown-token rate: train "

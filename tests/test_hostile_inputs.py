@@ -252,11 +252,12 @@ def test_field_over_the_csv_limit_names_row_and_way_out(tmp_path):
 
 
 def leaky_manifest(tmp_path, leak=True):
-    rows = [{"image": str(tmp_path / "x.png"), "text": "lungs clear", "split": split,
+    rows = [{"image": str(tmp_path / f"x{i}.png"), "text": "lungs clear", "split": split,
              "study_id": f"s{i}", "patient_id": patient, "view": "PA"}
             for i, (split, patient) in enumerate([("train", "p1"), ("train", "p2"), ("valid", "p3"),
                                                   ("test", "p1" if leak else "p4")])]
-    Image.new("L", (8, 8), 100).save(tmp_path / "x.png")
+    for i in range(4):  # four different pictures: only the ids may leak here, not the contents
+        Image.new("L", (8, 8), 100 + i).save(tmp_path / f"x{i}.png")
     path = tmp_path / ("leaky.csv" if leak else "clean.csv")
     data.write_manifest(path, rows, [])
     return path

@@ -9,6 +9,7 @@ import gzip
 import os
 import sys
 import types
+import zlib
 
 import numpy as np
 import pytest
@@ -28,8 +29,11 @@ def write_csv(path, header, rows, gz=False):
         w.writerows(rows)
 
 
-def write_image(path, size=(40, 32), value=100, fmt=None):
+def write_image(path, size=(40, 32), value=None, fmt=None):
+    """A small grey picture; by default each file name draws another one, so that no two images
+    of a miniature share their bytes (the split check compares contents)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    value = 100 + zlib.crc32(path.name.encode()) % 90 if value is None else value
     arr = (np.arange(size[0] * size[1]).reshape(size[1], size[0]) % 97 + value) % 256
     Image.fromarray(arr.astype(np.uint8), "L").save(path, format=fmt)
 
