@@ -119,8 +119,8 @@ class BadRowsError(ManifestError):
             first = [b.message for b in bad_rows if b.reason == reason][:EXAMPLES_PER_KIND]
             examples += first + ([f"... and {n - len(first)} more {reason}"] if n > len(first) else [])
         good = total - len(bad_rows)
-        way_out = way_out or (f"or pass skip_bad to go on with the {good} good rows (the skipped "
-                              f"ones are counted, and listed by data.write_skipped)")
+        way_out = way_out or (f"or go on with the {good} good rows: msd.py --skip_bad=true, "
+                              f"evaluate.py --skip-bad (the others are counted and listed)")
         super().__init__(f"{source}: {len(bad_rows)} bad row(s) of {total} ("
                          f"{', '.join(f'{n} {reason}(s)' for reason, n in kinds)}): "
                          f"{' | '.join(examples)}. Fix or remove these rows, {way_out}", "bad rows")

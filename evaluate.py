@@ -860,10 +860,11 @@ class Evaluation:
     split and kept: in memory, and on disk next to a saved checkpoint (FeatureCache)."""
 
     def __init__(self, model, tokenizer, cfg, manifest, step, checkpoint=None, batch_size=64,
-                 checkpoint_sha256=None):
+                 checkpoint_sha256=None, skip_bad=False):
         self.model, self.tokenizer, self.cfg, self.step = model, tokenizer, cfg, step
         self.manifest, self.checkpoint, self.batch_size = Path(manifest), checkpoint, batch_size
-        self.rows = data.read_manifest(self.manifest)
+        self.skip_bad, self.skipped = skip_bad, []     # --skip-bad: bad rows counted, listed, left out
+        self.rows = data.read_manifest(self.manifest, skip_bad=skip_bad, skipped=self.skipped)
         if not self.rows:
             raise data.InputError(f"{self.manifest}: the manifest has no rows")
         self.columns = [c for c in self.rows[0] if not c.startswith("_")]
@@ -885,7 +886,7 @@ class Evaluation:
         self.check_split(split)
         return data.PairDataset(self.manifest, split, self.tokenizer,
                                 data.ImageTransform(self.cfg.image_size, train=False),
-                                label_names=self.label_names)
+                                label_names=self.label_names, skip_bad=self.skip_bad)
 
     def cache_file(self, split, rows):
         """-> (path, key) of the split's feature cache file; (None, None) for an untrained model."""
@@ -1342,7 +1343,7 @@ def run_pixel_probe(args):
     """The pixel probe needs only a manifest (--data, or the dataset of --config)."""
     manifest = Path(args.data) if args.data else msd.prepare_data(msd.load_config(args.config))
     rows = data.read_manifest(manifest)
-    data.check_split_overlap(rows, manifest, args.allow_split_overlap)
+    data.check_split_overlap(rows, manifest, args.allow_split_overlap, contents=True)
     splits = dict(collections.Counter(r["split"] for r in rows))
     for split in ("train", args.split):
         if split not in splits:
@@ -2115,7 +2116,7 @@ def load_for_eval(args):
     """-> (model, tokenizer, cfg, manifest, step, checkpoint path or None, its SHA-256 or None)."""
     device = msd.pick_device(args.device)
     if args.checkpoint == "random":
-        cfg = msd.load_config(args.config)
+        cfg = msd.load_config(args.config, ["--skip_bad=true"] if args.skip_bad else [])
         manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
         model, tokenizer = untrained_model(cfg, manifest)
         return model.to(device), tokenizer, cfg, manifest, 0, None, None
@@ -2124,6 +2125,7 @@ def load_for_eval(args):
         raise FileNotFoundError(f"checkpoint not found: {path}; train it first ({how_to_train(args)}) "
                                 f"or evaluate an untrained model with --checkpoint random")
     model, tokenizer, cfg, ckpt = msd.load_checkpoint(path, map_location=device)
+    cfg = replace(cfg, skip_bad=cfg.skip_bad or args.skip_bad)
     manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
     return model, tokenizer, cfg, manifest, ckpt["step"], path, ckpt["sha256"]
 
@@ -2461,6 +2463,9 @@ def build_parser():
                    help="ablation: where runs are trained (finished runs are reused)")
     p.add_argument("--jobs", type=int, default=1,
                    help="ablation: runs trained at once, each in a process of one thread")
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                   help="evaluate the good rows of a manifest with bad ones; the others are counted "
+                        "and recorded in the results (skipped_rows)")
     p.add_argument("--allow-split-overlap", dest="allow_split_overlap", action="store_true",
                    help="evaluate although a patient or study is in train and in another split")
     p.add_argument("--readme-pictures", dest="readme_pictures", action="store_true",
@@ -2473,7 +2478,7 @@ def check_options(p, args):
     """Options that the chosen task would ignore are errors, never silent no-ops."""
     uses = {"prompts": ("zeroshot", "all"), "prompt_set": ("zeroshot", "all"),
             "label_column": (*TASKS, "all"), "labels": ("fewshot", "all"), "readme_pictures": ("plots",),
-            "floor": ("zeroshot", "fewshot", "all"), "repeats": ("efficiency",),
+            "floor": ("zeroshot", "fewshot", "all"), "repeats": ("efficiency",), "skip_bad": (*TASKS, "all"),
             **dict.fromkeys(("zeroshot_protocol", "prompts_per_class", "prompt_seed",
                              "binary_protocol"), ("zeroshot", "all"))}
     for key, tasks in uses.items():
@@ -2545,13 +2550,15 @@ def evaluate_checkpoint(args):
     for task in {"zeroshot", "fewshot"}.intersection(tasks) if args.floor else ():
         find_floor(args, task)                # a --floor FILE that does not fit: before any work
     model, tokenizer, cfg, manifest, step, checkpoint, sha256 = load_for_eval(args)
-    ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size, sha256)
-    data.check_split_overlap(ev.rows, manifest, args.allow_split_overlap)
+    ev = Evaluation(model, tokenizer, cfg, manifest, step, checkpoint, args.batch_size, sha256,
+                    skip_bad=args.skip_bad)
+    data.check_split_overlap(ev.rows, manifest, args.allow_split_overlap, contents=True)
     print(f"checkpoint {checkpoint or 'random (untrained)'} | step {step} | manifest {manifest} | "
           f"splits {ev.split_sizes}")
     results = {"checkpoint": str(checkpoint) if checkpoint else "random", "step": step,
                "checkpoint_sha256": sha256, "manifest": str(manifest), "split": args.split,
-               "protocol": protocol_of(args), "split_sizes": ev.split_sizes, "config": asdict(cfg)}
+               "protocol": protocol_of(args), "split_sizes": ev.split_sizes, "config": asdict(cfg),
+               "skipped_rows": [b._asdict() for b in ev.skipped]}   # --skip-bad: nothing dropped unseen
     skipped = {}
     for task in tasks:
         results[task] = TASKS[task](ev, args)

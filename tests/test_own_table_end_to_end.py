@@ -160,3 +160,23 @@ def test_the_bar_shows_alpha_for_msd_only(tmp_path):
         log.record(out, 1, 0, 10.0, model, msd.Dist(), bar)
         assert ("alpha" in bar.shown) == shown
     log.close()
+
+
+def test_evaluate_skip_bad_records_the_rows_it_left_out(prepared):
+    tmp = prepared
+    rows = list(csv.DictReader(open(tmp / "own.csv", newline="")))
+    test_row = next(i for i, r in enumerate(rows) if r["split"] == "test")
+    rows[test_row]["image"] = "own/img/not_there.png"               # a test image gone missing
+    with open(tmp / "gone.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    config = tmp / "gone_config.json"
+    config.write_text(json.dumps(msd.asdict(msd.load_config(TINY, [f"--data={tmp / 'gone.csv'}", *SMALL_MODEL]))))
+    args = ["--task", "retrieval", "--checkpoint", "random", "--config", config]
+    refused = cli("evaluate.py", *args, "--out", tmp / "r1.json", cwd=tmp)
+    assert refused.returncode == 1 and "1 missing image(s)" in refused.stderr, refused.stderr
+    done = cli("evaluate.py", *args, "--skip-bad", "--out", tmp / "r2.json", cwd=tmp)
+    assert done.returncode == 0, done.stderr[-2000:]
+    skipped = json.loads((tmp / "r2.json").read_text())["skipped_rows"]
+    assert [r["reason"] for r in skipped] == ["missing image"] and skipped[0]["row"] == test_row + 1
