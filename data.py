@@ -809,15 +809,36 @@ def read_utf8(path, advice):
                             f"{advice}") from None
 
 
-def read_json(path):
-    """A JSON file's value. Not UTF-8, not JSON, or nested deeper than Python's parser can follow
-    (RecursionError) -> ValueError naming the file; OSError as raised."""
+def parse_json(text, source):
+    """JSON text -> Python, strictly: invalid JSON, a key given twice in one object (json.loads
+    would keep the last one silently) or nesting too deep for Python's parser (RecursionError) is
+    an InputError naming `source` (a file, an option)."""
+    def no_repeated_keys(pairs):
+        counts = collections.Counter(k for k, _ in pairs)
+        repeated = [k for k, n in counts.items() if n > 1]
+        if repeated:
+            raise InputError(f"{source}: key {repeated[0]!r} appears {counts[repeated[0]]} times in "
+                             f"one object; keep one")
+        return dict(pairs)
+
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+        return json.loads(text, object_pairs_hook=no_repeated_keys)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{source}: not valid JSON ({e})") from None
     except RecursionError:
-        raise InputError(f"{path}: not readable JSON (nested too deeply)") from None
+        raise InputError(f"{source}: JSON nested too deeply to read") from None
+
+
+def read_json(path, source=None, what="JSON file"):
+    """A JSON file read by parse_json, for every JSON file the project reads (configs, prompts,
+    results, caches, a BERT config). A folder, FIFO or device is named as such; errors name
+    `source` (default: the path)."""
+    require_file(path, what)
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{source or path}: not UTF-8 text ({e})") from None
+    return parse_json(text, source or path)
 
 
 @contextlib.contextmanager

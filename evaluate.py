@@ -325,7 +325,7 @@ def load_prompt_set(name_or_path):
             raise FileNotFoundError(f"prompt set {str(name_or_path)!r}: neither a shipped set "
                                     f"({', '.join(prompt_set_names())}) nor a JSON file")
         path = shipped
-    raw = read_json(path, f"prompt file {path}")      # a class given twice is an error, too
+    raw = data.read_json(path, f"prompt file {path}")      # a class given twice is an error, too
     if not isinstance(raw, dict):
         raise data.InputError(f"prompt file {path}: expected a JSON object {{class: [prompts]}} or "
                          f"{{\"positive\": ..., \"negative\": ...}}, got a {type(raw).__name__}")
@@ -1945,13 +1945,9 @@ def read_recorded(path, spec_path, protocol_eval):
     """The runs an earlier call recorded in the results file: {run: {seed: {"config", "metrics"}}},
     and the list of superseded records. A file written for another evaluation protocol is
     refused: its numbers are not comparable."""
-    if not path.is_file():
+    if not path.exists():
         return {}, []
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise data.InputError(f"{path}: not a results file of an ablation ({e}); move it away or "
-                         f"choose another --out") from None
+    old = data.read_json(path, f"{path} (the ablation's results file; move it away or choose another --out)")
     if "recorded" not in old:
         raise data.InputError(f"{path} holds no per-run record (an older results file or another "
                          f"task's); move it away or choose another --out")
@@ -1975,7 +1971,7 @@ def run_ablation(args):
     "reference": a run name; every other row then also gets its difference from that run and
     Welch's t over seeds."""
     spec_path = Path(args.ablation)
-    spec = json.loads(spec_path.read_text())
+    spec = data.read_json(spec_path, what="ablation file")
     unknown = set(spec) - set(ABLATION_KEYS)
     if unknown:
         raise data.InputKeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected {', '.join(ABLATION_KEYS)}")
@@ -2246,7 +2242,7 @@ def replace_problem(path, task, protocol, force=False):
     try:
         with open(path, "rb") as f:
             json_object = f.read(1) == b"{"             # a checkpoint is not read through
-        kind = results_kind(read_json(path)) if json_object else None
+        kind = results_kind(data.read_json(path)) if json_object else None
     except (OSError, ValueError):
         kind = None
     if kind is None:
@@ -2328,35 +2324,6 @@ def free_space(folder):
         return "free space unknown"
 
 
-def parse_json(text, source):
-    """JSON text -> Python, strictly: invalid JSON, a key given twice in one object (json.loads
-    would keep the last one silently) or nesting too deep for Python's parser (RecursionError) is
-    a ValueError naming `source` (a file, an option)."""
-    def no_repeated_keys(pairs):
-        counts = collections.Counter(k for k, _ in pairs)
-        repeated = [k for k, n in counts.items() if n > 1]
-        if repeated:
-            raise data.InputError(f"{source}: key {repeated[0]!r} appears {counts[repeated[0]]} times in "
-                             f"one object; keep one")
-        return dict(pairs)
-
-    try:
-        return json.loads(text, object_pairs_hook=no_repeated_keys)
-    except json.JSONDecodeError as e:
-        raise data.InputError(f"{source}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise data.InputError(f"{source}: JSON nested too deeply to read") from None
-
-
-def read_json(path, source=None):
-    """A JSON file read by parse_json (errors name `source`, default the path)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise data.InputError(f"{source or path}: not UTF-8 text ({e})") from None
-    return parse_json(text, source or path)
-
-
 def _numbers(text, kind):
     try:
         return tuple(kind(v) for v in text.split(","))
@@ -2378,7 +2345,7 @@ def _names(text):
     if not text.lstrip().startswith("["):
         return [n.strip() for n in text.split(",")]
     try:
-        names = parse_json(text, "the JSON list")
+        names = data.parse_json(text, "the JSON list")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
@@ -2607,7 +2574,7 @@ def find_floor(args, task):
     of the run's eval folder holding them, each for the very same protocol."""
     protocol, notes = protocol_of(args), []
     if args.floor:
-        res = read_json(args.floor)
+        res = data.read_json(args.floor)
         why = floor_problem(res, task)
         recorded = (res.get("protocol") or {}) if why is None else {}
         if why is None:
@@ -2632,7 +2599,7 @@ def find_floor(args, task):
         if not path.is_file():
             continue
         try:
-            res = read_json(path)
+            res = data.read_json(path)
         except (OSError, ValueError) as e:
             notes.append(f"not read while looking for the untrained floor: {msd.one_line(e)}")
             continue
@@ -2853,7 +2820,7 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
     efficiency file (python evaluate.py --task efficiency): end-to-end CLIP at B, whose
     activations grow with B, against exact CLIP accumulation and MSD with B/b micro-batches of b.
     -> notes (skipped rows)."""
-    res = read_json(efficiency_path)
+    res = data.read_json(efficiency_path)
     series, notes = {}, []                 # "CLIP" / "CLIP exact" / "MSD" -> [(B, memory MB)]
     legend = {"CLIP": "end-to-end CLIP (one batch of B)", "MSD": "MSD (micro-batches, teacher, queue)",
               "CLIP exact": "exact CLIP accumulation (micro-batches)"}
@@ -2941,7 +2908,7 @@ def read_log(log_path):
     for i, line in enumerate(Path(log_path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        record = parse_json(line, f"{log_path} line {i}")
+        record = data.parse_json(line, f"{log_path} line {i}")
         if not isinstance(record, dict) or _number(record.get("step")) is None:
             raise data.InputError(f"{log_path} line {i}: a record needs a numeric 'step', got {line[:80]!r}")
         by_step[record["step"]] = record
@@ -3082,7 +3049,7 @@ def plot_ablation(ablation_path, out_path, metrics=ABLATION_METRICS, colors=None
     colors: run name -> colour (run_colors), shared by the pictures drawn together; default: this
     table's own runs. A missing (null, NaN) mean is not drawn, with a note; a missing std draws
     no whisker. -> notes."""
-    res = read_json(ablation_path)
+    res = data.read_json(ablation_path)
     table = res.get("table") if isinstance(res, dict) else None
     if not isinstance(table, dict) or not table:
         raise data.InputError(f"{ablation_path}: no 'table' of runs (files come from python evaluate.py "
@@ -3156,7 +3123,7 @@ def eval_metrics(res):
 def plot_eval(eval_path, out_path, run="run", colors=None):
     """One evaluation results file of a run (its eval/<task>.json) as bars: zero-shot accuracy,
     macro-F1 and AUROC, the probe per setting (± std over seeds), retrieval recall. -> notes."""
-    res = _dict(read_json(eval_path))
+    res = _dict(data.read_json(eval_path))
     metrics, marks = eval_metrics(res)
     if not metrics:
         raise data.InputError(f"{eval_path}: no zero-shot, probe or retrieval numbers (files come from "
@@ -3193,7 +3160,7 @@ PLOTS = [  # (input files in results/, drawn by, how to make one; None: optional
 def _table_runs(path):
     """The run names of an ablation file ([] when it cannot be read: plot_ablation says why)."""
     try:
-        res = read_json(path)
+        res = data.read_json(path)
     except (OSError, ValueError):
         return []
     table = res.get("table") if isinstance(res, dict) else None
@@ -3259,7 +3226,7 @@ def current_sha256(checkpoint):
 def evaluated_sha256(path):
     """The checkpoint SHA-256 that an evaluation file records ("unreadable" when it cannot be read)."""
     try:
-        res = read_json(path)
+        res = data.read_json(path)
     except (OSError, ValueError):
         return "unreadable"
     return res.get("checkpoint_sha256", "not recorded") if isinstance(res, dict) else "unreadable"

@@ -966,6 +966,8 @@ def prepare_data(cfg):
                                      progress=cfg.progress)
     else:
         path = Path(cfg.data)
+        if data.file_problem(path) not in (None, data.NOT_FOUND):
+            data.require_file(path, "config key 'data': manifest")
         if not path.is_file():
             raise FileNotFoundError(f"config key 'data': manifest not found: {path} "
                                     f"(use 'synth' for the built-in synthetic data)")
@@ -1352,8 +1354,7 @@ def read_checkpoint(path):
     only tensors, numbers, strings, lists and dicts, so loading a file can never run code from it;
     then the SHA-256 stored inside is recomputed, and the weights are checked for NaN / inf."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    data.require_file(path, "checkpoint")  # a folder, FIFO or device is named as such
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, a broken zip, EOFError ...: all mean "unusable"
@@ -1471,12 +1472,7 @@ def load_config(path=None, overrides=()):
     values, where = {}, {}  # key -> value, and where the value came from (for error messages)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            from_file = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise data.InputError(f"{path}: not valid JSON ({e})") from None
+        from_file = data.read_json(path, what="config file")  # a key given twice is refused too
         if not isinstance(from_file, dict):
             raise data.InputError(f"{path}: expected a JSON object of config keys, got {type(from_file).__name__}")
         for key, value in from_file.items():
@@ -2074,12 +2070,9 @@ def read_bert_config(folder):
                                 f"it needs config.json, vocab.txt and model.safetensors or "
                                 f"pytorch_model.bin)")
     path = folder / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"config key 'text_weights': no config.json in {folder} ({help_})")
-    try:
-        c = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    c = data.read_json(path, what="BERT config")
     if not isinstance(c, dict):
         raise WeightsError(f"{path}: expected a JSON object of BERT's settings")
     missing = [k for k in BERT_CONFIG_KEYS if not isinstance(c.get(k), int) or c[k] < 1]
@@ -2211,9 +2204,7 @@ def load_vit_weights(visual, path):
     channels, which is exact for a grey image fed as R = G = B with the same normalisation on
     every channel (mean = std = 0.5 for timm's augreg ViTs, as in data.ImageTransform)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config key 'vision_weights': file not found: {path} (see README, "
-                                f'"Training on MIMIC-CXR")')
+    data.require_file(path, "config key 'vision_weights': file")  # see README, "Training on MIMIC-CXR"
     weights = read_weights(path)
     grid = math.isqrt(visual.positional_embedding.shape[0] - 1)
     transforms = {"class_embedding": lambda t: t.reshape(t.shape[-1]),

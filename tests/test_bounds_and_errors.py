@@ -141,3 +141,22 @@ def test_evaluate_refuses_a_huge_random_model_in_one_line(tmp_path):
     cfg.write_text('{"vision_width": 1000000, "vision_heads": 1}')
     proc = run_cli("evaluate.py", "--task", "zeroshot", "--checkpoint", "random", "--config", cfg, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "needs at least" in proc.stderr, proc.stderr
+
+
+def test_a_config_with_a_key_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.json"
+    path.write_text('{"batch_size": 16, "lr": 0.001, "batch_size": 64}')
+    with pytest.raises(data.InputError, match=r"twice\.json: key 'batch_size' appears 2 times"):
+        msd.load_config(path)
+
+
+@pytest.mark.parametrize("what", ["folder", "device"])
+def test_a_folder_or_a_device_is_named_as_such_not_as_missing(tmp_path, what):
+    path = tmp_path if what == "folder" else Path("/dev/zero")
+    words = "is a folder" if what == "folder" else "is not a regular file"
+    with pytest.raises(OSError, match=f"config file {path} {words}"):
+        msd.load_config(path)
+    with pytest.raises(OSError, match=f"checkpoint {path} {words}"):
+        msd.read_checkpoint(path)
+    with pytest.raises(OSError, match=f"manifest {path} {words}"):
+        msd.prepare_data(msd.Config(data=str(path)))

@@ -225,16 +225,16 @@ def deep(depth=100_000):
 
 def test_deeply_nested_json_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "deep.json").write_text(deep())
-    with pytest.raises(ValueError, match=r"deep\.json: not readable JSON \(nested too deeply\)"):
+    with pytest.raises(ValueError, match=r"deep\.json: JSON nested too deeply to read"):
         data.read_json(tmp_path / "deep.json")
     # a BERT checkpoint's config, a saved tokenizer: the same one line
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
     (bert / "tokenizer_config.json").write_text(deep())
-    with pytest.raises(ValueError, match=r"tokenizer_config\.json: not readable JSON"):
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: JSON nested too deeply"):
         data.WordPieceTokenizer.from_pretrained(bert)
-    with pytest.raises(ValueError, match=r"deep\.json: not readable JSON"):
+    with pytest.raises(ValueError, match=r"deep\.json: JSON nested too deeply"):
         data.Tokenizer.load(tmp_path / "deep.json")
     # SynthCXR's meta.json: refused in one line naming the folder, never regenerated over
     data.main(["synth", "--out", str(tmp_path / "s"), *SYNTH])
@@ -242,7 +242,7 @@ def test_deeply_nested_json_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(SystemExit) as e:
         data.main(["synth", "--out", str(tmp_path / "s"), *SYNTH])
     assert re.search(r"synth: .*s holds a SynthCXR set made with meta\.json=unreadable \(.*meta\.json: "
-                     r"not readable JSON \(nested too deeply\)\)", one_line(e))
+                     r"JSON nested too deeply to read\)", one_line(e))
     # a cache or a prepare record nested that deep is only unreadable: redone, or not trusted
     (tmp_path / "s" / "manifest.image_check.json").write_text(deep())
     rows = data.read_manifest(tmp_path / "s" / "manifest.csv")
