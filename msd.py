@@ -896,6 +896,7 @@ def start_run(cfg, dist, resume, overwrite):
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    device = dist.device or pick_device(cfg.device)  # a device this machine lacks: before any work
 
     # where the weights and the vocabulary come from: the checkpoint to resume, the checkpoint
     # to start from (init_from), or nowhere (a fresh start: the vocabulary of the training split)
@@ -934,7 +935,6 @@ def start_run(cfg, dist, resume, overwrite):
 
     # the model: seeded by cfg.seed, initialised (from published weights on a fresh start only),
     # then the weights of the checkpoint to resume or to start from
-    device = dist.device or pick_device(cfg.device)
     bert_config = (ckpt or source or {}).get("bert_config")
     check_memory(cfg, tokenizer.vocab_size, device, bert_config)
     model = build_model(cfg, tokenizer.vocab_size, bert_config, pretrained=ckpt is None and source is None)
