@@ -1,14 +1,13 @@
 """The two options the ratio-matched study needs: the teacher's momentum set from its half-life
 (and the half-life printed beside the paper's), and report-level positives."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import msd
+from test_msd import tiny_run_cfg
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("half_life, total, m", [
@@ -47,9 +46,7 @@ def synth(tmp_path_factory):
 
 
 def tiny(out_dir, synth, *overrides):
-    return msd.load_config(ROOT / "configs" / "tiny.json",
-                           [f"--out_dir={out_dir}", f"--synth_dir={synth}", "--progress=false",
-                            "--max_steps=2", *overrides])
+    return tiny_run_cfg(out_dir, synth, "--max_steps=2", *overrides)
 
 
 def test_the_loop_updates_the_teacher_with_the_m_of_the_half_life(tmp_path, synth, monkeypatch):
