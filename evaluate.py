@@ -1982,13 +1982,19 @@ def run_ablation(args):
                                                        for k, v in spec.get("eval", {}).items()}})
     shared = [f"--{k}={v}" for k, v in spec.get("shared", {}).items()]
     init_from = spec.get("shared", {}).get("init_from")
+    floor = "warm_start" if init_from else "random"
+    if getattr(args, "report", False):      # the recorded runs only: nothing trained or written
+        recorded, _ = read_recorded(Path(args.out), spec_path, spec.get("eval", {}))
+        table = ablation_table(recorded, spec, floor)
+        return {"ablation": str(spec_path), "base": spec["base"], "reference": spec.get("reference"),
+                "report_only": True, "table": table,
+                **({"contrasts": study_contrasts(spec, recorded, table)} if spec.get("contrasts") else {})}
     if init_from and not Path(init_from).is_file():
         if "pretrain" not in spec:
             raise FileNotFoundError(f"{spec_path}: init_from {init_from} does not exist")
         print(f"== pretraining {spec['pretrain']} -> {init_from}", flush=True)
         msd.pretrain(msd.load_config(spec["pretrain"], ["--progress=false"]))
     init_sha = msd.read_checkpoint(init_from)["sha256"] if init_from else None
-    floor = "warm_start" if init_from else "random"
     out = Path(args.out)
     recorded, superseded = read_recorded(out, spec_path, spec.get("eval", {}))
 
@@ -2428,6 +2434,9 @@ def build_parser():
     p.add_argument("--ablation", default="configs/ablation.json", help="ablation: the run list")
     p.add_argument("--ablation-dir", dest="ablation_dir", default="runs/ablation",
                    help="ablation: where runs are trained (finished runs are reused)")
+    p.add_argument("--report", action="store_true",
+                   help="ablation: print the table and the contrasts of the runs recorded in --out; "
+                        "train nothing, write nothing (safe while the runs go on)")
     p.add_argument("--jobs", type=int, default=1,
                    help="ablation: runs trained at once, each in a process of one thread")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
@@ -2446,6 +2455,7 @@ def check_options(p, args):
     uses = {"prompts": ("zeroshot", "all"), "prompt_set": ("zeroshot", "all"),
             "label_column": (*TASKS, "all"), "labels": ("fewshot", "all"), "readme_pictures": ("plots",),
             "floor": ("zeroshot", "fewshot", "all"), "repeats": ("efficiency",), "skip_bad": (*TASKS, "all"),
+            "report": ("ablation",),
             **dict.fromkeys(("zeroshot_protocol", "prompts_per_class", "prompt_seed",
                              "binary_protocol"), ("zeroshot", "all"))}
     for key, tasks in uses.items():
@@ -2637,6 +2647,8 @@ def main(argv=None):
     if args.task in BENCHMARKS:
         results = BENCHMARKS[args.task](args)
         print_results(args.task, results)
+        if results.get("report_only"):   # --report: the results file stays as the runner wrote it
+            return results
     elif args.task == "pixel-probe":
         results = {**run_pixel_probe(args), "protocol": protocol_of(args)}
         print_results(args.task, results)

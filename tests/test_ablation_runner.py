@@ -97,3 +97,16 @@ def test_sample_std_and_welch_t():
     assert ev.seed_stats([0.5]) == (0.5, None)
     assert ev.welch_t([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 0.0
     assert ev.welch_t([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]) == pytest.approx(1 / (2 / 3) ** 0.5)
+
+
+def test_report_prints_the_recorded_runs_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    args = write_spec(tmp_path)
+    monkeypatch.setattr(ev, "ablation_job", lambda job: {"i2t_R@10": 0.5, "t2i_R@10": 0.25, "train_seconds": 1.0})
+    ev.main(args)
+    before = (tmp_path / "abl_out.json").read_bytes()
+    capsys.readouterr()
+    monkeypatch.setattr(ev, "ablation_job", lambda job: pytest.fail("--report trained a run"))
+    res = ev.main(args + ["--report"])
+    assert (tmp_path / "abl_out.json").read_bytes() == before          # written by the runner only
+    assert res["report_only"] and res["table"]["msd"]["mean_R@10"][0] == pytest.approx(0.375)
+    assert "msd" in capsys.readouterr().out

@@ -9,7 +9,6 @@ import msd
 from test_msd import tiny_run_cfg
 
 
-
 @pytest.mark.parametrize("half_life, total, m", [
     (69.0, 192, 0.99),           # the warm table's m = 0.99: 69 steps
     (0.005, 768, 0.835),         # 0.5 % of the study's 768 steps: m = 0.84
