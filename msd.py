@@ -612,132 +612,143 @@ def splice(cached, live, rows):
 
 
 def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
-    """One optimizer step on an effective batch of B = N * b pairs: the six steps of method.md
-    §4 (README.md, "One optimizer step"). With W processes (appendix D), `batch` holds this
-    process's N * b pairs of a global batch of W * N * b, and the keys are the features of the
-    global batch.
-
-    Three ways to spend N micro-batches, side by side (method.md §3 and §6):
-      MSD              keys are stop-gradient TEACHER features: the loss is a mean of per-row
-                       terms, so each micro-batch's loss / N backpropagates its exact share;
-      CLIP "exact"     (GradCache, open_clip's accum_freq) keys are the STUDENT's own features,
-                       cached without gradient and recomputed with gradient one micro-batch at a
-                       time: each backward of the WHOLE loss gives its exact share, no / N;
-      CLIP "naive"     each micro-batch is its own small batch: N small-batch losses, not one.
+    """One MSD optimizer step on an effective batch of B = N * b pairs: the six steps of
+    method.md §4 (README.md, "One optimizer step"). The keys are stop-gradient TEACHER features,
+    so the loss is a mean of per-row terms and each micro-batch's loss / N backpropagates its
+    exact share of the gradient of one batch of B. The CLIP baselines take clip_step (below).
 
     Returns "loss", "grad_norm" and "tau" as 0-d tensors on the device, plus "lr" and "alpha".
     Nothing here waits for the GPU (no .item(), no int(tensor)): the loop reads the numbers once
-    per log interval. Gradients stay in .grad after the step (the tests read them)."""
-    ddp = dist is not None and dist.world_size > 1            # several processes: appendix D
-    student = dist.ddp_student if ddp else model.student     # called through forward(): v, t
-    N = cfg.accum_steps
-    B = batch.images.size(0)
-    assert B % N == 0, f"batch of {B} pairs is not a multiple of accum_steps {N}"
-    b = B // N  # micro-batch
-    micro = [slice(j * b, (j + 1) * b) for j in range(N)]
-    lengths = batch.text_lengths or batch.attention_mask.sum(1).tolist()
-    exact_clip = cfg.method == "clip" and cfg.clip_accum == "exact"
-    replay = exact_clip and cfg.dropout > 0  # dropout: both passes must draw the same masks
-    device = batch.images.device
-
-    def reports(rows):  # input_ids, attention_mask of these rows, without unreached padding
-        return trim_padding(batch.input_ids[rows], batch.attention_mask[rows], lengths[rows],
-                            model.student.text.pad_multiple)
-
-    def gathered(*xs):  # W processes: the GLOBAL batch, in rank order (no gradient flows)
-        return [all_gather(x, dist) if ddp else x for x in xs]
+    per log interval. Gradients stay in .grad after the step (the tests read them). With W
+    processes (appendix D), `batch` is this process's share of a global batch of W * B."""
+    if cfg.method == "clip":
+        return clip_step(model, optimizer, batch, cfg, lr, alpha, autocast, dist)
+    student, micro, reports = step_parts(model, batch, cfg, dist)
+    N = len(micro)
 
     # 1. the loop has taken an effective batch of B = N * b pairs: `batch`
-    # 2. the keys of the whole effective batch are computed first, without gradient, and are then
-    #    fixed for the whole step: every row of every micro-batch sees the same key set.
-    if cfg.method == "msd":
-        # MSD: the teacher encodes ALL B rows: V', T' (B, d). K_v = [V'; Q_v], K_t = [T'; Q_t]
-        image_feat_m, text_feat_m = encode_no_grad(model.teacher, batch.images, reports,
-                                                   chunks(B, cfg.teacher_batch), autocast)
-        image_all, text_all, ids_all = gathered(image_feat_m, text_feat_m, batch.pair_ids)
-        queue_image, queue_ids = model.image_queue.keys()
-        queue_text, _ = model.text_queue.keys()
-        image_keys = torch.cat([image_all, queue_image])  # K_v = [V'; Q_v]   (W*B + filled, d)
-        text_keys = torch.cat([text_all, queue_text])     # K_t = [T'; Q_t]   (W*B + filled, d)
-        key_ids = torch.cat([ids_all, queue_ids])         # their pair ids    (W*B + filled,)
-    elif exact_clip:
-        # exact CLIP: the STUDENT encodes all B rows once without gradient, the cache V, T (B, d).
-        # With dropout the cache is made one micro-batch at a time from a saved RNG state, and
-        # step 3 replays that state, so the recomputed rows equal the cached ones exactly.
-        rng = [] if replay else None
-        image_cache, text_cache = encode_no_grad(model.student, batch.images, reports,
-                                                 micro if replay else chunks(B, cfg.teacher_batch),
-                                                 autocast, rng)
-        image_all, text_all, ids_all = gathered(image_cache, text_cache, batch.pair_ids)
-        offset = dist.rank * B if ddp else 0  # where this process's rows sit in the global batch
+    # 2. the teacher encodes ALL B rows first, without gradient: V', T' (B, d). The keys are then
+    #    fixed for the whole step: K_v = [V'; Q_v], K_t = [T'; Q_t], every micro-batch sees them.
+    image_feat_m, text_feat_m = encode_no_grad(model.teacher, batch.images, reports,
+                                               chunks(len(batch.images), cfg.teacher_batch), autocast)
+    image_all, text_all, ids_all = gathered(dist, image_feat_m, text_feat_m, batch.pair_ids)
+    queue_image, queue_ids = model.image_queue.keys()
+    queue_text, _ = model.text_queue.keys()
+    image_keys = torch.cat([image_all, queue_image])  # K_v = [V'; Q_v]   (W*B + filled, d)
+    text_keys = torch.cat([text_all, queue_text])     # K_t = [T'; Q_t]   (W*B + filled, d)
+    key_ids = torch.cat([ids_all, queue_ids])         # their pair ids    (W*B + filled,)
 
     # 3. the student encodes one micro-batch at a time; only b pairs of activations live at once
     optimizer.zero_grad(set_to_none=True)
     total_loss = 0.0  # becomes a tensor on the device: summed without reading it back
     for j, rows in enumerate(micro):
-        # W processes: DDP all-reduces the gradients in backward(); inside no_sync() they only
-        # accumulate, so the all-reduce happens once per optimizer step, on the last micro-batch
-        sync = student.no_sync() if ddp and j < N - 1 else contextlib.nullcontext()
-        with sync:
+        with sync_on_last(student, dist, j, N):  # W processes: one gradient all-reduce per step
+            with autocast():
+                image_feat, text_feat = student(batch.images[rows], *reports(rows))  # (b, d) each
+            loss = msd_loss(to_fp32(image_feat), to_fp32(text_feat), image_feat_m[rows],
+                            text_feat_m[rows], image_keys, text_keys, batch.pair_ids[rows], key_ids,
+                            model.logit_scale, alpha)
+            # / N: the loss of B rows is the mean of N equal-sized micro-batch means; the keys are
+            # stop-gradient, so the summed gradients are the gradient of one batch of B exactly
+            (loss / N).backward()
+            total_loss = total_loss + loss.detach() / N
+        if cfg.ema_per_micro_batch:  # THE COMMON BUG, kept for the ablation: momentum m^N
+            momentum_update(model.teacher, model.student, cfg.momentum)
+    average_tau_gradient(model, dist)  # W processes: tau lives outside the DDP-wrapped student
+
+    # 4. clip, one optimizer step, keep the temperature in a sane range (tau in [0.01, 1])
+    grad_norm = optimizer_step(model, optimizer, cfg, lr)
+    # 5. EMA of the teacher once per optimizer step, after optimizer.step()
+    if not cfg.ema_per_micro_batch:
+        momentum_update(model.teacher, model.student, cfg.momentum)
+    # 6. enqueue this step's teacher features and pair ids (of the global batch), after the
+    #    loss, never before; every process enqueues the same, so the queues stay identical
+    model.dequeue_and_enqueue(image_all, text_all, ids_all)
+    return step_result(total_loss, grad_norm, lr, alpha, model)
+
+
+def clip_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
+    """The CLIP baselines' optimizer step: no teacher, no queue; the keys are the STUDENT's own
+    features, so rows share negatives and the loss of a batch is not a sum of per-row terms.
+    Two ways to spend N micro-batches (method.md §3 and §6), beside MSD's:
+      clip_accum "exact"  (GradCache, open_clip's accum_freq) the student encodes all B rows once
+                          without gradient (the cache), then re-encodes one micro-batch at a time
+                          with gradient, spliced into the cache: each backward of the WHOLE loss
+                          gives its exact share, no / N;
+      clip_accum "naive"  each micro-batch is its own small batch: the mean of N small-batch
+                          losses, NOT the loss of one batch of B (N = 1: end-to-end CLIP)."""
+    student, micro, reports = step_parts(model, batch, cfg, dist)
+    N, exact, device = len(micro), cfg.clip_accum == "exact", batch.images.device
+    replay = exact and cfg.dropout > 0  # with dropout both passes must draw the same masks
+    if exact:
+        # the cache V, T (B, d). With dropout it is made one micro-batch at a time from a saved
+        # RNG state, replayed below, so the recomputed rows equal the cached ones exactly
+        rng = [] if replay else None
+        image_cache, text_cache = encode_no_grad(model.student, batch.images, reports,
+                                                 micro if replay else chunks(len(batch.images), cfg.teacher_batch),
+                                                 autocast, rng)
+        image_all, text_all, ids_all = gathered(dist, image_cache, text_cache, batch.pair_ids)
+        offset = dist.rank * len(batch.images) if dist is not None and dist.world_size > 1 else 0
+
+    optimizer.zero_grad(set_to_none=True)
+    total_loss = 0.0
+    for j, rows in enumerate(micro):
+        with sync_on_last(student, dist, j, N):
             if replay:
                 set_rng_state(rng[j], device)
             with autocast():
                 image_feat, text_feat = student(batch.images[rows], *reports(rows))  # (b, d) each
             image_feat, text_feat = to_fp32(image_feat), to_fp32(text_feat)
-            if cfg.method == "msd":
-                loss = msd_loss(image_feat, text_feat, image_feat_m[rows], text_feat_m[rows],
-                                image_keys, text_keys, batch.pair_ids[rows], key_ids,
-                                model.logit_scale, alpha)
-                # divide by N: the loss of B rows is the mean of N equal-sized micro-batch means.
-                # Keys are stop-gradient, so the summed gradients equal the gradient of one batch
-                # of B exactly (and DDP's average over W processes makes it the mean over W * B).
-                (loss / N).backward()
-                total_loss = total_loss + loss.detach() / N
-            elif exact_clip:
-                # L of the whole (global) batch, with rows j live and every other row cached:
-                # backward gives dL/df_j * df_j/dtheta, and summed over j that is dL/dtheta
-                # exactly, so no / N. tau's own gradient must be counted once: only j = 0 sees it.
+            if exact:
+                # L of the whole (global) batch, rows j live, every other row cached: backward
+                # gives dL/df_j * df_j/dtheta, and summed over j that is dL/dtheta exactly, so no
+                # / N. tau's own gradient must be counted once: only j = 0 sees it.
                 live = slice(offset + rows.start, offset + rows.stop)
                 loss = clip_loss(splice(image_all, image_feat, live), splice(text_all, text_feat, live),
                                  ids_all, model.logit_scale if j == 0 else model.logit_scale.detach())
                 loss.backward()
                 total_loss = loss.detach()  # the same value in every micro-batch
             else:
-                # naive accumulation: each micro-batch only sees its own b - 1 negatives, so this
-                # is an average of N small-batch losses, NOT the loss of one batch of B. With W
-                # processes the micro-batch is global, as in open_clip (gather_features): the
-                # other processes' rows of it join as keys without gradient (appendix D)
+                # with W processes the micro-batch is global, as in open_clip (gather_features):
+                # the other processes' rows of it join as keys without gradient (appendix D)
                 image_mb, text_mb, ids_mb = gathered_live(image_feat, text_feat, batch.pair_ids[rows], dist)
                 loss = clip_loss(image_mb, text_mb, ids_mb, model.logit_scale)
                 (loss / N).backward()
                 total_loss = total_loss + loss.detach() / N
-        if cfg.method == "msd" and cfg.ema_per_micro_batch:
-            momentum_update(model.teacher, model.student, cfg.momentum)  # THE COMMON BUG, kept
-            # for the ablation: N EMA updates per optimizer step = momentum m^N
-    if ddp:
-        if cfg.method == "clip":  # each process holds a part of ONE sum, DDP averaged the parts: undo / W
-            for p in model.student.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(dist.world_size)
-        # tau lives outside the DDP-wrapped student: average its gradient by hand
-        torch.distributed.all_reduce(model.logit_scale.grad)
-        model.logit_scale.grad /= dist.world_size
+    undo_ddp_average(model, dist)      # W processes hold parts of ONE sum, which DDP averaged
+    average_tau_gradient(model, dist)
+    grad_norm = optimizer_step(model, optimizer, cfg, lr)
+    return step_result(total_loss, grad_norm, lr, alpha, model)
 
-    # 4. clip, one optimizer step, keep the temperature in a sane range (tau in [0.01, 1])
+
+def step_parts(model, batch, cfg, dist):
+    """What a step needs before its first pass: the student to call (DDP-wrapped with W
+    processes), the N micro-batch slices of b rows, and reports(rows): the token ids and mask of
+    those rows, cut to the padding they reach (lengths counted on the host by the loop)."""
+    N, B = cfg.accum_steps, batch.images.size(0)
+    assert B % N == 0, f"batch of {B} pairs is not a multiple of accum_steps {N}"
+    b = B // N  # micro-batch
+    lengths = batch.text_lengths or batch.attention_mask.sum(1).tolist()
+
+    def reports(rows):
+        return trim_padding(batch.input_ids[rows], batch.attention_mask[rows], lengths[rows],
+                            model.student.text.pad_multiple)
+    ddp = dist is not None and dist.world_size > 1
+    return (dist.ddp_student if ddp else model.student), [slice(j * b, (j + 1) * b) for j in range(N)], reports
+
+
+def optimizer_step(model, optimizer, cfg, lr):
+    """Step 4: clip the gradient norm, one AdamW step at lr, clamp tau to [0.01, 1] -> the norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0.0, math.log(100.0))
+    return grad_norm
 
-    if cfg.method == "msd":
-        # 5. EMA of the teacher once per optimizer step, after optimizer.step()
-        if not cfg.ema_per_micro_batch:
-            momentum_update(model.teacher, model.student, cfg.momentum)
-        # 6. enqueue this step's teacher features and pair ids (of the global batch), after the
-        #    loss, never before; every process enqueues the same, so the queues stay identical
-        model.dequeue_and_enqueue(image_all, text_all, ids_all)
+
+def step_result(total_loss, grad_norm, lr, alpha, model):
     return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "alpha": alpha,
             "tau": model.logit_scale.detach().exp().reciprocal()}
 
@@ -1693,6 +1704,35 @@ def init_distributed(cfg):
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world_size, device)
+
+
+def gathered(dist, *xs):
+    """W processes: each tensor for the GLOBAL batch, in rank order (no gradient flows)."""
+    return [all_gather(x, dist) for x in xs] if dist is not None and dist.world_size > 1 else list(xs)
+
+
+def sync_on_last(student, dist, j, N):
+    """W processes: DDP all-reduces the gradients in backward(); inside no_sync() they only
+    accumulate, so the all-reduce happens once per optimizer step, on the last micro-batch."""
+    if dist is not None and dist.world_size > 1 and j < N - 1:
+        return student.no_sync()
+    return contextlib.nullcontext()
+
+
+def average_tau_gradient(model, dist):
+    """tau lives outside the DDP-wrapped student: its gradient is averaged over W by hand."""
+    if dist is not None and dist.world_size > 1:
+        torch.distributed.all_reduce(model.logit_scale.grad)
+        model.logit_scale.grad /= dist.world_size
+
+
+def undo_ddp_average(model, dist):
+    """CLIP with W processes: each holds one part of the gradient of ONE loss over the global
+    batch, and DDP averaged the parts (/ W): multiply by W to get their sum."""
+    if dist is not None and dist.world_size > 1:
+        for p in model.student.parameters():
+            if p.grad is not None:
+                p.grad.mul_(dist.world_size)
 
 
 def gathered_live(image_feat, text_feat, ids, dist):
