@@ -36,6 +36,7 @@ import multiprocessing
 import numbers
 import os
 import re
+import shutil
 import stat
 import sys
 import time
@@ -843,14 +844,16 @@ def read_json(path, source=None, what="JSON file"):
 
 @contextlib.contextmanager
 def atomic_write(path):
-    """`with atomic_write(path) as tmp:` write tmp (a hidden file beside path); when the block
-    ends, os.replace puts it at path, so a reader sees the old file or the new one, never half of
-    one. On any failure the temporary file is removed; an OSError or RuntimeError (a full disk,
-    "No space left on device", "File too large"; torch.save reports those as RuntimeError)
-    becomes one OSError naming path (errno kept). Works for torch.save(obj, tmp) too."""
+    """`with atomic_write(path) as tmp:` write tmp (a hidden file of this process beside path);
+    when the block ends, os.replace puts it at path, so a reader sees the old file or the new
+    one, never half of one. The one way every file of the project is written. On any failure the
+    temporary file is removed and the file at path, if any, is untouched; an OSError or a
+    RuntimeError (a full disk, "File too large": torch.save reports those as RuntimeError)
+    becomes one OSError naming path and the free space there (errno kept). The folder is made."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:
@@ -858,10 +861,22 @@ def atomic_write(path):
             tmp.unlink()
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and not isinstance(e, RecursionError)):
             reason = (e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split()))
-            error = OSError(f"cannot write {path}: {reason or type(e).__name__}")
+            error = OSError(f"cannot write {path} ({free_space(path.parent)}): "
+                            f"{reason or type(e).__name__}; the file there before, if any, is untouched")
             error.errno = getattr(e, "errno", None)
             raise error from e
         raise
+
+
+def free_space(folder):
+    """'1,234 MB free there', from shutil.disk_usage of the folder (or its nearest parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:,.0f} MB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def write_text(path, text):

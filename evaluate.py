@@ -63,7 +63,6 @@ import multiprocessing
 import os
 import platform
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -839,7 +838,7 @@ class FeatureCache:
         return None
 
     def save(self, path, key, feats):
-        """Atomically (write_atomic: a killed run leaves no half file); nothing without a cache
+        """Atomically (data.atomic_write: a killed run leaves no half file); nothing without a cache
         (path None). A folder that cannot be written, a full disk, or something other than a
         regular file at the path (a folder, a FIFO) only means no cache: a note, and the
         evaluation goes on."""
@@ -848,7 +847,8 @@ class FeatureCache:
         try:
             if path.exists() and not path.is_file():
                 raise OSError(f"{path} is not a regular file, left as it is")
-            write_atomic(path, lambda f: torch.save({**feats, "key": key}, f), binary=True)
+            with data.atomic_write(path) as tmp:
+                torch.save({**feats, "key": key}, tmp)
         except OSError as e:
             print(f"note: cannot write the feature cache ({msd.one_line(e)}); evaluating "
                   f"without a cache", file=sys.stderr)
@@ -2298,36 +2298,8 @@ def to_json(obj):
 
 def write_json_atomic(path, obj):
     """obj as strict JSON (to_json), written atomically (write_atomic)."""
-    write_atomic(path, lambda f: json.dump(to_json(obj), f, indent=1, allow_nan=False))
-
-
-def write_atomic(path, write, binary=False):
-    """Make path's folder, call write(f) on a temporary file of this process beside path, then
-    rename it over path: a reader never sees half a file. The temporary file is removed on any
-    failure. A write that fails (a full disk: OSError ENOSPC or EFBIG, or the RuntimeError that
-    torch.save raises for it) is an OSError in one line naming the file and the free space."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        raise OSError(f"cannot write {path}: {msd.one_line(e)} ({free_space(path.parent)})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def free_space(folder):
-    """'1,234 MB free there', from shutil.disk_usage of the folder (or its nearest parent)."""
-    folder = Path(folder)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return f"{shutil.disk_usage(folder).free / 2 ** 20:,.0f} MB free there"
-    except OSError:
-        return "free space unknown"
+    with data.atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(to_json(obj), indent=1, allow_nan=False), encoding="utf-8")
 
 
 def _numbers(text, kind):
@@ -2741,7 +2713,7 @@ class Svg:
         if os.path.lexists(path) and not drawn_here(path):
             raise data.InputError(f"{path}: not a picture that evaluate.py drew, left as it is; move it "
                              f"away to draw this picture there")
-        write_atomic(path, lambda f: f.write(head + "\n".join(self.parts) + "\n</svg>\n"))
+        data.write_text(path, head + "\n".join(self.parts) + "\n</svg>\n")
 
 
 def drawn_here(path):

@@ -39,12 +39,10 @@ import argparse
 import contextlib
 import copy
 import difflib
-import errno
 import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -1343,21 +1341,8 @@ def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, sou
         "finished": finished,      # the last step of the schedule is done
     }
     state["sha256"] = checkpoint_sha256(state)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # this process's own temporary file
-    try:
+    with data.atomic_write(path) as tmp:  # a killed run or a full disk leaves the last one whole
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and "write" not in str(e) and "inline_container" not in str(e):
-            raise  # not a failed write: a real bug keeps its traceback
-        why = "no space left on the device" if getattr(e, "errno", None) == errno.ENOSPC else (
-            getattr(e, "strerror", None) or " ".join(str(e).split())[:200])
-        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else float("nan")
-        raise OSError(getattr(e, "errno", None) or errno.EIO,
-                      f"could not write checkpoint {path} ({free:,.0f} MB free there): {why}. The "
-                      f"unfinished {tmp.name} was removed; the previous checkpoint, if any, is "
-                      f"untouched") from e
 
 
 def read_checkpoint(path):
@@ -2420,9 +2405,7 @@ def truncate_log(path, step):
                              f"the checkpoint does not depend on it") from None
         if record_step <= step:
             kept.append(line)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # this process's own temporary file
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    data.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def stop_if_not_finite(first_bad, dist, ckpt_path):

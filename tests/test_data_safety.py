@@ -180,7 +180,8 @@ def test_a_failed_write_leaves_no_temporary_file_and_the_old_file_whole(tmp_path
             tmp.write_text("half of the new")
             raise error
     message = one_line(e)
-    assert message.startswith(f"cannot write {path}: ") and " ".join(str(error).split()[-3:]) in message
+    assert message.startswith(f"cannot write {path} (") and "MB free there): " in message
+    assert " ".join(str(error).split()[-3:]) in message and message.endswith("if any, is untouched")
     assert e.value.errno == getattr(error, "errno", None)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
@@ -196,7 +197,8 @@ def test_prepare_that_runs_out_of_space_names_the_file_and_leaves_nothing(tmp_pa
     monkeypatch.setattr(data.csv.DictWriter, "writerow", full_disk)
     with pytest.raises(SystemExit) as e:
         data.main(args)
-    assert one_line(e) == f"prepare csv: cannot write {tmp_path / 'm.csv'}: No space left on device"
+    assert one_line(e).startswith(f"prepare csv: cannot write {tmp_path / 'm.csv'} (")
+    assert "MB free there): No space left on device" in one_line(e)
     assert not (tmp_path / "m.csv").exists() and not list(tmp_path.glob(".*"))   # no temporary file
 
 

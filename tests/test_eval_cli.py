@@ -196,7 +196,7 @@ def test_read_only_checkpoint_folder_is_evaluated_without_a_cache(trained, tmp_p
     real_save = torch.save
 
     def save(obj, f, *a, **k):                   # what writing into a read-only folder does
-        if read_only.parent in Path(getattr(f, "name", f)).parents:
+        if read_only.parent in Path(f).parents:       # the temporary file beside the cache
             raise PermissionError(13, "Permission denied")
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", save)

@@ -738,7 +738,7 @@ def test_feature_cache_truncated_or_planted_is_recomputed(trained, tmp_path, mon
     real_save = torch.save
 
     def killed_while_writing(obj, f, *a, **k):
-        f.write(b"half a file")
+        Path(f).write_bytes(b"half a file")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", killed_while_writing)
     with pytest.raises(KeyboardInterrupt):
