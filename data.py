@@ -597,16 +597,6 @@ class Tokenizer(_TokenizerBase):
             raise ValueError(f"a {d['kind']!r} tokenizer dict: restore it with data.tokenizer_from_dict")
         return cls(d["vocab"], d["max_len"])
 
-    def save(self, path):
-        write_text(path, json.dumps(self.to_dict()))
-
-    @classmethod
-    def load(cls, path):
-        found = read_json(path)
-        if not isinstance(found, dict):
-            raise InputError(f"{path}: expected a tokenizer's JSON object, found {type(found).__name__}")
-        return cls.from_dict(found)
-
 
 def tokenizer_from_dict(d):
     """Either tokenizer (WordPieceTokenizer: appendix B) from its to_dict(); a dict without
@@ -627,13 +617,12 @@ class ImageTransform:
     """PIL image -> normalised float32 tensor (1, S, S).
     Longer side -> round(S*256/224), zero-pad to square; train: small rotation, random resized
     square crop (area fraction in `scale`), brightness/contrast jitter; eval: centre crop.
-    No horizontal flip by default: it swaps left and right, and the reports say which side."""
+    No horizontal flip: it swaps left and right, and the reports say which side."""
+    scale, rotate, brightness, contrast = (0.8, 1.0), 5.0, 0.1, 0.1   # train-time augmentation
+    mean = std = 0.5                                                   # x -> (x - 0.5) / 0.5
 
-    def __init__(self, image_size, train, scale=(0.8, 1.0), rotate=5.0, brightness=0.1,
-                 contrast=0.1, hflip=False, mean=0.5, std=0.5):
-        self.image_size, self.train, self.scale, self.rotate = image_size, train, scale, rotate
-        self.brightness, self.contrast, self.hflip, self.mean, self.std = (
-            brightness, contrast, hflip, mean, std)
+    def __init__(self, image_size, train):
+        self.image_size, self.train = image_size, train
         self.resize_to = round(image_size * 256 / 224)
 
     def __call__(self, img, rng=None):
@@ -652,8 +641,6 @@ class ImageTransform:
             side = R * math.sqrt(rng.uniform(*self.scale))
             x0, y0 = rng.uniform(0, R - side, size=2)
             img = square.resize((S, S), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
-            if self.hflip and rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             o = (R - S) // 2
             img = square.crop((o, o, o + S, o + S))

@@ -10,7 +10,7 @@ scikit-learn's values in tests/test_evaluate.py.
     python evaluate.py --task all --data my.csv --label-column label --prompts my_prompts.json
 
 Reads top to bottom. Part I, evaluating a checkpoint:
-    1. metrics       auroc, macro_f1, confusion_matrix, retrieval_ranks, recall_at_k, ...
+    1. metrics       auroc, macro_f1, confusion_matrix, retrieval_ranks, rank_metrics, ...
     2. features      one batched no-grad pass per split, eval mode
     3. zero-shot     prompt files (configs/prompts/), class vector = normalise(mean(normalise(
                      prompt embeddings))); N-way argmax, and binary positive-vs-negative AUROC;
@@ -195,12 +195,6 @@ def rank_metrics(ranks, ks=(1, 5, 10)):
     out["MRR"] = float((1.0 / ranks).mean())
     out["median_rank"] = float(np.median(ranks))
     return out
-
-
-def recall_at_k(sim, targets, ks=(1, 5, 10), cand_ids=None):
-    """{"R@K": ...} for each K, from the pessimistic ranks of retrieval_ranks()."""
-    ranks = retrieval_ranks(sim, targets, cand_ids)
-    return {f"R@{k}": float((ranks <= k).mean()) for k in ks}
 
 
 def class_precision_at_k(sim, query_labels, cand_labels, ks=(1, 5, 10)):
@@ -403,12 +397,6 @@ def class_embeddings(encode, prompts_by_class):
         t = F.normalize(encode(list(prompts)), dim=-1)                          # (n_prompts, d)
         rows.append(F.normalize(t.mean(0), dim=-1))
     return torch.stack(rows)                                                    # (C, d)
-
-
-def zeroshot_multiclass(image_emb, y_true, class_emb, class_names):
-    """N-way: predict argmax_k cos(v, c_k) for each image independently (no test-set
-    statistics, no z-scoring) -> multiclass_metrics."""
-    return multiclass_metrics(image_emb @ class_emb.T, y_true, class_names)
 
 
 def multiclass_metrics(scores, y_true, class_names):
@@ -888,15 +876,11 @@ class Evaluation:
                                 data.ImageTransform(self.cfg.image_size, train=False),
                                 label_names=self.label_names, skip_bad=self.skip_bad)
 
-    def cache_file(self, split, rows):
-        """-> (path, key) of the split's feature cache file; (None, None) for an untrained model."""
-        return self.cache.file(split, rows)
-
     def images(self, split):
         """{"features", "embed", "labels" (manifest values), "rows"} of one split."""
         if split not in self._images:
             dataset = self.dataset(split)
-            path, key = self.cache_file(split, dataset.rows)
+            path, key = self.cache.file(split, dataset.rows)
             feats = self.cache.load(path, len(dataset), key)
             if feats is None:
                 feats = encode_images(self.model, dataset, self.batch_size, self.cfg.num_workers)

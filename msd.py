@@ -778,7 +778,7 @@ def pretrain(cfg, resume=False, overwrite=False, stop_after=None):
         done = finished_run(cfg, resume, overwrite, dist)
         if done is not None:
             return done
-        run = start_run(cfg, dist, resume, overwrite)
+        run = start_run(cfg, dist, resume)
         summary = train_loop(cfg, run, dist, resume, stop_after)
     if dist.world_size > 1:  # every process leaves together: none tears the group down under another
         torch.distributed.barrier()
@@ -899,7 +899,7 @@ class Run:
     momentum: float = None        # the teacher's m in force (from momentum_half_life if set)
 
 
-def start_run(cfg, dist, resume, overwrite):
+def start_run(cfg, dist, resume):
     """A fresh start, --resume, or init_from: the data, the vocabulary, the model and the
     optimizer, checked, initialised or restored."""
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
@@ -1760,7 +1760,7 @@ def all_gather(x, dist):
     return torch.cat(parts)
 
 
-def check_replicas_agree(model, dist, step):
+def check_replicas_agree(model, step):
     """Every process applies the same averaged gradient, EMA and enqueue, so student, teacher
     and queues must stay identical without ever being sent; one all-reduce of their sums checks it."""
     parts = [model.student.parameters()]
@@ -2290,7 +2290,7 @@ class RunLog:
         if dist.world_size > 1:
             torch.distributed.all_reduce(loss)
             loss /= dist.world_size
-            check_replicas_agree(model, dist, step)
+            check_replicas_agree(model, step)
         last = {"loss": loss.item(), "grad_norm": out["grad_norm"].item(), "lr": out["lr"],
                 "alpha": out["alpha"], "tau": out["tau"].item(), "pairs_per_s": pairs_per_s}
         shown = {"loss": f"{last['loss']:.3f}", "lr": f"{last['lr']:.1e}", "tau": f"{last['tau']:.3f}",

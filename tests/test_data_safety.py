@@ -236,8 +236,6 @@ def test_deeply_nested_json_is_one_line_naming_the_file(tmp_path):
     (bert / "tokenizer_config.json").write_text(deep())
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: JSON nested too deeply"):
         data.WordPieceTokenizer.from_pretrained(bert)
-    with pytest.raises(ValueError, match=r"deep\.json: JSON nested too deeply"):
-        data.Tokenizer.load(tmp_path / "deep.json")
     # SynthCXR's meta.json: refused in one line naming the folder, never regenerated over
     data.main(["synth", "--out", str(tmp_path / "s"), *SYNTH])
     (tmp_path / "s" / "meta.json").write_text(deep())

@@ -185,7 +185,7 @@ def test_cache_copied_from_another_checkpoint_is_recomputed(trained, tmp_path, c
     assert "its key differs" in capsys.readouterr().err
     fresh = ev.encode_images(model, evaluation.dataset("test"))["embed"]
     assert torch.equal(embed, fresh)
-    assert torch.load(cache_path(b, "test"), weights_only=True)["key"] == evaluation.cache_file(
+    assert torch.load(cache_path(b, "test"), weights_only=True)["key"] == evaluation.cache.file(
         "test", evaluation.images("test")["rows"])[1]                # rewritten under B's key
 
 
