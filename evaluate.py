@@ -729,9 +729,13 @@ def check_pool(manifest, split, rows, image_rows, texts):
 
 def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
                        ks=(1, 5, 10), chunk_size=256):
-    """image->text: each image's one correct candidate is its text's index. text->image: the
-    queries are the distinct texts, correct = every image carrying that text. With image_classes,
-    class-level Precision@K too (a text's class = the class of its first image)."""
+    """Report level (i2t, t2i): the candidates are the split's DISTINCT report texts, so an
+    identical report is the same candidate. image->text: each image's one correct candidate is
+    its text's index; text->image: the queries are the distinct texts, correct = every image
+    carrying that text. With image_classes, class-level Precision@K too (a text's class = the
+    class of its first image). Exact pair (exact_pair): every image's own report is a candidate
+    of its own and the only hit; an identical report of another image ties with it and counts
+    against it (ranks are pessimistic), as does that image for the report's query."""
     text_classes = None
     if image_classes is not None:
         image_classes = _np(image_classes)
@@ -743,7 +747,12 @@ def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
                             image_classes, text_classes, chunk_size)
     t2i = retrieval_metrics(text_emb, image_emb, np.arange(len(text_emb)), text_of_image, ks,
                             text_classes, image_classes, chunk_size)
-    return {"n_images": int(len(image_emb)), "n_texts": int(len(text_emb)), "i2t": i2t, "t2i": t2i}
+    own = text_emb[text_of_image]                              # (n_images, d): each image's report
+    pairs = np.arange(len(image_emb))
+    exact_pair = {"i2t": retrieval_metrics(image_emb, own, pairs, None, ks, chunk_size=chunk_size),
+                  "t2i": retrieval_metrics(own, image_emb, pairs, None, ks, chunk_size=chunk_size)}
+    return {"n_images": int(len(image_emb)), "n_texts": int(len(text_emb)), "i2t": i2t, "t2i": t2i,
+            "exact_pair": exact_pair}
 
 
 # -----------------------------------------------------------------------------
@@ -1316,10 +1325,14 @@ def print_retrieval(res):
         if "note" in r:
             print(f"retrieval on {split}: {r['note']}")
             continue
-        print(f"retrieval on {split}: {r['n_images']} images, {r['n_texts']} distinct texts")
+        print(f"retrieval on {split}: {r['n_images']} images, {r['n_texts']} distinct texts "
+              f"(report level: an identical report is the same candidate)")
         for d in ("i2t", "t2i"):
             print(f"  {d}  " + "  ".join(f"{k} {_fmt(v) if k != 'median_rank' else v}"
                                          for k, v in r[d].items()))
+        for d in ("i2t", "t2i") if "exact_pair" in r else ():
+            print(f"  {d} exact pair (an identical report of another image counts against)  "
+                  + "  ".join(f"{k} {_fmt(v)}" for k, v in r["exact_pair"][d].items() if k.startswith("R@")))
         _print_notes(r.get("notes", []))
 
 

@@ -784,3 +784,15 @@ def test_pixel_probe_task(trained, tmp_path, capsys):
     assert all(0 <= a <= 1 for a in r["auroc"].values())
     assert r["mean_auroc"] == pytest.approx(np.mean(list(r["auroc"].values())))
     assert "AUROC" in capsys.readouterr().out and strict_json(tmp_path / "p.json")["n_train"] == r["n_train"]
+
+
+def test_retrieval_reports_the_report_level_and_the_exact_pair_recall():
+    """Images 0 and 1 carry the same report: at report level either image's match is a hit;
+    as exact pairs the other image's identical report ties with the own one and counts against."""
+    image_emb = torch.eye(3)
+    text_emb = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])   # two distinct reports
+    text_of_image = np.array([0, 0, 1])
+    r = ev.evaluate_retrieval(image_emb, text_emb, text_of_image, ks=(1,))
+    assert r["i2t"]["R@1"] == 1.0 and r["t2i"]["R@1"] == 1.0      # identical reports: one candidate
+    assert r["exact_pair"]["i2t"]["R@1"] == pytest.approx(1 / 3)  # images 0 and 1: a tie, pessimistic
+    assert r["exact_pair"]["t2i"]["R@1"] == pytest.approx(1 / 3)
