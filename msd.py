@@ -723,9 +723,9 @@ def step_parts(model, batch, cfg, dist):
     """What a step needs before its first pass: the student to call (DDP-wrapped with W
     processes), the N micro-batch slices of b rows, and reports(rows): the token ids and mask of
     those rows, cut to the padding they reach (lengths counted on the host by the loop)."""
-    N, B = cfg.accum_steps, batch.images.size(0)
-    assert B % N == 0, f"batch of {B} pairs is not a multiple of accum_steps {N}"
-    b = B // N  # micro-batch
+    N, n = cfg.accum_steps, batch.images.size(0)  # n: this process's rows (B, or B / W with W processes)
+    assert n % N == 0, f"batch of {n} pairs is not a multiple of accum_steps {N}"
+    b = n // N  # micro-batch
     lengths = batch.text_lengths or batch.attention_mask.sum(1).tolist()
 
     def reports(rows):
@@ -820,7 +820,8 @@ def train_loop(cfg, run, dist, resume, stop_after):
         while step < end:
             epoch, first = divmod(step, run.steps_per_epoch)
             run.train_set.set_epoch(epoch)
-            batches = [b[share] for b in epoch_batches(len(run.train_set), B, cfg.seed, epoch)[first:]]
+            # this process's rows of each global effective batch of B (appendix D)
+            batches = [rows[share] for rows in epoch_batches(len(run.train_set), B, cfg.seed, epoch)[first:]]
             # a private generator: creating a loader must not consume the global RNG (dropout's),
             # or a resumed run would draw different dropout masks than an uninterrupted one
             loader = torch.utils.data.DataLoader(run.train_set, batch_sampler=batches,
@@ -1076,6 +1077,11 @@ def config_changes(saved, cfg, keys):
             for k in keys if saved.get(k, getattr(default, k)) != getattr(cfg, k)}
 
 
+def describe_changes(changed):
+    """config_changes -> 'key old -> new; ...' for a message."""
+    return "; ".join(f"{k} {old!r} (checkpoint) -> {new!r} (now)" for k, (old, new) in changed.items())
+
+
 def check_resumable(ckpt, cfg, dist, path):
     """A resumed run must continue the same run: same model, optimizer and data order."""
     config_from_dict(ckpt["config"], path)  # one rule with evaluate.py: unknown keys are refused
@@ -1083,9 +1089,7 @@ def check_resumable(ckpt, cfg, dist, path):
     changed = {**config_changes(ckpt["config"], cfg, unsafe), **architecture_changes(ckpt["config"], cfg)}
     if changed:
         raise CheckpointError(
-            f"--resume: {path} was trained with another config: "
-            + "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            + ". These keys change the model, the optimizer state or the data order. A resumed "
+            f"--resume: {path} was trained with another config: {describe_changes(changed)}. These keys change the model, the optimizer state or the data order. A resumed "
             f"run may change only {', '.join(RESUME_SAFE_KEYS)}; to change the others start a "
             f"new run (another out_dir, or --overwrite).")
     if ckpt.get("world_size", 1) != dist.world_size:
@@ -1093,9 +1097,9 @@ def check_resumable(ckpt, cfg, dist, path):
             f"--resume: {path} was written by {ckpt.get('world_size', 1)} process(es), this run "
             f"has {dist.world_size}: each process's share of every batch, and so the data order, "
             f"would change. Resume with the same number of processes.")
-    for k, (old, new) in config_changes(ckpt["config"], cfg, RESUME_SAFE_KEYS).items():
-        if dist.is_main and k not in ("out_dir", "progress"):
-            print(f"resume: {k} {old!r} -> {new!r}")
+    shown = config_changes(ckpt["config"], cfg, [k for k in RESUME_SAFE_KEYS if k not in RUN_PLACE_KEYS])
+    if shown and dist.is_main:
+        print(f"resume: {describe_changes(shown)}")
 
 
 def restore(model, optimizer, ckpt, dist, device):
@@ -1129,8 +1133,7 @@ def warm_start(model, source, cfg, path):
     if changed:
         raise CheckpointError(
             f"init_from {path}: the architecture differs from the checkpoint's: "
-            + "; ".join(f"{k} {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items())
-            + ". Set these keys as in the checkpoint.")
+            f"{describe_changes(changed)}. Set these keys as in the checkpoint.")
     student = {k[len("student."):]: v for k, v in source["model"].items() if k.startswith("student.")}
     model.student.load_state_dict(student)
     if model.teacher is not None:

@@ -218,7 +218,7 @@ def test_resuming_a_finished_run_writes_nothing(tmp_path, finished_run, synth_di
 
 def test_resume_refuses_a_changed_config_and_lists_the_keys(tmp_path, finished_run, synth_dir):
     run = copy_run(finished_run, tmp_path / "run")
-    with pytest.raises(msd.CheckpointError, match=r"batch_size 8 -> 4; lr 0.001 -> 0.002"):
+    with pytest.raises(msd.CheckpointError, match=r"batch_size 8 \(checkpoint\) -> 4 \(now\); lr 0.001 \(checkpoint\) -> 0.002 \(now\)"):
         msd.pretrain(cfg_for(run, synth_dir, "--batch_size=4", "--lr=0.002", "--max_steps=6"), resume=True)
     # keys that change neither the model, the optimizer state nor the data order may change
     summary = msd.pretrain(cfg_for(run, synth_dir, "--max_steps=6", "--log_every=3", "--ckpt_every=5",
@@ -282,7 +282,7 @@ def test_init_from_starts_from_the_checkpoints_student_exactly(tmp_path, finishe
 
 
 def test_init_from_refuses_another_architecture_and_non_checkpoints(tmp_path, finished_run, synth_dir):
-    with pytest.raises(msd.CheckpointError, match="vision_width 32 in the checkpoint, 48 now"):
+    with pytest.raises(msd.CheckpointError, match=r"vision_width 32 \(checkpoint\) -> 48 \(now\)"):
         msd.pretrain(cfg_for(tmp_path / "a", synth_dir, f"--init_from={finished_run / 'ckpt.pt'}",
                           "--vision_width=48"))
     manifest = msd.prepare_data(cfg_for(tmp_path / "b", synth_dir))
