@@ -579,6 +579,23 @@ def select_on_valid(fit, score_on_valid, weight_decays):
     return best[1], best[2]
 
 
+def probe_runs(settings, seeds, weight_decays, fit, on_valid, on_test):
+    """The loop both probes share. For every setting (name, draw(seed) -> indices into the TRAIN
+    split) and seed: fit(rows, decay) one head per weight decay, keep the best by on_valid(head),
+    score it with on_test(head) -> {name: (test scores, chosen decays, training rows), per seed}."""
+    runs = {}
+    for name, draw in settings:
+        scores, chosen, n_rows = [], [], []
+        for seed in seeds:
+            rows = draw(seed)
+            wd, head = select_on_valid(lambda wd: fit(rows, wd), on_valid, weight_decays)
+            scores.append(on_test(head))
+            chosen.append(wd)
+            n_rows.append(int(len(rows)))
+        runs[name] = (scores, chosen, n_rows)
+    return runs
+
+
 def linear_probe(train, valid, test, label_names, shots=(1, 2, 4, 8, 16),
                  fractions=(0.01, 0.1, 1.0), seeds=range(5), weight_decays=WEIGHT_DECAYS):
     """Multi-label. train / valid / test: (features (N, D), scoring labels (N, L)). For every
@@ -589,20 +606,13 @@ def linear_probe(train, valid, test, label_names, shots=(1, 2, 4, 8, 16),
     settings = [(f"{k}-shot", lambda seed, k=k: sample_shots(train[1], k, seed)) for k in shots]
     settings += [(f"{f:.0%}", lambda seed, f=f: sample_fraction(len(train[1]), f, seed))
                  for f in fractions]
+    runs = probe_runs(settings, seeds, weight_decays,
+                      lambda rows, wd: train_logistic_regression(xs["train"][rows], train[1][rows], wd),
+                      lambda head: nanmean(auroc_per_label(valid[1], probe_scores(head, xs["valid"]))),
+                      lambda head: auroc_per_label(test[1], probe_scores(head, xs["test"])))
     results = {}
-    for name, draw in settings:
-        per_seed, per_label, chosen_wd, n_rows = [], [], [], []
-        for seed in seeds:
-            rows = draw(seed)                                   # indices into the TRAIN split
-            wd, head = select_on_valid(
-                lambda wd: train_logistic_regression(xs["train"][rows], train[1][rows], wd),
-                lambda head: nanmean(auroc_per_label(valid[1], probe_scores(head, xs["valid"]))),
-                weight_decays)
-            test_auc = auroc_per_label(test[1], probe_scores(head, xs["test"]))
-            per_seed.append(nanmean(test_auc))
-            per_label.append(test_auc)
-            chosen_wd.append(wd)
-            n_rows.append(int(len(rows)))
+    for name, (per_label, chosen_wd, n_rows) in runs.items():
+        per_seed = [nanmean(a) for a in per_label]
         mean, std = _mean_std(per_seed)
         results[name] = {
             "auroc_mean": mean, "auroc_std": std, "auroc_per_seed": per_seed,
@@ -624,18 +634,12 @@ def linear_probe_multiclass(train, valid, test, class_names, shots=(1, 2, 4, 8, 
                 for k in shots]
     settings += [(f"{f:.0%}", lambda seed, f=f: sample_fraction(len(y["train"]), f, seed))
                  for f in fractions]
+    runs = probe_runs(settings, seeds, weight_decays,
+                      lambda rows, wd: train_softmax_regression(xs["train"][rows], y["train"][rows], C, wd),
+                      lambda head: accuracy(y["valid"], probe_scores(head, xs["valid"]).argmax(1)),
+                      lambda head: label_metrics(y["test"], probe_scores(head, xs["test"]), C))
     results = {}
-    for name, draw in settings:
-        per_seed, chosen_wd, n_rows = [], [], []
-        for seed in seeds:
-            rows = draw(seed)                                   # indices into the TRAIN split
-            wd, head = select_on_valid(
-                lambda wd: train_softmax_regression(xs["train"][rows], y["train"][rows], C, wd),
-                lambda head: accuracy(y["valid"], probe_scores(head, xs["valid"]).argmax(1)),
-                weight_decays)
-            per_seed.append(label_metrics(y["test"], probe_scores(head, xs["test"]), C))
-            chosen_wd.append(wd)
-            n_rows.append(int(len(rows)))
+    for name, (per_seed, chosen_wd, n_rows) in runs.items():
         results[name] = {"weight_decay_per_seed": chosen_wd, "train_rows_per_seed": n_rows}
         for metric in LABEL_METRICS:    # accuracy_mean, accuracy_std, accuracy_per_seed, ...
             values = [m[metric] for m in per_seed]
