@@ -1926,8 +1926,11 @@ def study_contrasts(spec, recorded, table):
     missing = [(n, s) for n in spec["runs"] for s in spec["seeds"] if str(s) not in recorded.get(n, {})]
     if not spec_c.get("sealed_test"):
         return out
-    if missing:
-        out["sealed_test"] = {"sealed": f"{len(missing)} (run, seed) pairs still to record"}
+    absent = sorted({r for c in spec_c["sealed_test"].values() for r in c["plus"] + c["minus"]
+                     if not r.startswith("best of ") and r not in spec["runs"]})
+    if missing or absent:  # the seal stays shut until every row it names has every seed
+        out["sealed_test"] = {"sealed": f"{len(missing)} (run, seed) pairs still to record"
+                                        + (f"; rows not yet in the file: {', '.join(absent)}" if absent else "")}
         return out
 
     def sealed(r):

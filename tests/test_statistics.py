@@ -109,3 +109,14 @@ def test_study_contrasts_choose_on_valid_and_unseal_test_only_when_complete():
     assert best["estimate"] == pytest.approx(0.11 - 0.21)
     assert best["verdict"] == "negative" and best["holm_p"] == best["p"] < 0.05
     assert set(out["test_rows"]) == {"msd_a", "clip_x"}
+
+
+def test_sealed_contrast_naming_a_row_not_yet_in_the_file_keeps_the_seal_shut():
+    """A study registers contrasts on rows added after a choice on valid (report-level
+    positives of the best cell): while such a row is not in the file, the test stays sealed."""
+    spec = {"seeds": [0, 1], "runs": {"msd_a": {}, "clip_x": {}},
+            "contrasts": {"metric": "mean_R@10",
+                          "sealed_test": {"later": {"plus": ["msd_later"], "minus": ["best of msd_*"]}}}}
+    recorded = {n: {str(s): _record(0.3 + s / 100, 0.2 + s / 100) for s in (0, 1)} for n in spec["runs"]}
+    out = evaluate.study_contrasts(spec, recorded, evaluate.ablation_table(recorded, spec, "random"))
+    assert out["sealed_test"] == {"sealed": "0 (run, seed) pairs still to record; rows not yet in the file: msd_later"}
