@@ -2907,12 +2907,13 @@ def read_log(log_path):
 
 def plot_curves(log_path, out_path, keys=None):
     """Training curves of one run as small multiples sharing the step axis: one panel per key
-    (default: loss, tau, alpha and any valid_* metric in the log). A record without the key (a
+    (default: loss, tau, alpha where logged, and any valid_* metric in the log). A record without the key (a
     metric logged every few steps) is simply no point; a value that is null, NaN or not a number
     is skipped with a note and leaves a gap in the curve. -> notes."""
     records = read_log(log_path)
     logged = {k for r in records for k in r}
-    keys = list(keys or ["loss", "tau", "alpha"] + sorted(k for k in logged if k.startswith("valid_")))
+    keys = list(keys or [k for k in ("loss", "tau", "alpha") if k in logged]  # alpha: MSD runs only
+                + sorted(k for k in logged if k.startswith("valid_")))
     notes = [f"'{k}' is not in the log, no panel" for k in keys if k not in logged]
     keys = [k for k in keys if k in logged]
     if not keys:

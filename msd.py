@@ -237,6 +237,7 @@ class TextTransformer(nn.Module):
 
     def __init__(self, vocab_size, max_len, width, layers, heads, mlp_ratio, dropout, impl):
         super().__init__()
+        self.width = width
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(max_len, width))
         self.drop = nn.Dropout(dropout)
@@ -256,8 +257,8 @@ class TextTransformer(nn.Module):
 class DualEncoder(nn.Module):
     """f_v, g_v, f_t, g_t: the student, and (as a copy) the teacher. forward-only, no state updates.
 
-    With text_arch "bert" / vision_weights, the towers start from published weights (appendix E),
-    loaded here, before MSD copies the student into the teacher. `bert_config` and
+    With text_arch "bert" or vision_weights, towers and weights come from published checkpoints
+    (appendix E), loaded here, before MSD copies the student into the teacher. `bert_config` and
     pretrained=False rebuild a saved model without the weights files (load_checkpoint)."""
 
     def __init__(self, cfg, vocab_size, bert_config=None, pretrained=True):
@@ -266,23 +267,22 @@ class DualEncoder(nn.Module):
                                         cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio,
                                         cfg.dropout, cfg.attn_impl,
                                         eps=TIMM_VIT_LN_EPS if cfg.vision_weights else 1e-5)
-        self.bert_config = None  # the text tower's shape, stored in our checkpoints (text_arch "bert")
-        if cfg.text_arch == "bert":
-            self.bert_config = bert_config or read_bert_config(cfg.text_weights)
-            self.text = BertTextTransformer(self.bert_config, vocab_size, cfg.max_len, cfg.dropout,
-                                            cfg.attn_impl)
-            text_width = self.bert_config["hidden_size"]
+        if cfg.text_arch == "bert":  # appendix E
+            self.text = BertTextTransformer(bert_config or read_bert_config(cfg.text_weights),
+                                            vocab_size, cfg.max_len, cfg.dropout, cfg.attn_impl)
         else:
             self.text = TextTransformer(vocab_size, cfg.max_len, cfg.text_width, cfg.text_layers,
                                         cfg.text_heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_impl)
-            text_width = cfg.text_width
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)  # g_v
-        self.text_proj = nn.Linear(text_width, cfg.embed_dim, bias=False)          # g_t
+        self.text_proj = nn.Linear(self.text.width, cfg.embed_dim, bias=False)     # g_t
         self._init_weights(cfg)
-        if pretrained and cfg.text_arch == "bert":
-            load_bert_weights(self.text, find_bert_weights(cfg.text_weights))
-        if pretrained and cfg.vision_weights:
-            load_vit_weights(self.visual, cfg.vision_weights)
+        if pretrained:
+            load_published_weights(self, cfg)  # appendix E; nothing for the hand-written towers
+
+    @property
+    def bert_config(self):
+        """The BERT tower's shape, stored in our checkpoints (None for the hand-written tower)."""
+        return getattr(self.text, "bert_config", None)
 
     def _init_weights(self, cfg):
         """openai/CLIP's explicit formulas, with w = width and L = layers of each encoder:
@@ -1846,7 +1846,8 @@ class BertTextTransformer(nn.Module):
             raise data.InputError(f"config key 'max_len' = {max_len} exceeds max_position_embeddings "
                              f"{c['max_position_embeddings']} of {source}; use --max_len="
                              f"{c['max_position_embeddings']} or less")
-        width = c["hidden_size"]
+        self.bert_config, self.width = bert_config, c["hidden_size"]
+        width = self.width
         self.token_embedding = nn.Embedding(c["vocab_size"], width)
         self.positional_embedding = nn.Parameter(torch.zeros(c["max_position_embeddings"], width))
         self.token_type_embedding = nn.Parameter(torch.zeros(width))
@@ -1867,6 +1868,14 @@ class BertTextTransformer(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.hidden_states(input_ids, attention_mask)[:, 0]  # (B, C): the [CLS] token
+
+
+def load_published_weights(encoder, cfg):
+    """A DualEncoder's towers from their published checkpoints, when the config names them."""
+    if cfg.text_arch == "bert":
+        load_bert_weights(encoder.text, find_bert_weights(cfg.text_weights))
+    if cfg.vision_weights:
+        load_vit_weights(encoder.visual, cfg.vision_weights)
 
 
 class WeightsError(data.InputError):
@@ -2295,10 +2304,11 @@ class RunLog:
             loss /= dist.world_size
             check_replicas_agree(model, step)
         last = {"loss": loss.item(), "grad_norm": out["grad_norm"].item(), "lr": out["lr"],
-                "alpha": out["alpha"], "tau": out["tau"].item(), "pairs_per_s": pairs_per_s}
+                "tau": out["tau"].item(), "pairs_per_s": pairs_per_s}
         shown = {"loss": f"{last['loss']:.3f}", "lr": f"{last['lr']:.1e}", "tau": f"{last['tau']:.3f}",
                  "pairs_s": f"{last['pairs_per_s']:.0f}"}
-        if model.teacher is not None:  # alpha means something for MSD only
+        if model.teacher is not None:  # alpha means something for MSD only: logged and shown there
+            last["alpha"] = out["alpha"]
             shown["alpha"] = f"{last['alpha']:.2f}"
         bar.set_postfix(shown)
         self.write({"step": step, "epoch": epoch, **last})

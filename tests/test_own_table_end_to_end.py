@@ -155,7 +155,7 @@ class Bar:
         self.shown = shown
 
 
-def test_the_bar_shows_alpha_for_msd_only(tmp_path):
+def test_the_bar_and_the_log_show_alpha_for_msd_only(tmp_path):
     out = {"loss": torch.tensor(1.0), "grad_norm": torch.tensor(1.0), "lr": 1e-3, "alpha": 0.0,
            "tau": torch.tensor(0.07)}
     log = msd.RunLog(tmp_path / "log.jsonl", False, 0, msd.Dist(), echo=False)
@@ -164,9 +164,10 @@ def test_the_bar_shows_alpha_for_msd_only(tmp_path):
         model = msd.build_model(msd.Config(method=method, vision_width=16, text_width=16, vision_layers=1,
                                            text_layers=1, vision_heads=2, text_heads=2, embed_dim=8,
                                            image_size=16, max_len=8, queue_size=4), 20)
-        log.record(out, 1, 0, 10.0, model, msd.Dist(), bar)
-        assert ("alpha" in bar.shown) == shown
+        last = log.record(out, 1, 0, 10.0, model, msd.Dist(), bar)
+        assert ("alpha" in bar.shown) == shown and ("alpha" in last) == shown
     log.close()
+    assert ["alpha" in json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [True, False]
 
 
 def test_evaluate_skip_bad_records_the_rows_it_left_out(prepared):
