@@ -3028,7 +3028,7 @@ def draw_bars(bars, runs, groups, colors, title, y_label, marks=None):
 
 
 ABLATION_METRICS = ("zs_acc", "probe_100%", "i2t_R@10", "t2i_R@10")
-BATCH_METRICS = ("zs_auroc", "i2t_R@10", "t2i_R@10", "mean_R@10")  # the valid-split search: no probe
+BATCH_METRICS = ("zs_auroc", "i2t_R@10", "t2i_R@10", "mean_R@10")  # the valid-split studies: no probe
 
 
 def plot_ablation(ablation_path, out_path, metrics=ABLATION_METRICS, colors=None):
@@ -3143,6 +3143,7 @@ PLOTS = [  # (input files in results/, drawn by, how to make one; None: optional
     ("efficiency*.json", plot_memory, "python evaluate.py --task efficiency --out results/efficiency.json"),
     ("ablation*.json", plot_ablation, "python evaluate.py --task ablation --out results/ablation.json"),
     ("batch_*.json", plot_ablation, None),          # the batch-size study, drawn when it is there
+    ("study*.json", plot_ablation, None),           # the ratio-matched study (valid split)
     ("*log.jsonl", plot_curves, "cp runs/small/log.jsonl results/small_log.jsonl after a training run")]
 
 
@@ -3159,7 +3160,8 @@ def _table_runs(path):
 def readme_pictures():
     """The README's pictures: every input in results/ -> results/plots/<input name>.svg, with one
     colour per run name over all the ablation pictures. -> (jobs, missing inputs)."""
-    ablations = sorted(PLOTS_FROM.glob("ablation*.json")) + sorted(PLOTS_FROM.glob("batch_*.json"))
+    ablations = [p for pattern in ("ablation*.json", "batch_*.json", "study*.json")
+                 for p in sorted(PLOTS_FROM.glob(pattern))]
     colors = run_colors([run for path in ablations for run in _table_runs(path)])
     jobs, missing = [], {}
     for pattern, plot, how in PLOTS:
@@ -3168,7 +3170,7 @@ def readme_pictures():
             missing[str(PLOTS_FROM / pattern)] = f"no such file, picture not drawn (to make one: {how})"
         for path in inputs:
             if plot is plot_ablation:                   # the shared colours of the runs
-                metrics = BATCH_METRICS if path.name.startswith("batch_") else ABLATION_METRICS
+                metrics = BATCH_METRICS if path.name.startswith(("batch_", "study")) else ABLATION_METRICS
                 jobs.append((path, PLOTS_TO / f"{path.stem}.svg",
                              lambda p, out, m=metrics: plot_ablation(p, out, m, colors=colors)))
             else:
