@@ -21,7 +21,8 @@ Reads top to bottom. Part I, evaluating a checkpoint:
     5. retrieval     one image per study, de-duplicated texts, pessimistic ranks, chunked
     6. evaluation    Evaluation (model, manifest, each split's features, kept on disk by
                      FeatureCache) and the labels of the two kinds below
-    7. tasks         one run_* and one print_* function per task, dispatched by TASKS and PRINTERS
+    7. tasks         one run_* and one print_* function per task, dispatched by TASKS and PRINTERS;
+                     from Python: run_zeroshot(Evaluation(...), options(split="valid"))
 Part II, appendices, each read when it is needed:
     A. efficiency    time, memory and FLOPs of one optimizer step, MSD against CLIP
     B. ablation      train and evaluate every run of an ablation file over seeds
@@ -970,9 +971,21 @@ def class_targets(ev, split, column):
 
 # -----------------------------------------------------------------------------
 # 7. Tasks
-# Each task is a run_* function (an Evaluation and the parsed options -> a JSON-able dict with
-# its numbers and its "notes") and a print_* function beside it that shows every note.
+# Each task is a run_* function (an Evaluation and its options -> a JSON-able dict with its
+# numbers and its "notes") and a print_* function beside it that shows every note. From Python,
+# without a command line: run_retrieval(Evaluation(model, tokenizer, cfg, manifest, step),
+# options(split="valid")).
 # -----------------------------------------------------------------------------
+
+
+def options(**overrides):
+    """The tasks' options as plain arguments: the command line's defaults (build_parser, the one
+    place they are written) with `overrides` on top, by their Python names (label_column=...)."""
+    opts = vars(build_parser().parse_args([]))
+    unknown = sorted(set(overrides) - set(opts))
+    if unknown:
+        raise TypeError(f"unknown evaluate options {unknown}; known: {', '.join(sorted(opts))}")
+    return argparse.Namespace(**{**opts, **overrides})
 
 
 def choose_prompts(ev, args):

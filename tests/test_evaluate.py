@@ -796,3 +796,17 @@ def test_retrieval_reports_the_report_level_and_the_exact_pair_recall():
     assert r["i2t"]["R@1"] == 1.0 and r["t2i"]["R@1"] == 1.0      # identical reports: one candidate
     assert r["exact_pair"]["i2t"]["R@1"] == pytest.approx(1 / 3)  # images 0 and 1: a tie, pessimistic
     assert r["exact_pair"]["t2i"]["R@1"] == pytest.approx(1 / 3)
+
+
+def test_tasks_run_from_python_with_plain_options(trained, tmp_path):
+    """The core without the command line: options() holds the CLI's defaults, overridden by
+    Python names, and a task run that way gives the numbers the CLI gives."""
+    cli = ev.main(["--task", "retrieval", "--no-5x", "--checkpoint", str(trained["ckpt"]),
+                   "--out", str(tmp_path / "r.json")])["retrieval"]
+    model, tokenizer, cfg, ckpt = msd.load_checkpoint(trained["ckpt"])
+    evaluation = ev.Evaluation(model.eval(), tokenizer, cfg, msd.prepare_data(cfg), ckpt["step"])
+    plain = ev.run_retrieval(evaluation, ev.options(with_5x=False))
+    assert plain["test"]["i2t"] == cli["test"]["i2t"] and plain["test"]["t2i"] == cli["test"]["t2i"]
+    assert ev.options(split="valid").split == "valid" and ev.options().ks == (1, 5, 10)
+    with pytest.raises(TypeError, match="unknown evaluate options \\['splitt'\\]"):
+        ev.options(splitt="valid")
