@@ -477,7 +477,12 @@ def test_random_checkpoint_gives_chance_level_table(trained, tmp_path):
     r = strict_json(out)
     assert r["checkpoint"] == "random" and r["step"] == 0
     assert sorted(Path(trained["cfg"].out_dir).glob("features_*.pt")) == cached   # nothing cached
-    assert 0 <= r["zeroshot"]["multiclass"]["accuracy"] <= 1
+    mc = r["zeroshot"]["multiclass"]
+    # the table says what chance is (5 balanced classes present), and the untrained model sits
+    # at it: within 3 binomial standard deviations of 1/5 over the n images of test_5x
+    assert mc["chance_accuracy"] == 0.2 and mc["majority"]["accuracy"] == 0.2 and mc["classes_present"] == 5
+    assert abs(mc["accuracy"] - 0.2) <= 3 * (0.2 * 0.8 / mc["n"]) ** 0.5
+    assert abs(mc["auroc"] - 0.5) <= 0.25 and 0 < r["zeroshot"]["binary"]["mean_auroc"] < 1
 
 
 def test_one_pass_embedding_equals_encode_image(trained):
