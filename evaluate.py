@@ -19,17 +19,19 @@ Reads top to bottom. Part I, evaluating a checkpoint:
                      (softmax, accuracy / macro-F1); k shots / label fractions; seeds; and the
                      pixel probe, a small CNN trained on the raw pixels (no checkpoint)
     5. retrieval     one image per study, de-duplicated texts, pessimistic ranks, chunked
-    6. evaluation    Evaluation (model, manifest, each split's features, kept on disk by
-                     FeatureCache) and the labels of the two kinds below
-    7. tasks         one run_* and one print_* function per task, dispatched by TASKS and PRINTERS;
-                     from Python: run_zeroshot(Evaluation(...), options(split="valid"))
+    6. evaluation    Evaluation (model, manifest, each split's features) and the labels of the
+                     two kinds below
+    7. tasks         one run_* function per task, dispatched by TASKS; from Python:
+                     run_zeroshot(Evaluation(...), options(split="valid"))
 Part II, appendices, each read when it is needed:
     A. efficiency    time, memory and FLOPs of one optimizer step, MSD against CLIP
     B. ablation      train and evaluate every run of an ablation file over seeds
-    C. command line  check options and the results path, load a checkpoint, run the tasks,
-                     print, write the JSON once; a user error is one line (cli)
+    C. command line  each task's printed table (print_*, PRINTERS); check options and the
+                     results path, load a checkpoint, run the tasks, print, write the JSON once;
+                     a user error is one line (cli)
     D. pictures      hand-written SVG: a run's training curves and evaluation bars, and the
                      README's pictures (memory growth, ablation bars) from results/
+    E. feature cache a split's image features on disk beside the checkpoint, keyed by content
 
 Two kinds of labels:
 - CheXpert-style label columns (the 14 of data.LABELS a manifest carries): 1, 0, -1 (uncertain)
@@ -761,99 +763,11 @@ def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
 
 
 # -----------------------------------------------------------------------------
-# 6. What every task needs: Evaluation, its feature cache, the labels
-# Evaluation holds what every task needs, FeatureCache keeps its image features on disk; then
-# the labels: the 5-way CheXpert classes of test_5x, and the classes of a --label-column.
+# 6. What every task needs: Evaluation, the labels
+# Evaluation holds what every task needs (its image features are kept on disk by FeatureCache,
+# appendix E); then the labels: the 5-way CheXpert classes of test_5x, and the classes of a
+# --label-column.
 # -----------------------------------------------------------------------------
-
-
-def stored_sha256(checkpoint):
-    """The SHA-256 that msd.save_checkpoint records in a checkpoint (the SHA-256 of the file's
-    bytes for a checkpoint written without one). mmap=True: the weights are not read."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return ckpt.get("sha256") or hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
-
-
-class FeatureCache:
-    """The image features of a saved checkpoint's splits on disk, next to the checkpoint
-    (features_<split>_<16 hex digits>.pt). The cache key covers what the features depend on: the
-    checkpoint's SHA-256, the manifest's bytes, the bytes (SHA-256) of every image of the split,
-    the split and the image size. The key is stored inside the file and checked on
-    loading, so a file copied from another checkpoint, or left from images since replaced, is
-    recomputed. A folder that cannot be written (read-only) means no cache, with a note. An
-    untrained model (checkpoint None) has no checkpoint to key it by, and so no cache."""
-
-    CACHED = ("features", "embed", "labels")           # the tensors of a cache file, beside its key
-
-    def __init__(self, checkpoint, manifest, image_size, n_labels, checkpoint_sha256=None):
-        self.checkpoint, self.manifest = checkpoint, Path(manifest)
-        self.image_size, self.n_labels = image_size, n_labels
-        self._sha256 = checkpoint_sha256               # read from the checkpoint when not given
-
-    def checkpoint_sha256(self):
-        """The checkpoint's SHA-256 (stored_sha256), read once."""
-        if self._sha256 is None:
-            self._sha256 = stored_sha256(self.checkpoint)
-        return self._sha256
-
-    def file(self, split, rows):
-        """-> (path, key) of the feature cache of a split (rows: its manifest rows), or
-        (None, None) for an untrained model, which has no checkpoint to key it by."""
-        if self.checkpoint is None:
-            return None, None
-        images = hashlib.sha256()  # each image's bytes, not its size and time (which cp -p keeps):
-        for r in rows:             # about 0.1 s for 1,000 small PNGs, read from disk
-            with open(r["_path"], "rb") as f:
-                images.update(f"{r['_path']}|{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
-        key = json.dumps({"checkpoint_sha256": self.checkpoint_sha256(),
-                          "manifest_sha256": hashlib.sha256(self.manifest.read_bytes()).hexdigest(),
-                          "images": images.hexdigest(), "split": split,
-                          "image_size": self.image_size})
-        name = f"features_{split}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-        return Path(self.checkpoint).parent / name, key
-
-    def _problem(self, feats, n, key):
-        """What is wrong with a loaded cache file for a split of n images (None: nothing)."""
-        if not (isinstance(feats, dict) and set(feats) == {"key", *self.CACHED}):
-            return "unexpected contents"
-        if feats["key"] != key:
-            return "written for another checkpoint, manifest or images: its key differs"
-        ok = (all(torch.is_tensor(feats[k]) and len(feats[k]) == n for k in self.CACHED)
-              and feats["labels"].shape[1:] == (self.n_labels,)
-              and bool(torch.isfinite(feats["embed"]).all()))
-        return None if ok else "unexpected contents"
-
-    def load(self, path, n, key):
-        """The cached features of a split of n images, or None: no cache (path None) or no file
-        yet, or (with a note on stderr) a file that is unreadable, truncated, not what this split
-        needs or written under another key. On None the caller computes them."""
-        if path is None or not path.is_file():
-            return None
-        try:
-            feats = torch.load(path, map_location="cpu", weights_only=True)
-            problem = self._problem(feats, n, key)
-        except Exception as e:                      # truncated zip, bad pickle, ... : recompute
-            problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        if problem is None:
-            return {k: feats[k] for k in self.CACHED}
-        print(f"note: feature cache {path} is unusable ({problem}); recomputing it", file=sys.stderr)
-        return None
-
-    def save(self, path, key, feats):
-        """Atomically (data.atomic_write: a killed run leaves no half file); nothing without a cache
-        (path None). A folder that cannot be written, a full disk, or something other than a
-        regular file at the path (a folder, a FIFO) only means no cache: a note, and the
-        evaluation goes on."""
-        if path is None:
-            return
-        try:
-            if path.exists() and not path.is_file():
-                raise OSError(f"{path} is not a regular file, left as it is")
-            with data.atomic_write(path) as tmp:
-                torch.save({**feats, "key": key}, tmp)
-        except OSError as e:
-            print(f"note: cannot write the feature cache ({msd.one_line(e)}); evaluating "
-                  f"without a cache", file=sys.stderr)
 
 
 class Evaluation:
@@ -972,7 +886,7 @@ def class_targets(ev, split, column):
 # -----------------------------------------------------------------------------
 # 7. Tasks
 # Each task is a run_* function (an Evaluation and its options -> a JSON-able dict with its
-# numbers and its "notes") and a print_* function beside it that shows every note. From Python,
+# numbers and its "notes"); its print_* function, which shows every note, is in appendix C. From Python,
 # without a command line: run_retrieval(Evaluation(model, tokenizer, cfg, manifest, step),
 # options(split="valid")).
 # -----------------------------------------------------------------------------
@@ -1125,78 +1039,6 @@ def _zeroshot_label_column(ev, args, prompt_set, name):
             "binary": None, "notes": notes}
 
 
-def _fmt(v):
-    return "  nan" if v is None or math.isnan(v) else f"{v:.3f}"
-
-
-def _print_notes(notes, indent="  "):
-    for note in notes:
-        print(f"{indent}note: {note}")
-
-
-def _protocol_text(protocol):
-    """'grid', or 'gloria: 5 prompts per class, seed 6, z-scored per class; 5-5 used per class'
-    (the settings that change a number, and the prompts a class actually had)."""
-    if protocol["name"] != "gloria":
-        return protocol["name"]
-    used = protocol["prompts_used"]
-    return (f"gloria: {protocol['prompts_per_class']} prompts per class, seed "
-            f"{protocol['prompt_seed']}, z-scored per class; {used['min']}-{used['max']} used per class")
-
-
-def _cell(value):
-    """A table cell: a number, 'mean ± std', or '-' (no such number)."""
-    if isinstance(value, (tuple, list)):
-        return f"{_fmt(value[0])} ± {_fmt(value[1])}"
-    return "-" if value is None else _fmt(value)
-
-
-def print_against_baselines(rows, base):
-    """The own-label table (--label-column): the class counts of the evaluated split, then
-    accuracy, balanced accuracy, macro-F1 and AUROC of each row (the model's, the untrained
-    floor's), of the majority-class predictor and of chance (1/K over the K classes present), in
-    the same columns: a number is never read without what it must beat.
-    rows: [(name, {metric: value or (mean, std)})]."""
-    n = sum(base["class_counts"].values())
-    print("  images per class: " + ", ".join(f"{c} {k} ({k / n:.0%})" for c, k in
-                                              base["class_counts"].items())
-          + f"; {base['classes_present']} of {len(base['class_counts'])} classes present")
-    chance = base["chance_accuracy"]
-    rows = rows + [(f"majority class ({base['majority_class']})", base["majority"]),
-                   (f"chance (1/{base['classes_present']})",
-                    {"accuracy": chance, "balanced_accuracy": chance, "auroc": 0.5})]
-    print(f"  {'':<30}" + "".join(f"{h:>16}" for h in ("accuracy", "balanced acc.", "macro-F1", "AUROC")))
-    for name, metrics in rows:
-        print(f"  {name:<30}" + "".join(f"{_cell(metrics.get(k)):>16}" for k in LABEL_METRICS))
-
-
-def print_zeroshot(res):
-    mc = res["multiclass"]
-    if mc:
-        print(f"zero-shot {len(mc['classes'])}-way on {mc['split']} (n={mc['n']}, prompts "
-              f"{res['prompt_set']}, protocol {_protocol_text(mc['protocol'])}): accuracy {_fmt(mc['accuracy'])}  macro-F1 {_fmt(mc['macro_f1'])}"
-              f"  (chance {_fmt(mc['chance_accuracy'])} over the {mc['classes_present']} classes "
-              f"present; majority class {_fmt(mc['majority']['accuracy'])})")
-        if res.get("label_column"):
-            floor = [("untrained floor", mc["floor"])] if mc.get("floor") else []
-            print_against_baselines([("zero-shot", mc)] + floor, mc)
-        for c in mc["classes"]:
-            print(f"  {c:<28} recall {_fmt(mc['per_class_recall'][c])}  images "
-                  f"{mc['class_counts'][c]}  prompts {mc['n_prompts'][c]}")
-        for warning in mc["warnings"]:
-            print(f"  warning: {warning}")
-    if res.get("binary"):
-        b = res["binary"]
-        print(f"zero-shot binary on {b['split']} (protocol {b['protocol']['name']}): mean AUROC {_fmt(b['mean_auroc'])}")
-        for name, a in b["auroc"].items():
-            print(f"  {name:<28} AUROC {_fmt(a)}  positives {b['n_positive'][name]}")
-        _print_notes(b["notes"])
-    if res.get("skipped"):
-        print(f"zero-shot skipped: {res['skipped']}")
-    else:
-        _print_notes(res["notes"], "zero-shot ")
-
-
 def run_fewshot(ev, args):
     ev.check_split(args.split)
     for split in ("train", "valid"):
@@ -1279,30 +1121,6 @@ def check_shots(shots, supply, unit):
     return notes
 
 
-def print_fewshot(res):
-    if res.get("skipped"):
-        print(f"linear probe skipped: {res['skipped']}")
-    elif res["kind"] == "multi-class":
-        print(f"linear probe, {len(res['classes'])} classes of column {res['label_column']!r}, on "
-              f"{res['split']} ({len(res['seeds'])} seeds, mean ± std; chance accuracy "
-              f"{_fmt(res['chance_accuracy'])} over the {res['classes_present']} classes present)")
-        floor = (res.get("floor") or {}).get("results", {})
-        rows = []
-        for name, r in res["results"].items():
-            rows.append((f"{name} ({r['train_rows_per_seed'][0]} train rows)",
-                         {k: (r[f"{k}_mean"], r[f"{k}_std"]) for k in LABEL_METRICS}))
-            if name in floor:
-                rows.append((f"{name} untrained floor", floor[name]))
-        print_against_baselines(rows, res)
-    else:
-        print(f"linear probe on {res['split']} (labels: {', '.join(res['labels'])}; "
-              f"{len(res['seeds'])} seeds)")
-        for name, r in res["results"].items():
-            print(f"  {name:<9} AUROC {_fmt(r['auroc_mean'])} ± {_fmt(r['auroc_std'])}  "
-                  f"train rows {r['train_rows_per_seed'][0]}")
-    _print_notes([n for n in res["notes"] if n != res.get("skipped")])
-
-
 def run_retrieval(ev, args):
     ev.check_split(args.split)
     out = {}
@@ -1337,22 +1155,6 @@ def run_retrieval(ev, args):
     return out
 
 
-def print_retrieval(res):
-    for split, r in res.items():
-        if "note" in r:
-            print(f"retrieval on {split}: {r['note']}")
-            continue
-        print(f"retrieval on {split}: {r['n_images']} images, {r['n_texts']} distinct texts "
-              f"(report level: an identical report is the same candidate)")
-        for d in ("i2t", "t2i"):
-            print(f"  {d}  " + "  ".join(f"{k} {_fmt(v) if k != 'median_rank' else v}"
-                                         for k, v in r[d].items()))
-        for d in ("i2t", "t2i") if "exact_pair" in r else ():
-            print(f"  {d} exact pair (an identical report of another image counts against)  "
-                  + "  ".join(f"{k} {_fmt(v)}" for k, v in r["exact_pair"][d].items() if k.startswith("R@")))
-        _print_notes(r.get("notes", []))
-
-
 def run_pixel_probe(args):
     """The pixel probe needs only a manifest (--data, or the dataset of --config)."""
     manifest = Path(args.data) if args.data else msd.prepare_data(msd.load_config(args.config))
@@ -1372,21 +1174,7 @@ def run_pixel_probe(args):
     return res
 
 
-def print_pixel_probe(res):
-    print(f"pixel probe (a CNN trained on the train split's pixels, {res['epochs']} epochs at "
-          f"{res['image_size']} px) on {res['split']}, {res['seconds']:.1f} s")
-    for name, value in res["auroc"].items():
-        print(f"{name:28s} AUROC {value:.3f}  (test positives {res['n_positive'][name]})")
-    print(f"{'mean':28s} AUROC {_fmt(res['mean_auroc'])}")
-    if res.get("skipped"):
-        print(f"pixel probe: nothing to score: {res['skipped']}")
-
-
 TASKS = {"zeroshot": run_zeroshot, "fewshot": run_fewshot, "retrieval": run_retrieval}
-PRINTERS = {"zeroshot": print_zeroshot, "fewshot": print_fewshot, "retrieval": print_retrieval,
-            "pixel-probe": print_pixel_probe}
-
-
 def skipped_reason(task, res):
     """Why a task computed nothing (None when it computed something)."""
     if task == "retrieval":
@@ -2115,6 +1903,135 @@ def print_contrasts(c):
 # Read this when you run evaluate.py from a shell: options, the results file, one-line errors.
 # main loads a checkpoint (or an untrained model), runs the tasks, prints, writes the JSON.
 # -----------------------------------------------------------------------------
+
+
+# The tables each task prints (main prints its task's with print_results); they show every note.
+
+
+def _fmt(v):
+    return "  nan" if v is None or math.isnan(v) else f"{v:.3f}"
+
+
+def _print_notes(notes, indent="  "):
+    for note in notes:
+        print(f"{indent}note: {note}")
+
+
+def _protocol_text(protocol):
+    """'grid', or 'gloria: 5 prompts per class, seed 6, z-scored per class; 5-5 used per class'
+    (the settings that change a number, and the prompts a class actually had)."""
+    if protocol["name"] != "gloria":
+        return protocol["name"]
+    used = protocol["prompts_used"]
+    return (f"gloria: {protocol['prompts_per_class']} prompts per class, seed "
+            f"{protocol['prompt_seed']}, z-scored per class; {used['min']}-{used['max']} used per class")
+
+
+def _cell(value):
+    """A table cell: a number, 'mean ± std', or '-' (no such number)."""
+    if isinstance(value, (tuple, list)):
+        return f"{_fmt(value[0])} ± {_fmt(value[1])}"
+    return "-" if value is None else _fmt(value)
+
+
+def print_against_baselines(rows, base):
+    """The own-label table (--label-column): the class counts of the evaluated split, then
+    accuracy, balanced accuracy, macro-F1 and AUROC of each row (the model's, the untrained
+    floor's), of the majority-class predictor and of chance (1/K over the K classes present), in
+    the same columns: a number is never read without what it must beat.
+    rows: [(name, {metric: value or (mean, std)})]."""
+    n = sum(base["class_counts"].values())
+    print("  images per class: " + ", ".join(f"{c} {k} ({k / n:.0%})" for c, k in
+                                              base["class_counts"].items())
+          + f"; {base['classes_present']} of {len(base['class_counts'])} classes present")
+    chance = base["chance_accuracy"]
+    rows = rows + [(f"majority class ({base['majority_class']})", base["majority"]),
+                   (f"chance (1/{base['classes_present']})",
+                    {"accuracy": chance, "balanced_accuracy": chance, "auroc": 0.5})]
+    print(f"  {'':<30}" + "".join(f"{h:>16}" for h in ("accuracy", "balanced acc.", "macro-F1", "AUROC")))
+    for name, metrics in rows:
+        print(f"  {name:<30}" + "".join(f"{_cell(metrics.get(k)):>16}" for k in LABEL_METRICS))
+
+
+def print_zeroshot(res):
+    mc = res["multiclass"]
+    if mc:
+        print(f"zero-shot {len(mc['classes'])}-way on {mc['split']} (n={mc['n']}, prompts "
+              f"{res['prompt_set']}, protocol {_protocol_text(mc['protocol'])}): accuracy {_fmt(mc['accuracy'])}  macro-F1 {_fmt(mc['macro_f1'])}"
+              f"  (chance {_fmt(mc['chance_accuracy'])} over the {mc['classes_present']} classes "
+              f"present; majority class {_fmt(mc['majority']['accuracy'])})")
+        if res.get("label_column"):
+            floor = [("untrained floor", mc["floor"])] if mc.get("floor") else []
+            print_against_baselines([("zero-shot", mc)] + floor, mc)
+        for c in mc["classes"]:
+            print(f"  {c:<28} recall {_fmt(mc['per_class_recall'][c])}  images "
+                  f"{mc['class_counts'][c]}  prompts {mc['n_prompts'][c]}")
+        for warning in mc["warnings"]:
+            print(f"  warning: {warning}")
+    if res.get("binary"):
+        b = res["binary"]
+        print(f"zero-shot binary on {b['split']} (protocol {b['protocol']['name']}): mean AUROC {_fmt(b['mean_auroc'])}")
+        for name, a in b["auroc"].items():
+            print(f"  {name:<28} AUROC {_fmt(a)}  positives {b['n_positive'][name]}")
+        _print_notes(b["notes"])
+    if res.get("skipped"):
+        print(f"zero-shot skipped: {res['skipped']}")
+    else:
+        _print_notes(res["notes"], "zero-shot ")
+
+
+def print_fewshot(res):
+    if res.get("skipped"):
+        print(f"linear probe skipped: {res['skipped']}")
+    elif res["kind"] == "multi-class":
+        print(f"linear probe, {len(res['classes'])} classes of column {res['label_column']!r}, on "
+              f"{res['split']} ({len(res['seeds'])} seeds, mean ± std; chance accuracy "
+              f"{_fmt(res['chance_accuracy'])} over the {res['classes_present']} classes present)")
+        floor = (res.get("floor") or {}).get("results", {})
+        rows = []
+        for name, r in res["results"].items():
+            rows.append((f"{name} ({r['train_rows_per_seed'][0]} train rows)",
+                         {k: (r[f"{k}_mean"], r[f"{k}_std"]) for k in LABEL_METRICS}))
+            if name in floor:
+                rows.append((f"{name} untrained floor", floor[name]))
+        print_against_baselines(rows, res)
+    else:
+        print(f"linear probe on {res['split']} (labels: {', '.join(res['labels'])}; "
+              f"{len(res['seeds'])} seeds)")
+        for name, r in res["results"].items():
+            print(f"  {name:<9} AUROC {_fmt(r['auroc_mean'])} ± {_fmt(r['auroc_std'])}  "
+                  f"train rows {r['train_rows_per_seed'][0]}")
+    _print_notes([n for n in res["notes"] if n != res.get("skipped")])
+
+
+def print_retrieval(res):
+    for split, r in res.items():
+        if "note" in r:
+            print(f"retrieval on {split}: {r['note']}")
+            continue
+        print(f"retrieval on {split}: {r['n_images']} images, {r['n_texts']} distinct texts "
+              f"(report level: an identical report is the same candidate)")
+        for d in ("i2t", "t2i"):
+            print(f"  {d}  " + "  ".join(f"{k} {_fmt(v) if k != 'median_rank' else v}"
+                                         for k, v in r[d].items()))
+        for d in ("i2t", "t2i") if "exact_pair" in r else ():
+            print(f"  {d} exact pair (an identical report of another image counts against)  "
+                  + "  ".join(f"{k} {_fmt(v)}" for k, v in r["exact_pair"][d].items() if k.startswith("R@")))
+        _print_notes(r.get("notes", []))
+
+
+def print_pixel_probe(res):
+    print(f"pixel probe (a CNN trained on the train split's pixels, {res['epochs']} epochs at "
+          f"{res['image_size']} px) on {res['split']}, {res['seconds']:.1f} s")
+    for name, value in res["auroc"].items():
+        print(f"{name:28s} AUROC {value:.3f}  (test positives {res['n_positive'][name]})")
+    print(f"{'mean':28s} AUROC {_fmt(res['mean_auroc'])}")
+    if res.get("skipped"):
+        print(f"pixel probe: nothing to score: {res['skipped']}")
+
+
+PRINTERS = {"zeroshot": print_zeroshot, "fewshot": print_fewshot, "retrieval": print_retrieval,
+            "pixel-probe": print_pixel_probe}
 
 
 def print_results(task, res):
@@ -3278,6 +3195,102 @@ def run_plots(args):
                              f"README pictures with --readme-pictures")
         return {"plots": draw_pictures(jobs, missing), "missing": missing, "not_drawn": not_drawn}
     return {"plots": draw_pictures(jobs, missing), "missing": missing}
+
+
+# -----------------------------------------------------------------------------
+# E. The feature cache
+# Read this when you wonder why a second evaluation of a checkpoint is fast, or what makes it
+# recompute: a split's image features are kept on disk beside the checkpoint, keyed by content.
+# -----------------------------------------------------------------------------
+
+
+def stored_sha256(checkpoint):
+    """The SHA-256 that msd.save_checkpoint records in a checkpoint (the SHA-256 of the file's
+    bytes for a checkpoint written without one). mmap=True: the weights are not read."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get("sha256") or hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+
+
+class FeatureCache:
+    """The image features of a saved checkpoint's splits on disk, next to the checkpoint
+    (features_<split>_<16 hex digits>.pt). The cache key covers what the features depend on: the
+    checkpoint's SHA-256, the manifest's bytes, the bytes (SHA-256) of every image of the split,
+    the split and the image size. The key is stored inside the file and checked on
+    loading, so a file copied from another checkpoint, or left from images since replaced, is
+    recomputed. A folder that cannot be written (read-only) means no cache, with a note. An
+    untrained model (checkpoint None) has no checkpoint to key it by, and so no cache."""
+
+    CACHED = ("features", "embed", "labels")           # the tensors of a cache file, beside its key
+
+    def __init__(self, checkpoint, manifest, image_size, n_labels, checkpoint_sha256=None):
+        self.checkpoint, self.manifest = checkpoint, Path(manifest)
+        self.image_size, self.n_labels = image_size, n_labels
+        self._sha256 = checkpoint_sha256               # read from the checkpoint when not given
+
+    def checkpoint_sha256(self):
+        """The checkpoint's SHA-256 (stored_sha256), read once."""
+        if self._sha256 is None:
+            self._sha256 = stored_sha256(self.checkpoint)
+        return self._sha256
+
+    def file(self, split, rows):
+        """-> (path, key) of the feature cache of a split (rows: its manifest rows), or
+        (None, None) for an untrained model, which has no checkpoint to key it by."""
+        if self.checkpoint is None:
+            return None, None
+        images = hashlib.sha256()  # each image's bytes, not its size and time (which cp -p keeps):
+        for r in rows:             # about 0.1 s for 1,000 small PNGs, read from disk
+            with open(r["_path"], "rb") as f:
+                images.update(f"{r['_path']}|{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+        key = json.dumps({"checkpoint_sha256": self.checkpoint_sha256(),
+                          "manifest_sha256": hashlib.sha256(self.manifest.read_bytes()).hexdigest(),
+                          "images": images.hexdigest(), "split": split,
+                          "image_size": self.image_size})
+        name = f"features_{split}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        return Path(self.checkpoint).parent / name, key
+
+    def _problem(self, feats, n, key):
+        """What is wrong with a loaded cache file for a split of n images (None: nothing)."""
+        if not (isinstance(feats, dict) and set(feats) == {"key", *self.CACHED}):
+            return "unexpected contents"
+        if feats["key"] != key:
+            return "written for another checkpoint, manifest or images: its key differs"
+        ok = (all(torch.is_tensor(feats[k]) and len(feats[k]) == n for k in self.CACHED)
+              and feats["labels"].shape[1:] == (self.n_labels,)
+              and bool(torch.isfinite(feats["embed"]).all()))
+        return None if ok else "unexpected contents"
+
+    def load(self, path, n, key):
+        """The cached features of a split of n images, or None: no cache (path None) or no file
+        yet, or (with a note on stderr) a file that is unreadable, truncated, not what this split
+        needs or written under another key. On None the caller computes them."""
+        if path is None or not path.is_file():
+            return None
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+            problem = self._problem(feats, n, key)
+        except Exception as e:                      # truncated zip, bad pickle, ... : recompute
+            problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if problem is None:
+            return {k: feats[k] for k in self.CACHED}
+        print(f"note: feature cache {path} is unusable ({problem}); recomputing it", file=sys.stderr)
+        return None
+
+    def save(self, path, key, feats):
+        """Atomically (data.atomic_write: a killed run leaves no half file); nothing without a cache
+        (path None). A folder that cannot be written, a full disk, or something other than a
+        regular file at the path (a folder, a FIFO) only means no cache: a note, and the
+        evaluation goes on."""
+        if path is None:
+            return
+        try:
+            if path.exists() and not path.is_file():
+                raise OSError(f"{path} is not a regular file, left as it is")
+            with data.atomic_write(path) as tmp:
+                torch.save({**feats, "key": key}, tmp)
+        except OSError as e:
+            print(f"note: cannot write the feature cache ({msd.one_line(e)}); evaluating "
+                  f"without a cache", file=sys.stderr)
 
 
 # The tasks that need no checkpoint (appendices A, B and D), dispatched by main (appendix C)
