@@ -1858,7 +1858,7 @@ def print_ablation(res):
     if not table:
         print(f"ablation {res['ablation']}: no run recorded yet")
         return
-    cols = [k for k in next(iter(table.values())) if k.startswith(("zs_", "probe_", "i2t", "t2i"))]
+    cols = [k for k in next(iter(table.values())) if k.startswith(("zs_", "probe_", "i2t", "t2i", "mean_"))]
     fmt = lambda m, s: f"{m:>8.3f}±{s:<6.3f}" if s is not None else f"{m:>8.3f}{'':7}"  # noqa: E731
     ref = res.get("reference")
     print(f"ablation {res['ablation']} (base {res['base']}): mean ± sample std (ddof=1) over seeds"
