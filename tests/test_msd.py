@@ -520,9 +520,9 @@ def test_every_config_file_is_listed_or_a_run_list():
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    """One tiny synthetic dataset shared by the end-to-end tests of this file."""
-    return tmp_path_factory.mktemp("synth") / "synthcxr_tiny"
+def synth_dir(tiny_synth):
+    """The session's tiny SynthCXR (conftest.py): the tests here only read it."""
+    return tiny_synth
 
 
 def tiny_run_cfg(out_dir, synth, *overrides):

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("synth_runs") / "synthcxr_tiny"
+def synth_dir(tiny_synth):
+    """The session's tiny SynthCXR (conftest.py): the tests here only read it."""
+    return tiny_synth
 
 
 def cfg_for(out_dir, synth, *overrides):

@@ -40,8 +40,9 @@ def test_momentum_half_life_is_checked():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return tmp_path_factory.mktemp("synth") / "synthcxr_tiny"
+def synth(tiny_synth):
+    """The session's tiny SynthCXR (conftest.py): the tests here only read it."""
+    return tiny_synth
 
 
 def tiny(out_dir, synth, *overrides):
