@@ -136,7 +136,8 @@ def scan_manifest(path):
     absolute image path). A row is bad when a field count, split or label value is wrong, its
     text is empty (unless EVERY text is: a labels-only manifest), its image is missing or not a
     file, or it repeats an earlier row in every column. A problem of the whole file (not found,
-    not UTF-8, a missing column, a study_id empty in every row) raises ManifestError / OSError."""
+    not UTF-8, a missing column) raises ManifestError / OSError. Empty ids are checked once per
+    command, with the split check (check_split_overlap -> check_ids)."""
     path = Path(path)
     require_file(path, "manifest")
     root = path.resolve().parent
@@ -176,7 +177,6 @@ def scan_manifest(path):
             rows.append(row)
         except ManifestError as e:
             bad.append(BadRow(i, fields[image_at] if len(fields) > image_at else "", e.reason, str(e)))
-    check_ids(path, rows)
     return rows, bad
 
 
@@ -282,13 +282,18 @@ def record_dict(path, i, line, header, fields):
 SPLIT_ID_COLUMNS = ("patient_id", "study_id")
 
 
-def check_split_overlap(rows, source, allow=False, contents=False):
+ALLOW_OVERLAP = "config key allow_split_overlap=true (msd.py --allow_split_overlap=true, evaluate.py --allow-split-overlap)"
+
+
+def check_split_overlap(rows, source, allow=False, contents=False, way_out=ALLOW_OVERLAP):
     """Leakage: a patient or a study with rows in split 'train' and in another split (valid,
     test, test_5x) means that a model is evaluated on people it was trained on. contents=True
     also compares the images' bytes (SHA-256, image_sha256; cached beside the manifest `source`):
     the same picture under two patient ids, or copied under two names. Raises ManifestError
     giving, per id column, the count and a few examples, and for contents both rows of a few
-    pairs; with allow=True it warns on stderr instead. Empty ids are not compared."""
+    pairs, and `way_out`, the option of the calling command; with allow=True it warns on stderr
+    instead. Empty ids are not compared: check_ids, first, refuses or counts them."""
+    check_ids(source, rows)
     found = []
     for column in SPLIT_ID_COLUMNS:
         train = {r[column] for r in rows if r["split"] == "train" and r[column]}
@@ -314,9 +319,7 @@ def check_split_overlap(rows, source, allow=False, contents=False):
         print(f"warning: {message} (allowed by allow_split_overlap)", file=sys.stderr)
         return
     raise ManifestError(f"{message}. Split by patient (each patient in one split, each image "
-                        f"under one patient id), or allow it: config key allow_split_overlap=true "
-                        f"(msd.py --allow_split_overlap=true, evaluate.py --allow-split-overlap)",
-                        "split overlap")
+                        f"under one patient id), or allow it: {way_out}", "split overlap")
 
 
 def same_bytes_across_splits(source, rows):
@@ -365,7 +368,6 @@ def write_manifest(path, rows, label_names=LABELS):
     path or one already relative to the CSV's folder; absolute paths are stored relative. Keys
     starting with '_' are not written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     root = path.resolve().parent
     extra = []
     for row in rows:
@@ -899,7 +901,12 @@ def _read_cache(path, key):
 
 
 def _write_cache(path, key, entries):
-    """Write a cache file; a folder we cannot write to (a read-only dataset) only costs a note."""
+    """Write a cache file; a folder we cannot write to (a read-only dataset) only costs a note,
+    and so does a file at that path that is not such a cache (it is left alone)."""
+    if os.path.lexists(path) and not _read_cache(path, key):
+        print(f"note: {path} is not a cache this project wrote; it is left alone and the work it "
+              f"would save is redone next run", file=sys.stderr)
+        return
     try:
         write_text(path, json.dumps({key: entries}))
     except OSError as e:
@@ -921,7 +928,7 @@ def _pydicom(path):
         import pydicom
     except ImportError:
         raise MissingPackageError(f"{path}: reading DICOM needs the optional package pydicom "
-                          "(pip install pydicom), or convert the images to PNG first") from None
+                                  "(pip install pydicom), or convert the images to PNG first") from None
     return pydicom
 
 
@@ -1912,10 +1919,9 @@ def _first_line(path, limit=4096):
 def ensure_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, progress=None,
                      max_bytes=None):
     """generate_synthetic unless out_dir/meta.json already records the same arguments; a set
-    made with other arguments is refused (check_synthetic_folder), never regenerated. Settings
-    out of bounds and an empty out_dir are refused first (check_synth_settings, synth_folder)."""
+    made with other arguments is refused (check_synthetic_folder), never regenerated. An empty
+    out_dir is refused first (synth_folder); generate_synthetic checks the settings' bounds."""
     out = synth_folder(out_dir)
-    check_synth_settings(n, size, n_per_class_5x, max_bytes)
     if (out / "meta.json").is_file():
         check_synthetic_folder(out, _synth_meta(n, size, seed, n_per_class_5x))
         return out / "manifest.csv"
@@ -2545,7 +2551,6 @@ def _cache_one(job):
         raise  # not a bad image: every DICOM would fail the same way
     except (OSError, ValueError) as e:
         return str(e)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dst) as tmp:   # a run killed mid-write leaves no half file
         img.save(tmp, format="PNG")
     return None
@@ -2622,6 +2627,14 @@ def prepare_record_path(out):
     return out.with_name(f"{out.stem}.prepare.json")
 
 
+def prepare_companions(out):
+    """The files prepare may write beside the manifest besides its record: the skipped rows
+    (<out stem>_skipped.csv) and the test_5x patients to keep out of training
+    (<out stem>_exclude_patients.txt)."""
+    out = Path(out)
+    return out.with_name(out.stem + "_skipped.csv"), out.with_name(out.stem + "_exclude_patients.txt")
+
+
 def written_by_prepare(out):
     """Whether the file `out` is a manifest that prepare wrote and nobody changed since: its
     sidecar (prepare_record_path) records the SHA-256 of exactly these bytes."""
@@ -2636,11 +2649,17 @@ def check_output(out, force=False, inputs=()):
     """The rule for the manifest prepare writes (docs/data.md, "Where prepare writes"): an empty
     path, a folder or device, one of the inputs ((what, path) pairs), or an existing file that
     prepare did not write (written_by_prepare) is refused; a manifest prepare wrote is replaced
-    only with force (--force). Returns out as a Path."""
+    only with force (--force). The files prepare writes beside it (prepare_companions) follow the
+    manifest: they may be replaced only where the manifest may. Returns out as a Path."""
     if not str(out).strip():
         raise InputError("--out is empty: give the path of the manifest CSV to write")
     out = Path(out)
     if not os.path.lexists(out):
+        for other in prepare_companions(out):
+            if os.path.lexists(other):
+                raise FileExistsError(f"{other} exists beside --out {out}, which data.py prepare has "
+                                      f"not written: it is never replaced; choose another --out, or "
+                                      f"move that file away first")
         return out
     problem = file_problem(out)
     if problem:
@@ -2657,13 +2676,15 @@ def check_output(out, force=False, inputs=()):
     return out
 
 
-def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, force=False, **options):
+def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, force=False,
+            allow_split_overlap=False, **options):
     """Convert the dataset at root into the manifest out (see PREPARERS); returns a summary dict
     {"rows", "skipped", "splits", "views", "truncated", "notes"} and prints it. With cache, images
     are first written as resized PNG copies (write_resized_copies) and the manifest points at those.
     out follows check_output (an existing manifest prepare wrote is replaced only with force);
     beside it prepare writes <out stem>.prepare.json (what was run, and the manifest's SHA-256)
-    and, for a user's table whose bad rows were skipped, <out stem>_skipped.csv."""
+    and, for a user's table whose bad rows were skipped, <out stem>_skipped.csv. A user's table
+    whose images repeat across the splits is refused unless allow_split_overlap (then warned)."""
     if dataset not in PREPARERS:
         raise InputError(f"unknown dataset {dataset!r}; one of {sorted(PREPARERS)}")
     root = Path(root).absolute()  # absolute: write_manifest stores paths relative to out
@@ -2683,14 +2704,19 @@ def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, force=Fal
     if not rows:
         raise InputError(f"{dataset}: no rows left from {root}; skipped {dict(skipped)}")
     if dataset in USER_TABLES:
-        check_split_overlap(rows, out, contents=True)
+        check_split_overlap(rows, out, allow_split_overlap, contents=True,
+                            way_out="data.py prepare --allow-split-overlap (then also when training "
+                                    "and evaluating), or another --seed")
     write_manifest(out, rows, [] if dataset in WITHOUT_CHEXPERT_LABELS else LABELS)
     notes = _notes(dataset, rows)
+    skipped_csv, exclude_txt = prepare_companions(out)
+    for stale in (skipped_csv, exclude_txt):  # of an earlier prepare of this manifest (--force)
+        stale.unlink(missing_ok=True)
     if any(r["split"] == "test_5x" for r in rows):
         patients = sorted({r["patient_id"] for r in rows if r["split"] == "test_5x"})
-        write_text(out.with_name(out.stem + "_exclude_patients.txt"), "\n".join(patients) + "\n")
+        write_text(exclude_txt, "\n".join(patients) + "\n")
     if bad_rows:
-        skipped_csv = write_skipped(out.with_name(out.stem + "_skipped.csv"), bad_rows)
+        write_skipped(skipped_csv, bad_rows)
         notes.append(f"the {len(bad_rows)} bad rows skipped (--skip-bad) are listed in {skipped_csv}")
     write_text(prepare_record_path(out), json.dumps(
         {"written_by": "data.py prepare", "dataset": dataset, "root": str(root), "rows": len(rows),
@@ -2751,10 +2777,14 @@ def add_prepare_parser(subparsers):
                    help="csv: keep only rows whose COLUMN is VALUE (repeat for several values or columns)")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="csv: write the good rows and list the bad ones in <out>_skipped.csv")
+    p.add_argument("--allow-split-overlap", action="store_true",
+                   help="csv: write the manifest although an image's bytes are in train and in "
+                        "another split (warned; training and evaluation then need the same option)")
 
 
 def _prepare_cli(args):
-    common = ("command", "dataset", "root_arg", "root", "out", "force", "cache", "cache_size", "workers")
+    common = ("command", "dataset", "root_arg", "root", "out", "force", "cache", "cache_size", "workers",
+              "allow_split_overlap")
     options = {k: v for k, v in vars(args).items() if k not in common and v is not None}
     accepted = inspect.signature(PREPARERS[args.dataset]).parameters
     wrong = [f"--{k.replace('_', '-')}" for k in options if k not in accepted]
@@ -2762,9 +2792,12 @@ def _prepare_cli(args):
         raise SystemExit(f"prepare {args.dataset}: {', '.join(wrong)} does not apply to this dataset")
     if (args.root is None) == (args.root_arg is None):
         raise SystemExit(f"prepare {args.dataset}: give the dataset's folder once, as ROOT or as --root")
+    if args.allow_split_overlap and args.dataset not in USER_TABLES:
+        raise SystemExit(f"prepare {args.dataset}: --allow-split-overlap applies to prepare csv only "
+                         f"(the other preparers split by patient themselves)")
     try:
         prepare(args.dataset, args.root or args.root_arg, args.out, args.cache, args.cache_size,
-                args.workers, args.force, **options)
+                args.workers, args.force, args.allow_split_overlap, **options)
     except USER_ERRORS as e:  # a wrong root, column, option: one clear line
         raise SystemExit(f"prepare {args.dataset}: {e}") from e
 

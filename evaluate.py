@@ -324,23 +324,23 @@ def load_prompt_set(name_or_path):
     raw = data.read_json(path, f"prompt file {path}")      # a class given twice is an error, too
     if not isinstance(raw, dict):
         raise data.InputError(f"prompt file {path}: expected a JSON object {{class: [prompts]}} or "
-                         f"{{\"positive\": ..., \"negative\": ...}}, got a {type(raw).__name__}")
+                              f"{{\"positive\": ..., \"negative\": ...}}, got a {type(raw).__name__}")
     if "positive" in raw:
         unknown = sorted(set(raw) - {"positive", "negative", "about"})
         if unknown:
             raise data.InputError(f"prompt file {path}: unknown top-level keys {unknown}; expected "
-                             f"'positive', 'negative' (optional), 'about' (optional)")
+                                  f"'positive', 'negative' (optional), 'about' (optional)")
         prompts = {"positive": raw["positive"], "negative": raw.get("negative", {})}
     else:
         prompts = {"positive": raw, "negative": {}}
     for part, by_class in prompts.items():
         if not isinstance(by_class, dict):
             raise data.InputError(f"prompt file {path}: {part!r} must be an object {{class: [prompts]}}, "
-                             f"got a {type(by_class).__name__}")
+                                  f"got a {type(by_class).__name__}")
         for cls, lst in by_class.items():
             if not (isinstance(lst, list) and lst and all(isinstance(p, str) and p for p in lst)):
                 raise data.InputError(f"prompt file {path}: {part} prompts of {cls!r}: expected a "
-                                 f"non-empty list of non-empty strings, got {lst!r}")
+                                      f"non-empty list of non-empty strings, got {lst!r}")
     if not prompts["positive"]:
         raise data.InputError(f"prompt file {path}: no classes")
     return prompts
@@ -729,9 +729,9 @@ def check_pool(manifest, split, rows, image_rows, texts):
         if len(kept) < 2:
             values = sorted({r[column] for r in rows})
             raise data.InputError(f"retrieval on split {split!r}: the {len(rows)} rows of {manifest} in "
-                             f"that split have {len(values)} distinct value(s) of column {column!r} "
-                             f"({values[0][:40]!r}), and retrieval keeps one {unit}, so its pool is "
-                             f"one and every recall would be 1; {fix}")
+                                  f"that split have {len(values)} distinct value(s) of column {column!r} "
+                                  f"({values[0][:40]!r}), and retrieval keeps one {unit}, so its pool is "
+                                  f"one and every recall would be 1; {fix}")
 
 
 def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
@@ -796,7 +796,7 @@ class Evaluation:
         """An unknown split is an error that lists the manifest's splits."""
         if not self.split_sizes.get(split):
             raise data.InputError(f"{purpose}: {self.manifest} has no split {split!r}; its splits are "
-                             f"{self.split_sizes}")
+                                  f"{self.split_sizes}")
 
     def dataset(self, split):
         self.check_split(split)
@@ -828,7 +828,7 @@ class Evaluation:
         bad = int((~torch.isfinite(x)).any(-1).sum())
         if bad:
             raise data.InputError(f"{bad} of {len(x)} {what} are not finite (NaN or inf): the model "
-                             f"{self.checkpoint or '(untrained)'} holds non-finite weights (a "
+                                  f"{self.checkpoint or '(untrained)'} holds non-finite weights (a "
                              f"diverged run or a corrupt checkpoint); nothing was evaluated")
 
 
@@ -839,13 +839,13 @@ def five_way_labels(labels, label_names, rows):
     cols = [j for j in range(y.shape[1]) if y[:, j].any() and label_names[j] != "No Finding"]
     if not cols:
         raise data.InputError(f"split {rows[0]['split']!r}: no image has a positive CheXpert label, so "
-                         f"the 5-way protocol (one positive label column per image) cannot run; "
-                         f"for a column of class names use --label-column NAME")
+                              f"the 5-way protocol (one positive label column per image) cannot run; "
+                              f"for a column of class names use --label-column NAME")
     y = y[:, cols]
     bad = np.flatnonzero(y.sum(1) != 1)
     if len(bad):
         raise data.InputError(f"manifest row {rows[bad[0]]['_row']} (split {rows[bad[0]]['split']!r}): "
-                         f"expected exactly one positive among {[label_names[j] for j in cols]}")
+                              f"expected exactly one positive among {[label_names[j] for j in cols]}")
     return [label_names[j] for j in cols], y.argmax(1)
 
 
@@ -854,14 +854,14 @@ def column_classes(ev, column):
     manifest, sorted, so that every split and task uses the same class indices."""
     if column not in ev.columns:
         raise data.InputError(f"--label-column {column!r}: {ev.manifest} has no such column; "
-                         f"its columns are {ev.columns}")
+                              f"its columns are {ev.columns}")
     if column in data.LABELS:
         raise data.InputError(f"--label-column {column!r} is a CheXpert label column (1 / 0 / -1); "
-                         f"those are evaluated without --label-column")
+                              f"those are evaluated without --label-column")
     names = sorted({r[column].strip() for r in ev.rows if r[column].strip()})
     if len(names) < 2:
         raise data.InputError(f"--label-column {column!r}: {len(names)} distinct class value(s) "
-                         f"{names} in {ev.manifest}; at least two are needed")
+                              f"{names} in {ev.manifest}; at least two are needed")
     return names
 
 
@@ -873,7 +873,7 @@ def class_targets(ev, split, column):
     notes = []
     if (y < 0).all():
         raise data.InputError(f"--label-column {column!r}: none of the {len(y)} images of split "
-                         f"{split!r} in {ev.manifest} has a value in that column")
+                              f"{split!r} in {ev.manifest} has a value in that column")
     if (y < 0).any():
         notes.append(f"{int((y < 0).sum())} of {len(y)} images of split {split!r} have no "
                      f"value in column {column!r}: left out")
@@ -967,7 +967,7 @@ def run_zeroshot(ev, args):
         missing = [c for c in classes if c not in prompt_set["positive"]]
         if missing:
             raise data.InputError(f"prompt set {name!r} has no prompts for {missing}, classes of "
-                             f"the 5-way split test_5x")
+                                  f"the 5-way split test_5x")
         out["multiclass"] = zeroshot_nway(ev, args, feats["embed"], y, prompt_set["positive"],
                                           classes, "test_5x")
         used.update(classes)
@@ -1006,7 +1006,7 @@ def run_zeroshot(ev, args):
     unused = [c for c in prompt_set["positive"] if c not in used]
     if chosen and len(unused) == len(prompt_set["positive"]):
         raise data.InputError(f"prompts {name!r}: none of their classes {unused} was used: "
-                         + "; ".join(out["notes"]))
+                              + "; ".join(out["notes"]))
     if chosen and unused:
         out["notes"].append(f"prompts of {name!r} not used (no such class here): {unused}")
     if out["multiclass"] is None and (out["binary"] is None or math.isnan(out["binary"]["mean_auroc"])):
@@ -1024,7 +1024,7 @@ def _zeroshot_label_column(ev, args, prompt_set, name):
         missing = [c for c in classes if c not in prompt_set["positive"]]
         if missing:
             raise data.InputError(f"prompts {name!r} have no prompts for the classes {missing} of column "
-                             f"{args.label_column!r} (the prompts' classes: {list(prompt_set['positive'])})")
+                                  f"{args.label_column!r} (the prompts' classes: {list(prompt_set['positive'])})")
         extra = [c for c in prompt_set["positive"] if c not in classes]
         if extra:
             notes.append(f"prompts of {name!r} for classes not in column {args.label_column!r}, "
@@ -1085,7 +1085,7 @@ def _fewshot_label_column(ev, args):
     """Multi-class probe over the classes of --label-column; rows without a class left out."""
     if args.labels:
         raise data.InputError("--labels picks CheXpert label columns; with --label-column the probe "
-                         "is multi-class over that column's classes")
+                              "is multi-class over that column's classes")
     part, notes = {}, []
     for split in dict.fromkeys(("train", "valid", args.split)):
         classes, y, split_notes = class_targets(ev, split, args.label_column)
@@ -1111,7 +1111,7 @@ def check_shots(shots, supply, unit):
     most = max(supply.values())
     if max(shots) > most:
         raise data.InputError(f"--shots {max(shots)}: the train split has at most {most} {unit} of any "
-                         f"label or class; choose shots of at most {most}")
+                              f"label or class; choose shots of at most {most}")
     notes = []
     for k in shots:
         short = [name for name, n in supply.items() if n < k]
@@ -1164,7 +1164,7 @@ def run_pixel_probe(args):
     for split in ("train", args.split):
         if split not in splits:
             raise data.InputError(f"pixel-probe: {manifest} has no split {split!r}; its splits are "
-                             f"{splits}")
+                                  f"{splits}")
     start = time.perf_counter()
     res = pixel_probe(manifest, args.split, args.epochs)
     res["manifest"], res["seconds"] = str(manifest), time.perf_counter() - start
@@ -1758,7 +1758,7 @@ def read_recorded(path, spec_path, protocol_eval):
                          f"task's); move it away or choose another --out")
     if old.get("eval", {}) != protocol_eval:
         raise data.InputError(f"{path} was evaluated with eval {old.get('eval')}, {spec_path} asks for "
-                         f"{protocol_eval}; choose another --out for another protocol")
+                              f"{protocol_eval}; choose another --out for another protocol")
     return old["recorded"], old.get("superseded", [])
 
 
@@ -1957,9 +1957,10 @@ def print_zeroshot(res):
     mc = res["multiclass"]
     if mc:
         print(f"zero-shot {len(mc['classes'])}-way on {mc['split']} (n={mc['n']}, prompts "
-              f"{res['prompt_set']}, protocol {_protocol_text(mc['protocol'])}): accuracy {_fmt(mc['accuracy'])}  macro-F1 {_fmt(mc['macro_f1'])}"
-              f"  (chance {_fmt(mc['chance_accuracy'])} over the {mc['classes_present']} classes "
-              f"present; majority class {_fmt(mc['majority']['accuracy'])})")
+              f"{res['prompt_set']}, protocol {_protocol_text(mc['protocol'])}): accuracy "
+              f"{_fmt(mc['accuracy'])}  macro-F1 {_fmt(mc['macro_f1'])}  (chance "
+              f"{_fmt(mc['chance_accuracy'])} over the {mc['classes_present']} classes present; "
+              f"majority class {_fmt(mc['majority']['accuracy'])})")
         if res.get("label_column"):
             floor = [("untrained floor", mc["floor"])] if mc.get("floor") else []
             print_against_baselines([("zero-shot", mc)] + floor, mc)
@@ -1970,7 +1971,8 @@ def print_zeroshot(res):
             print(f"  warning: {warning}")
     if res.get("binary"):
         b = res["binary"]
-        print(f"zero-shot binary on {b['split']} (protocol {b['protocol']['name']}): mean AUROC {_fmt(b['mean_auroc'])}")
+        print(f"zero-shot binary on {b['split']} (protocol {b['protocol']['name']}): "
+              f"mean AUROC {_fmt(b['mean_auroc'])}")
         for name, a in b["auroc"].items():
             print(f"  {name:<28} AUROC {_fmt(a)}  positives {b['n_positive'][name]}")
         _print_notes(b["notes"])
@@ -2498,7 +2500,7 @@ def find_floor(args, task):
                         for k in FLOOR_KEYS if recorded.get(k) != protocol[k]), None)
         if why:
             raise data.InputError(f"--floor {args.floor}: {why}; give the results of --checkpoint random "
-                             f"with the same --split, --label-column and --data")
+                                  f"with the same --split, --label-column and --data")
         other = sorted(k for k in protocol if recorded.get(k) != protocol[k])
         if other:
             notes.append(f"the untrained floor {args.floor} was evaluated with other {', '.join(other)}")
@@ -2646,7 +2648,7 @@ class Svg:
                 f'<rect x="0" y="0" width="{self.width}" height="{self.height}" fill="#fff"/>\n')
         if os.path.lexists(path) and not drawn_here(path):
             raise data.InputError(f"{path}: not a picture that evaluate.py drew, left as it is; move it "
-                             f"away to draw this picture there")
+                                  f"away to draw this picture there")
         data.write_text(path, head + "\n".join(self.parts) + "\n</svg>\n")
 
 
@@ -3191,8 +3193,8 @@ def run_plots(args):
         if not jobs:
             raise data.InputError(f"{run_dir}: nothing to draw, no log.jsonl and no eval/*.json"
                              + (" of this checkpoint" if not_drawn else "") + f"; train "
-                             f"({train_how}) and evaluate ({eval_how}) first, or redraw the "
-                             f"README pictures with --readme-pictures")
+                                  f"({train_how}) and evaluate ({eval_how}) first, or redraw the "
+                                  f"README pictures with --readme-pictures")
         return {"plots": draw_pictures(jobs, missing), "missing": missing, "not_drawn": not_drawn}
     return {"plots": draw_pictures(jobs, missing), "missing": missing}
 

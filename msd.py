@@ -941,7 +941,7 @@ def start_run(cfg, dist, resume):
     steps_per_epoch = len(train_set) // B
     if steps_per_epoch == 0:
         raise data.InputError(f"the training split has {len(train_set)} pairs, fewer than one "
-                         f"effective batch of {B}")
+                              f"effective batch of {B}")
 
     # the model: seeded by cfg.seed, initialised (from published weights on a fresh start only),
     # then the weights of the checkpoint to resume or to start from
@@ -1010,13 +1010,14 @@ def pick_device(name):
         has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
         if kind == "cuda" and not torch.cuda.is_available():
             raise data.InputError(f"config key 'device': {name!r}, but this torch build has no CUDA or "
-                             f"sees no GPU (torch {torch.__version__}); use --device=cpu or auto")
+                                  f"sees no GPU (torch {torch.__version__}); use --device=cpu or auto")
         if kind == "cuda" and index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise data.InputError(f"config key 'device': {name!r}, but this machine has "
-                             f"{torch.cuda.device_count()} GPU(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            n = torch.cuda.device_count()
+            raise data.InputError(f"config key 'device': {name!r}, but this machine has {n} GPU(s): "
+                                  f"cuda:0 .. cuda:{n - 1}")
         if kind == "mps" and not has_mps:
             raise data.InputError(f"config key 'device': 'mps', but MPS is not available here; use "
-                             f"--device=cpu or auto")
+                                  f"--device=cpu or auto")
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -1089,9 +1090,10 @@ def check_resumable(ckpt, cfg, dist, path):
     changed = {**config_changes(ckpt["config"], cfg, unsafe), **architecture_changes(ckpt["config"], cfg)}
     if changed:
         raise CheckpointError(
-            f"--resume: {path} was trained with another config: {describe_changes(changed)}. These keys change the model, the optimizer state or the data order. A resumed "
-            f"run may change only {', '.join(RESUME_SAFE_KEYS)}; to change the others start a "
-            f"new run (another out_dir, or --overwrite).")
+            f"--resume: {path} was trained with another config: {describe_changes(changed)}. "
+            f"These keys change the model, the optimizer state or the data order. A resumed run "
+            f"may change only {', '.join(RESUME_SAFE_KEYS)}; to change the others start a new run "
+            f"(another out_dir, or --overwrite).")
     if ckpt.get("world_size", 1) != dist.world_size:
         raise CheckpointError(
             f"--resume: {path} was written by {ckpt.get('world_size', 1)} process(es), this run "
@@ -1460,7 +1462,7 @@ def _coerce(key, value, default, from_cli):
         value = float(value)  # JSON writes 1.0 as 1
     if type(value) is not kind:
         raise data.InputTypeError(f"config key '{key}': expected {kind.__name__}, got "
-                        f"{type(value).__name__} {value!r}")
+                                  f"{type(value).__name__} {value!r}")
     return value
 
 
@@ -1486,7 +1488,7 @@ def load_config(path=None, overrides=()):
             close = difflib.get_close_matches(key, sorted(valid), n=1)
             raise data.InputKeyError(f"unknown config key '{key}' {where[key]}"
                            + (f"; did you mean '{close[0]}'?" if close else ".")
-                           + f" Valid keys: {', '.join(sorted(valid))}")
+                                     + f" Valid keys: {', '.join(sorted(valid))}")
         values[key] = _coerce(key, value, getattr(defaults, key), from_cli=key in from_cli)
     if "out_dir" not in values:  # each config trains into a folder of its own name
         values["out_dir"] = f"runs/{path.stem}" if path is not None else defaults.out_dir
@@ -1540,16 +1542,16 @@ def check_config(cfg):
     need(cfg.clip_accum in ("naive", "exact"), "clip_accum", "'naive' or 'exact'")
     if cfg.clip_accum != "naive" and cfg.method != "clip":
         raise data.InputError(f"config key 'clip_accum' ({cfg.clip_accum!r}) is only read with method "
-                         f"'clip'; MSD's accumulation is exact already. Leave it 'naive' or set --method=clip")
+                              f"'clip'; MSD's accumulation is exact already. Leave it 'naive' or set --method=clip")
     need(cfg.attn_impl in ("sdpa", "manual"), "attn_impl", "'sdpa' or 'manual'")
     need(cfg.compile in COMPILE_MODES, "compile", " or ".join(map(repr, COMPILE_MODES)))
     need(cfg.text_arch in ("lite", "bert"), "text_arch", "'lite' or 'bert'")
     if cfg.text_arch == "bert" and not cfg.text_weights:
         raise data.InputError("text_arch 'bert' needs config key 'text_weights': the folder of a BERT-family "
-                         "checkpoint (config.json, vocab.txt, model.safetensors or pytorch_model.bin)")
+                              "checkpoint (config.json, vocab.txt, model.safetensors or pytorch_model.bin)")
     if cfg.text_arch == "lite" and cfg.text_weights:
         raise data.InputError(f"config key 'text_weights' ({cfg.text_weights!r}) is only read with "
-                         f"text_arch 'bert'; set --text_arch=bert or leave it empty")
+                              f"text_arch 'bert'; set --text_arch=bert or leave it empty")
     for key in ("batch_size", "accum_steps", "embed_dim", "max_len", "epochs", "log_every",
                 "teacher_batch", "image_size", "patch_size", "mlp_ratio", "synth_n", "synth_size",
                 "vision_width", "vision_layers", "vision_heads", "text_width", "text_layers",
@@ -1569,7 +1571,7 @@ def check_config(cfg):
          "0 (use momentum), a half-life in optimizer steps (>= 1) or a share of the run (< 1)")
     if cfg.momentum_half_life > 0 and cfg.method != "msd":
         raise data.InputError(f"config key 'momentum_half_life' ({cfg.momentum_half_life}) is only read "
-                         f"with method 'msd' (CLIP has no teacher); leave it 0")
+                              f"with method 'msd' (CLIP has no teacher); leave it 0")
     need(0.0 <= cfg.alpha <= 1.0, "alpha", "a value in [0, 1]")
     need(0.0 <= cfg.dropout < 1.0, "dropout", "a value in [0, 1)")
     need(cfg.alpha_ramp_steps >= -1, "alpha_ramp_steps", "-1 (one epoch) or a number of steps >= 0")
@@ -1841,11 +1843,11 @@ class BertTextTransformer(nn.Module):
         c, source = bert_config, bert_config["source"]
         if vocab_size > c["vocab_size"]:
             raise data.InputError(f"the tokenizer has {vocab_size} ids, {source} says vocab_size "
-                             f"{c['vocab_size']}: vocab.txt does not belong to these weights")
+                                  f"{c['vocab_size']}: vocab.txt does not belong to these weights")
         if max_len > c["max_position_embeddings"]:
             raise data.InputError(f"config key 'max_len' = {max_len} exceeds max_position_embeddings "
-                             f"{c['max_position_embeddings']} of {source}; use --max_len="
-                             f"{c['max_position_embeddings']} or less")
+                                  f"{c['max_position_embeddings']} of {source}; use --max_len="
+                                  f"{c['max_position_embeddings']} or less")
         self.bert_config, self.width = bert_config, c["hidden_size"]
         width = self.width
         self.token_embedding = nn.Embedding(c["vocab_size"], width)
@@ -2414,8 +2416,8 @@ def truncate_log(path, step):
             record_step = json.loads(line)["step"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise data.InputError(f"{path}, line {i}: not a log record ({line[:60]!r}); the log is damaged. "
-                             f"Delete that line (or move {path.name} away) and --resume again; "
-                             f"the checkpoint does not depend on it") from None
+                                  f"Delete that line (or move {path.name} away) and --resume again; "
+                                  f"the checkpoint does not depend on it") from None
         if record_step <= step:
             kept.append(line)
     data.write_text(path, "".join(line + "\n" for line in kept))

@@ -280,7 +280,7 @@ def id_manifest(tmp_path, study="s{k}", patient="p{k}"):
 def test_study_id_empty_everywhere_is_refused(tmp_path):
     path = id_manifest(tmp_path, study="")
     with pytest.raises(data.ManifestError) as e:
-        data.read_manifest(path)
+        data.check_split_overlap(data.read_manifest(path), path)  # every command checks the ids there
     assert re.fullmatch(r".*m\.csv: column 'study_id' is empty in all 4 rows, so every image would be "
                         r"one study .*; write each image's study id, or the image's own id for one "
                         r"study per image", one_line(e))
@@ -289,7 +289,9 @@ def test_study_id_empty_everywhere_is_refused(tmp_path):
 @pytest.mark.parametrize("patient, warned", [("", True), ("p{k}", False)])
 def test_patient_id_empty_is_warned_with_the_count(tmp_path, capsys, patient, warned):
     path = id_manifest(tmp_path, patient=patient)
-    assert len(data.read_manifest(path)) == 4
+    rows = data.read_manifest(path)
+    data.check_split_overlap(rows, path)
+    assert len(rows) == 4
     err = capsys.readouterr().err
     assert (f"warning: {path}: column 'patient_id' is empty in 4 of 4 rows: the split check cannot "
             f"see their patients" in err) == warned

@@ -220,6 +220,55 @@ def test_one_image_under_two_patients_is_refused_across_splits(tmp_path, copy):
     assert len(read_rows(tmp_path / "m.csv")) == 10
 
 
+def test_prepare_names_its_own_way_out_and_allow_split_overlap_writes_with_a_warning(tmp_path, capsys):
+    root = tmp_path / "own"
+    two_patient_table(root, "Z")
+    patients = ["A", "Z", *(f"O{k}" for k in range(8))]
+    seed = seed_splitting("A", "Z", patients, apart=True)
+    args = ["prepare", "csv", str(root), *CSV_OPTIONS, "--valid-frac", "0.2", "--test-frac", "0.2",
+            "--seed", str(seed), "--out", str(tmp_path / "m.csv")]
+    with pytest.raises(SystemExit) as e:
+        data.main(args)
+    assert "or allow it: data.py prepare --allow-split-overlap" in str(e.value)
+    data.main(args + ["--allow-split-overlap"])
+    assert len(read_rows(tmp_path / "m.csv")) == 10
+    assert "(allowed by allow_split_overlap)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--allow-split-overlap applies to prepare csv only"):
+        data.main(["prepare", "image-folder", str(root), "--out", str(tmp_path / "f.csv"),
+                   "--allow-split-overlap"])
+
+
+def test_files_prepare_writes_beside_the_manifest_never_replace_a_users(tmp_path):
+    """<out>_skipped.csv of a user beside a new --out is refused, not replaced; an earlier
+    prepare's own list is replaced with --force, and removed when no row is skipped any more."""
+    root = tmp_path / "own"
+    table = clean_table(root)
+    with open(table, "a", newline="", encoding="utf-8") as f:  # an X-ray row whose file is missing
+        csv.writer(f).writerow(["P1", "Edema", "PA", "X-ray", "img/gone.png", "not downloaded"])
+    mine = tmp_path / "m_skipped.csv"
+    mine.write_text("my notes\n")
+    args = ["prepare", "csv", str(root), *CSV_OPTIONS, "--out", str(tmp_path / "m.csv")]
+    with pytest.raises(SystemExit, match="m_skipped.csv exists beside --out .* never replaced"):
+        data.main(args + ["--skip-bad"])
+    assert mine.read_text() == "my notes\n" and not (tmp_path / "m.csv").exists()
+    mine.unlink()
+    data.main(args + ["--skip-bad"])                       # the missing file's row is skipped
+    assert "img/gone.png" in mine.read_text()
+    table.write_text("".join(table.read_text().splitlines(keepends=True)[:-1]))  # that row removed
+    data.main(args + ["--force"])                           # nothing skipped now: its list goes
+    assert not mine.exists()
+
+
+def test_a_file_where_a_cache_would_go_is_left_alone(tmp_path, capsys):
+    path = tmp_path / "m.image_sha256.json"
+    path.write_text('{"mine": 1}')
+    data._write_cache(path, "sha256", {"a.png": [1, 2, "ab"]})
+    assert path.read_text() == '{"mine": 1}' and "is not a cache this project wrote" in capsys.readouterr().err
+    path.write_text('{"sha256": {"b.png": [1, 2, "cd"]}}')    # our own cache: updated
+    data._write_cache(path, "sha256", {"a.png": [1, 2, "ab"]})
+    assert data._read_cache(path, "sha256") == {"a.png": [1, 2, "ab"]}
+
+
 # ------------------------------------------------ the one-pass summary of read_manifest, PairDataset
 
 
