@@ -762,12 +762,12 @@ def file_problem(path):
     return None
 
 
-def require_file(path, what):
-    """FileNotFoundError ("<what> not found: path") only for a path that does not exist;
+def require_file(path, what, hint=""):
+    """FileNotFoundError ("<what> not found: path<hint>") only for a path that does not exist;
     OSError naming the path and what it is for a folder, FIFO or device."""
     problem = file_problem(path)
     if problem == NOT_FOUND:
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}{hint}")
     if problem:
         raise OSError(f"{what} {path} {problem}")
 

@@ -1157,7 +1157,8 @@ def run_retrieval(ev, args):
 
 def run_pixel_probe(args):
     """The pixel probe needs only a manifest (--data, or the dataset of --config)."""
-    manifest = Path(args.data) if args.data else msd.prepare_data(msd.load_config(args.config))
+    manifest = Path(args.data) if args.data else msd.prepare_data(msd.load_config(args.config),
+                                                                  check_splits=False)
     rows = data.read_manifest(manifest)
     data.check_split_overlap(rows, manifest, args.allow_split_overlap, contents=True)
     splits = dict(collections.Counter(r["split"] for r in rows))
@@ -1175,6 +1176,8 @@ def run_pixel_probe(args):
 
 
 TASKS = {"zeroshot": run_zeroshot, "fewshot": run_fewshot, "retrieval": run_retrieval}
+
+
 def skipped_reason(task, res):
     """Why a task computed nothing (None when it computed something)."""
     if task == "retrieval":
@@ -1365,7 +1368,7 @@ def run_efficiency(args):
            "memory": ("CUDA max_memory_allocated" if device.type == "cuda" else
                       "process peak RSS (ru_maxrss); step memory = peak minus the RSS before the "
                       "first step (model, teacher, queue and inputs already allocated)"),
-           "repeats": args.repeats, "cores": os.cpu_count(),
+           "repeats": args.repeats, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
            "load_average": {"before": load_average(), "after": None},
            "rows": [], "skipped": []}
     start = time.perf_counter()
@@ -1780,6 +1783,10 @@ def run_ablation(args):
     unknown = set(spec) - set(ABLATION_KEYS)
     if unknown:
         raise data.InputKeyError(f"{spec_path}: unknown keys {sorted(unknown)}; expected {', '.join(ABLATION_KEYS)}")
+    unknown = set(spec.get("contrasts") or {}) - {"metric", "table", "sealed_test"}
+    if unknown:  # a family under another name would be dropped without a word
+        raise data.InputKeyError(f"{spec_path}: unknown keys {sorted(unknown)} in 'contrasts'; expected "
+                                 f"metric, table, sealed_test")
     if spec.get("reference") and spec["reference"] not in spec["runs"]:
         raise data.InputError(f"{spec_path}: reference {spec['reference']!r} is not one of its runs")
     # the evaluation protocol of the table: the command line's, with the file's "eval" on top
@@ -2037,7 +2044,7 @@ PRINTERS = {"zeroshot": print_zeroshot, "fewshot": print_fewshot, "retrieval": p
 
 
 def print_results(task, res):
-    """A readable table per task; each printer sits beside its task's code (plots print as they go)."""
+    """A readable table per task (the printers are above; plots print as they go)."""
     printer = {**PRINTERS, "efficiency": print_efficiency, "ablation": print_ablation}.get(task)
     if printer is not None:
         printer(res)
@@ -2054,8 +2061,8 @@ def load_for_eval(args):
     """-> (model, tokenizer, cfg, manifest, step, checkpoint path or None, its SHA-256 or None)."""
     device = msd.pick_device(args.device)
     if args.checkpoint == "random":
-        cfg = msd.load_config(args.config, ["--skip_bad=true"] if args.skip_bad else [])
-        manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
+        cfg = replace(msd.load_config(args.config), skip_bad=args.skip_bad)
+        manifest = Path(args.data) if args.data else msd.prepare_data(cfg, check_splits=False)
         model, tokenizer = untrained_model(cfg, manifest)
         return model.to(device), tokenizer, cfg, manifest, 0, None, None
     path = Path(args.checkpoint or Path(msd.load_config(args.config).out_dir) / "ckpt.pt")
@@ -2063,8 +2070,8 @@ def load_for_eval(args):
         raise FileNotFoundError(f"checkpoint not found: {path}; train it first ({how_to_train(args)}) "
                                 f"or evaluate an untrained model with --checkpoint random")
     model, tokenizer, cfg, ckpt = msd.load_checkpoint(path, map_location=device)
-    cfg = replace(cfg, skip_bad=cfg.skip_bad or args.skip_bad)
-    manifest = Path(args.data) if args.data else msd.prepare_data(cfg)
+    cfg = replace(cfg, skip_bad=args.skip_bad)  # evaluation leaves bad rows out only when asked
+    manifest = Path(args.data) if args.data else msd.prepare_data(cfg, check_splits=False)
     return model, tokenizer, cfg, manifest, ckpt["step"], path, ckpt["sha256"]
 
 
@@ -2110,26 +2117,28 @@ def _file_name_part(text):
 def default_out(args):
     """Where a task writes its JSON when --out is not given. Never results/ (the README's
     numbers), and never one task's file for another's:
-      zeroshot / fewshot / retrieval / all -> <run>/eval/<task>[_<split>][_<data>][_<column>].json,
-        or <task>-2.json, -3.json, ... when that file holds the results of another protocol
+      zeroshot / fewshot / retrieval / all -> <run>/eval/<task>[_<split>][_<data>][_<column>].json
       plots        -> <run>/plots/plots.json (--readme-pictures: runs/plots/readme-pictures.json)
+      efficiency, pixel-probe -> runs/<task>/<config name>[_<data>].json
       ablation     -> <--ablation-dir>/<ablation file name>.json (where finished runs are recorded)
-      efficiency, pixel-probe -> runs/<task>/<config name>[_<data>].json"""
+    or, but for an ablation (which a later call continues), <name>-2.json, -3.json, ... when
+    that file holds the results of another protocol (free_name)."""
     variant = "" if args.split == "test" else f"_{args.split}"
     if args.data:
         data_path = Path(args.data)
         variant += f"_{data_path.parent.name if data_path.stem == 'manifest' else data_path.stem}"
     if args.label_column:
         variant += f"_{args.label_column}"
-    if args.task in (*TASKS, "all"):
-        return free_name(run_folder(args) / "eval" / _file_name_part(f"{args.task}{variant}.json"),
-                         args.task, protocol_of(args))
-    if args.task == "plots":
-        return (Path("runs/plots/readme-pictures.json") if args.readme_pictures
-                else run_folder(args) / "plots" / "plots.json")
     if args.task == "ablation":
         return Path(args.ablation_dir) / f"{Path(args.ablation).stem}.json"
-    return Path("runs") / args.task / _file_name_part(f"{Path(args.config).stem}{variant}.json")
+    if args.task in (*TASKS, "all"):
+        path = run_folder(args) / "eval" / _file_name_part(f"{args.task}{variant}.json")
+    elif args.task == "plots":
+        path = (Path("runs/plots/readme-pictures.json") if args.readme_pictures
+                else run_folder(args) / "plots" / "plots.json")
+    else:
+        path = Path("runs") / args.task / _file_name_part(f"{Path(args.config).stem}{variant}.json")
+    return free_name(path, args.task, protocol_of(args))
 
 
 def free_name(path, task, protocol):
@@ -2190,7 +2199,8 @@ def replace_problem(path, task, protocol, force=False):
     if kind is None:
         return ("is not a results file of evaluate.py (a checkpoint, a log, a manifest, a picture "
                 "or a file of yours?) and would be lost; choose another --out")
-    if force or kind[0] == task and (task == "ablation" or kind[1] == protocol):
+    # a file written before results_mark recorded no protocol: the same task may replace it
+    if force or kind[0] == task and (task == "ablation" or kind[1] in (protocol, None)):
         return None
     which = f"--task {kind[0]}" if kind[0] != task else f"--task {task} under another protocol"
     return f"holds evaluate.py's results of {which}; choose another --out, or add --force to replace them"
@@ -2233,9 +2243,8 @@ def to_json(obj):
 
 
 def write_json_atomic(path, obj):
-    """obj as strict JSON (to_json), written atomically (write_atomic)."""
-    with data.atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(to_json(obj), indent=1, allow_nan=False), encoding="utf-8")
+    """obj as strict JSON (to_json), written whole or not at all (data.write_text)."""
+    data.write_text(path, json.dumps(to_json(obj), indent=1, allow_nan=False))
 
 
 def _numbers(text, kind):
@@ -2447,7 +2456,7 @@ def evaluate_checkpoint(args):
     skipped = {}
     for task in tasks:
         results[task] = TASKS[task](ev, args)
-        add_floor(task, results[task], args)
+        add_floor(task, results[task], args, manifest)
         print_results(task, results[task])
         if skipped_reason(task, results[task]):
             skipped[task] = skipped_reason(task, results[task])
@@ -2457,14 +2466,14 @@ def evaluate_checkpoint(args):
     return results, problems
 
 
-def add_floor(task, res, args):
+def add_floor(task, res, args, manifest):
     """Own-label results (--label-column) of a checkpoint get the untrained floor's numbers beside
-    them, from the same task's results by --checkpoint random (find_floor), or a note saying how
-    to make them."""
+    them, from the same task's results by --checkpoint random on the same manifest (find_floor),
+    or a note saying how to make them."""
     if not args.label_column or args.checkpoint == "random" or task not in ("zeroshot", "fewshot") \
             or res.get("skipped"):
         return
-    path, floor, notes = find_floor(args, task)
+    path, floor, notes = find_floor(args, task, manifest)
     res["notes"] += notes
     if floor is None:
         res["notes"].append(f"no untrained floor beside these numbers: the same command with "
@@ -2484,12 +2493,13 @@ def add_floor(task, res, args):
 FLOOR_KEYS = ("split", "label_column", "data")  # what a floor must share with the evaluation
 
 
-def find_floor(args, task):
+def find_floor(args, task, manifest=None):
     """The `task` results of --checkpoint random for this evaluation -> (path, those results,
     notes), or (None, None, notes). --floor FILE: that file, which must hold them for the same
-    split, label column and manifest (else an error naming it; other differences are a note).
+    split, label column and --data (else an error naming it; other differences are a note).
     By default: where that command writes them (its `task` file or its `all` file), else a file
-    of the run's eval folder holding them, each for the very same protocol."""
+    of the run's eval folder holding them, each for the very same protocol. With `manifest`
+    (known once the model is loaded), a floor evaluated on another manifest is not used (a note)."""
     protocol, notes = protocol_of(args), []
     if args.floor:
         res = data.read_json(args.floor)
@@ -2501,6 +2511,10 @@ def find_floor(args, task):
         if why:
             raise data.InputError(f"--floor {args.floor}: {why}; give the results of --checkpoint random "
                                   f"with the same --split, --label-column and --data")
+        if manifest is not None and not same_manifest(res, manifest):
+            notes.append(f"the untrained floor {args.floor} was evaluated on {res.get('manifest')}, "
+                         f"not on {manifest}: not shown")
+            return None, None, notes
         other = sorted(k for k in protocol if recorded.get(k) != protocol[k])
         if other:
             notes.append(f"the untrained floor {args.floor} was evaluated with other {', '.join(other)}")
@@ -2521,9 +2535,15 @@ def find_floor(args, task):
         except (OSError, ValueError) as e:
             notes.append(f"not read while looking for the untrained floor: {msd.one_line(e)}")
             continue
-        if floor_problem(res, task) is None and res.get("protocol") == protocol:
+        if floor_problem(res, task) is None and res.get("protocol") == protocol \
+                and (manifest is None or same_manifest(res, manifest)):
             return path, res[task], notes
     return None, None, notes
+
+
+def same_manifest(res, manifest):
+    """Whether a results file was evaluated on `manifest` (paths compared resolved)."""
+    return isinstance(res.get("manifest"), str) and Path(res["manifest"]).resolve() == Path(manifest).resolve()
 
 
 def floor_problem(res, task):
@@ -2572,8 +2592,6 @@ def main(argv=None):
     return results
 
 
-
-
 def cli(argv=None):
     """The command line: main, with a user error (msd.USER_ERRORS: bad input, a file that cannot
     be read or written) printed as ONE line `evaluate.py: error: ...` and exit status 1.
@@ -2600,6 +2618,7 @@ def cli(argv=None):
 # and, with --readme-pictures, the README's pictures from the files in results/:
 #   results/efficiency*.json -> memory of one step against the effective batch ("growth:" rows)
 #   results/ablation*.json   -> the quality table as grouped bars with ±std whiskers
+#   results/batch_*.json, results/study*.json -> the same, with the valid-split metrics
 #   results/*log.jsonl       -> training curves (a run's log.jsonl, copied there from runs/)
 # each into results/plots/<input name>.svg. Plain <svg> with lines, rectangles, polylines and
 # text, which GitHub's markdown viewer shows as an image. A run name has one colour in every
@@ -3182,6 +3201,7 @@ def draw_pictures(jobs, missing):
 def run_plots(args):
     """--task plots: the pictures of one run (the run of --checkpoint, or of --config) in its
     folder; with --readme-pictures, the README's pictures in results/plots/ from results/."""
+    not_drawn = {}
     if args.readme_pictures:
         jobs, missing = readme_pictures()
     else:
@@ -3192,11 +3212,10 @@ def run_plots(args):
             print(f"note: {path}: {why}")
         if not jobs:
             raise data.InputError(f"{run_dir}: nothing to draw, no log.jsonl and no eval/*.json"
-                             + (" of this checkpoint" if not_drawn else "") + f"; train "
+                                  + (" of this checkpoint" if not_drawn else "") + f"; train "
                                   f"({train_how}) and evaluate ({eval_how}) first, or redraw the "
                                   f"README pictures with --readme-pictures")
-        return {"plots": draw_pictures(jobs, missing), "missing": missing, "not_drawn": not_drawn}
-    return {"plots": draw_pictures(jobs, missing), "missing": missing}
+    return {"plots": draw_pictures(jobs, missing), "missing": missing, "not_drawn": not_drawn}
 
 
 # -----------------------------------------------------------------------------
@@ -3210,7 +3229,7 @@ def stored_sha256(checkpoint):
     """The SHA-256 that msd.save_checkpoint records in a checkpoint (the SHA-256 of the file's
     bytes for a checkpoint written without one). mmap=True: the weights are not read."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return ckpt.get("sha256") or hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    return ckpt.get("sha256") or data.sha256_file(checkpoint)
 
 
 class FeatureCache:
@@ -3242,10 +3261,9 @@ class FeatureCache:
             return None, None
         images = hashlib.sha256()  # each image's bytes, not its size and time (which cp -p keeps):
         for r in rows:             # about 0.1 s for 1,000 small PNGs, read from disk
-            with open(r["_path"], "rb") as f:
-                images.update(f"{r['_path']}|{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+            images.update(f"{r['_path']}|{data.sha256_file(r['_path'])}\n".encode())
         key = json.dumps({"checkpoint_sha256": self.checkpoint_sha256(),
-                          "manifest_sha256": hashlib.sha256(self.manifest.read_bytes()).hexdigest(),
+                          "manifest_sha256": data.sha256_file(self.manifest),
                           "images": images.hexdigest(), "split": split,
                           "image_size": self.image_size})
         name = f"features_{split}_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"

@@ -967,22 +967,21 @@ def momentum_in_force(cfg, total_steps):
     return cfg.momentum
 
 
-def prepare_data(cfg):
+def prepare_data(cfg, check_splits=True):
     """The manifest CSV this run trains on; the synthetic set is generated on first use. A
-    patient or study in 'train' and in another split is refused unless cfg.allow_split_overlap."""
+    patient, study or image in 'train' and in another split is refused unless
+    cfg.allow_split_overlap (check_splits=False: the caller checks, as evaluate.py does)."""
     if cfg.data == "synth":
         path = data.ensure_synthetic(cfg.synth_dir, n=cfg.synth_n, size=cfg.synth_size,
                                      seed=cfg.synth_seed, n_per_class_5x=cfg.synth_per_class_5x,
                                      progress=cfg.progress)
     else:
         path = Path(cfg.data)
-        if data.file_problem(path) not in (None, data.NOT_FOUND):
-            data.require_file(path, "config key 'data': manifest")
-        if not path.is_file():
-            raise FileNotFoundError(f"config key 'data': manifest not found: {path} "
-                                    f"(use 'synth' for the built-in synthetic data)")
-    data.check_split_overlap(data.read_manifest(path, skip_bad=cfg.skip_bad), path,
-                             cfg.allow_split_overlap, contents=True)
+        data.require_file(path, "config key 'data': manifest",
+                          " (use 'synth' for the built-in synthetic data)")
+    if check_splits:
+        data.check_split_overlap(data.read_manifest(path, skip_bad=cfg.skip_bad), path,
+                                 cfg.allow_split_overlap, contents=True)
     return path
 
 

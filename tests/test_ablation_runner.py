@@ -110,3 +110,13 @@ def test_report_prints_the_recorded_runs_and_touches_nothing(tmp_path, monkeypat
     assert (tmp_path / "abl_out.json").read_bytes() == before          # written by the runner only
     assert res["report_only"] and res["table"]["msd"]["mean_R@10"][0] == pytest.approx(0.375)
     assert "msd" in capsys.readouterr().out
+
+
+def test_a_contrast_family_under_an_unknown_name_is_refused(tmp_path):
+    """A family the runner does not know ("valid", a typo) would be dropped without a word."""
+    args = write_spec(tmp_path)
+    spec = json.loads((tmp_path / "abl.json").read_text())
+    spec["contrasts"] = {"metric": "mean_R@10", "valid": {"x": {"plus": ["msd"], "minus": ["clip_b"]}}}
+    (tmp_path / "abl.json").write_text(json.dumps(spec))
+    with pytest.raises(KeyError, match="unknown keys \\['valid'\\] in 'contrasts'"):
+        ev.main(args + ["--report"])

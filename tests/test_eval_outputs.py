@@ -103,19 +103,20 @@ def test_pictures_replace_only_pictures_that_evaluate_drew(tmp_path):
 
 def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(trained, tmp_path, capsys, monkeypatch):
     ckpt = run_copy(trained, tmp_path)
-    real_to_json = ev.to_json
+    real_write_text = Path.write_text
 
-    def full_disk(obj):  # the results file, as it is written
-        if isinstance(obj, dict) and "written_by" in obj:
+    def full_disk(path, *args, **kwargs):  # the results file's temporary file, as it is written
+        if path.name.startswith(".r.json."):
+            real_write_text(path, "{")                   # half written, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_to_json(obj)
-    monkeypatch.setattr(ev, "to_json", full_disk)
+        return real_write_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full_disk)
     out = tmp_path / "r.json"
     err = exits_with_one_line(capsys, ["--task", "zeroshot", "--checkpoint", str(ckpt), "--out", str(out)],
                               code=1, main=ev.cli)
     assert f"cannot write {out} (" in err and "MB free there): No space left on device" in err
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
-    monkeypatch.setattr(ev, "to_json", real_to_json)
+    monkeypatch.setattr(Path, "write_text", real_write_text)
     # the feature cache: torch.save's RuntimeError on a full disk is a note; the evaluation goes on
     real_save = torch.save
 
@@ -253,3 +254,12 @@ def test_efficiency_warns_when_the_spread_or_the_load_means_its_ratios_cannot_be
     busy = ev.noise_warnings(quiet, 2.5, 1.0, cores=2)
     assert "load average before 2.5 above the 2 cores" in busy[0] and "rerun on an idle machine" in busy[-1]
     assert ev.noise_warnings(quiet, None, None, cores=2) == []          # no load average on this system
+
+
+def test_a_results_file_from_before_the_mark_is_replaced_by_its_own_task(tmp_path):
+    """results/efficiency.json and its kind, written before results_mark: the documented
+    command (--task efficiency --out results/efficiency.json) regenerates it; another task may not."""
+    old = tmp_path / "efficiency.json"
+    old.write_text(json.dumps({"rows": [], "matmul_tflops": 0.1}))
+    assert ev.replace_problem(old, "efficiency", {"steps": 5}) is None
+    assert "choose another --out" in ev.replace_problem(old, "pixel-probe", {})

@@ -155,6 +155,19 @@ def test_given_floor_of_another_split_is_an_error_naming_it(trained, tmp_path, m
     assert e.value.code == 2
 
 
+def test_a_floor_evaluated_on_another_manifest_is_not_shown(trained, tmp_path):
+    manifest = own_label_manifest(trained, tmp_path)
+    own = ["--data", str(manifest), "--label-column", "label"]
+    floor = tmp_path / "floor.json"
+    ev.main(["--task", "zeroshot", "--checkpoint", "random", "--config", str(trained["config"]),
+             "--out", str(floor), *own])
+    args = ev.build_parser().parse_args(["--task", "zeroshot", "--checkpoint", str(trained["ckpt"]),
+                                         "--floor", str(floor), *own])
+    assert ev.find_floor(args, "zeroshot", manifest)[0] == floor
+    path, res, notes = ev.find_floor(args, "zeroshot", tmp_path / "another.csv")
+    assert path is None and res is None and notes[-1].endswith("another.csv: not shown")
+
+
 def test_class_names_the_tokenizer_does_not_know_are_a_warning(trained, tmp_path, capsys):
     manifest = own_label_manifest(trained, tmp_path, classes=("qzxv wkrp", "normal"))
     res = ev.main(["--task", "zeroshot", "--checkpoint", str(trained["ckpt"]), "--data", str(manifest),
