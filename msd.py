@@ -689,7 +689,7 @@ def clip_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullc
         offset = dist.rank * len(batch.images) if dist is not None and dist.world_size > 1 else 0
 
     optimizer.zero_grad(set_to_none=True)
-    total_loss = 0.0
+    total_loss = 0.0  # becomes a tensor on the device: summed without reading it back
     for j, rows in enumerate(micro):
         with sync_on_last(student, dist, j, N):
             if replay:
@@ -1847,8 +1847,8 @@ class BertTextTransformer(nn.Module):
             raise data.InputError(f"config key 'max_len' = {max_len} exceeds max_position_embeddings "
                                   f"{c['max_position_embeddings']} of {source}; use --max_len="
                                   f"{c['max_position_embeddings']} or less")
-        self.bert_config, self.width = bert_config, c["hidden_size"]
-        width = self.width
+        self.bert_config = bert_config        # its shape, stored in our checkpoints
+        self.width = width = c["hidden_size"]
         self.token_embedding = nn.Embedding(c["vocab_size"], width)
         self.positional_embedding = nn.Parameter(torch.zeros(c["max_position_embeddings"], width))
         self.token_type_embedding = nn.Parameter(torch.zeros(width))
