@@ -1,4 +1,5 @@
 """Make the three top-level modules importable from the tests, whatever the working directory."""
+import json
 import sys
 from pathlib import Path
 
@@ -19,3 +20,17 @@ def tiny_synth(tmp_path_factory):
     and shared by the test modules that only read it; a test that changes image files or the
     manifest makes a folder of its own."""
     return tmp_path_factory.mktemp("synth_shared") / "synthcxr_tiny"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_synth):
+    """configs/tiny.json trained 12 steps on the session's SynthCXR, once per session, with its
+    config file (for --checkpoint random). Tests that change the checkpoint copy it first."""
+    import msd
+    root = tmp_path_factory.mktemp("tiny")
+    config = json.loads((ROOT / "configs" / "tiny.json").read_text())
+    config.update(out_dir=str(root / "run"), synth_dir=str(tiny_synth), max_steps=12, progress=False)
+    (root / "tiny.json").write_text(json.dumps(config))
+    cfg = msd.load_config(root / "tiny.json")
+    msd.pretrain(cfg)
+    return {"root": root, "ckpt": root / "run" / "ckpt.pt", "config": root / "tiny.json", "cfg": cfg}

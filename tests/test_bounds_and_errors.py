@@ -76,16 +76,8 @@ def test_whether_vision_weights_is_set_is_architecture():
         msd.check_resumable(ckpt, msd.Config(), msd.Dist(), "ckpt.pt")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    msd.pretrain(msd.load_config(TINY, [f"--out_dir={root / 'run'}", f"--synth_dir={root / 'synth'}",
-                                        "--progress=false", "--max_steps=1"]))
-    return root
-
-
 def edited_checkpoint(trained, tmp_path, edit):
-    ckpt = torch.load(trained / "run" / "ckpt.pt", weights_only=True)
+    ckpt = torch.load(trained["ckpt"], weights_only=True)
     ckpt.pop("sha256")
     edit(ckpt)
     ckpt["sha256"] = msd.checkpoint_sha256(ckpt)       # anyone can recompute a checksum
@@ -110,7 +102,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(trained, tmp_path)
 
     def small_files():  # 100 kB per file: the synthetic images fit, the checkpoint does not
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-    proc = run_cli("msd.py", "--config", TINY, f"--out_dir={out}", f"--synth_dir={trained / 'synth'}",
+    proc = run_cli("msd.py", "--config", TINY, f"--out_dir={out}", f"--synth_dir={trained['cfg'].synth_dir}",
                    "--progress=false", "--max_steps=1", cwd=tmp_path, preexec=small_files)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"cannot write {out / 'ckpt.pt'} (" in proc.stderr and "MB free there" in proc.stderr

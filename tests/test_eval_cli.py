@@ -10,7 +10,7 @@ import torch
 
 import evaluate as ev
 import msd
-from test_evaluate import FAST, cache_path, strict_json, trained  # noqa: F401 (a fixture)
+from test_evaluate import FAST, cache_path, strict_json
 
 
 def run_copy(trained, tmp_path, name="copy"):

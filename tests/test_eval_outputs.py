@@ -17,7 +17,7 @@ import torch
 import data
 import evaluate as ev
 from test_eval_cli import exits_with_one_line, run_copy
-from test_evaluate import cache_path, strict_json, trained  # noqa: F401 (a fixture)
+from test_evaluate import cache_path, strict_json
 
 
 def no_work(monkeypatch):

@@ -382,20 +382,6 @@ def test_identical_texts_are_not_punished_as_negatives():
 
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny trained checkpoint, once per session, and a config file for --checkpoint random."""
-    root = tmp_path_factory.mktemp("tiny")
-    overrides = {"out_dir": str(root / "run"), "synth_dir": str(root / "synth"),
-                 "max_steps": 12, "progress": False}
-    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "tiny.json").read_text())
-    config.update(overrides)
-    (root / "tiny.json").write_text(json.dumps(config))
-    cfg = msd.load_config(root / "tiny.json")
-    msd.pretrain(cfg)
-    return {"root": root, "ckpt": root / "run" / "ckpt.pt", "config": root / "tiny.json", "cfg": cfg}
-
-
 FAST = ["--shots", "1,4", "--fractions", "1", "--seeds", "2", "--weight-decays", "0.01,1"]
 
 

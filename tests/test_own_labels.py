@@ -10,7 +10,7 @@ import pytest
 import data
 import evaluate as ev
 import msd
-from test_evaluate import FAST, strict_json, trained  # noqa: F401 (a fixture)
+from test_evaluate import FAST, strict_json
 
 NS = "{http://www.w3.org/2000/svg}"
 

@@ -92,11 +92,11 @@ def test_chexzero_pair_and_softmax_probability():
 # --------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """configs/tiny.json with its SynthCXR set in a temporary folder; evaluated untrained."""
+def tiny(tmp_path_factory, tiny_synth):
+    """configs/tiny.json on the session's SynthCXR (conftest.py); evaluated untrained."""
     root = tmp_path_factory.mktemp("protocols")
     config = json.loads((REPO / "configs" / "tiny.json").read_text())
-    config.update(synth_dir=str(root / "synth"), out_dir=str(root / "run"), progress=False)
+    config.update(synth_dir=str(tiny_synth), out_dir=str(root / "run"), progress=False)
     (root / "tiny.json").write_text(json.dumps(config))
     cfg = msd.load_config(root / "tiny.json")
     return {"root": root, "config": root / "tiny.json", "cfg": cfg, "manifest": msd.prepare_data(cfg)}
