@@ -130,18 +130,14 @@ class BadRowsError(ManifestError):
 
 def scan_manifest(path):
     """Read and check a manifest in one pass -> (good rows, [BadRow] of every bad row).
-
-    Good rows are dicts, label values normalised to '1', '0', '-1', ''; each also gets '_row'
-    (1-based data row; the CSV line is _row + 1 when no field spans lines) and '_path' (the
-    absolute image path). A row is bad when a field count, split or label value is wrong, its
-    text is empty (unless EVERY text is: a labels-only manifest), its image is missing or not a
-    file, or it repeats an earlier row in every column. A problem of the whole file (not found,
-    not UTF-8, a missing column) raises ManifestError / OSError. Empty ids are checked once per
-    command, with the split check (check_split_overlap -> check_ids)."""
+    Good rows are dicts, labels normalised to '1', '0', '-1', '', plus '_row' (1-based data row)
+    and '_path' (the absolute image). A row is bad when a field count, split or label value is
+    wrong, its text is empty (unless EVERY text is: labels-only), its image is missing or not a
+    file, or it repeats an earlier row. A problem of the whole file raises ManifestError /
+    OSError. Empty ids are checked with the split check (check_ids)."""
     path = Path(path)
-    require_file(path, "manifest")
     root = path.resolve().parent
-    text = read_utf8(path, "save the manifest as UTF-8 CSV")
+    text = read_utf8(path, "manifest", "save the manifest as UTF-8 CSV")
     columns, records = read_csv_records(path, io.StringIO(text, newline=""))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
@@ -149,42 +145,55 @@ def scan_manifest(path):
     label_columns = [c for c in LABELS if c in columns]  # real datasets may carry only some labels
     # No text in any row = a labels-only manifest (CheXpert, RSNA have no reports), fine for
     # image-label evaluation; one empty text among reports is a broken row.
-    text_at, image_at = columns.index("text"), columns.index("image")
+    text_at = columns.index("text")
     labels_only = bool(records) and not any(f[text_at].strip() for _, f in records if len(f) > text_at)
-    rows, bad, first_of = [], [], {}
+
+    def make_row(i, row):
+        if row["split"] not in SPLITS:
+            raise ManifestError(f"{path}, row {i}, column 'split': unknown split "
+                                f"{row['split']!r}; expected one of {list(SPLITS)}",
+                                "unknown split")
+        for c in label_columns:
+            if row[c].strip() not in LABEL_VALUES:
+                raise ManifestError(f"{path}, row {i}, column '{c}': bad label value {row[c]!r}; "
+                                    "expected 1, 0, -1 (or 1.0, 0.0, -1.0) or empty",
+                                    "bad label value")
+            row[c] = LABEL_VALUES[row[c].strip()]
+        if not row["text"].strip() and not labels_only:
+            raise ManifestError(f"{path}, row {i}, column 'text': empty report text "
+                                f"(image {row['image']!r})", "empty text")
+        row["_row"], row["_path"] = i, str(root / row["image"])
+        check_row_image(path, i, "image", row["_path"])
+        return row
+
+    return scan_records(path, columns, records, "image", make_row)
+
+
+def scan_records(path, header, records, image_column, make_row, keep=None):
+    """The row loop of scan_manifest and prepare_csv -> (rows, [BadRow]). Each record becomes a
+    dict (record_dict); keep(row) False leaves it out; a row that repeats an earlier one in every
+    column is a "duplicate row"; make_row(i, row) returns the row to keep or raises
+    ManifestError: a bad row, counted by its reason."""
+    image_at, rows, bad, first_of = header.index(image_column), [], [], {}
     for i, (line, fields) in enumerate(records, start=1):
         try:
-            row = record_dict(path, i, line, columns, fields)
+            row = record_dict(path, i, line, header, fields)
+            if keep and not keep(row):
+                continue
             first = first_of.setdefault(tuple(fields), i)
             if first != i:
                 raise ManifestError(f"{path}, row {i}: the same as row {first} in every column "
-                                    f"(image {row['image']!r})", "duplicate row")
-            if row["split"] not in SPLITS:
-                raise ManifestError(f"{path}, row {i}, column 'split': unknown split "
-                                    f"{row['split']!r}; expected one of {list(SPLITS)}",
-                                    "unknown split")
-            for c in label_columns:
-                if row[c].strip() not in LABEL_VALUES:
-                    raise ManifestError(f"{path}, row {i}, column '{c}': bad label value "
-                                        f"{row[c]!r}; expected 1, 0, -1 (or 1.0, 0.0, -1.0) "
-                                        "or empty", "bad label value")
-                row[c] = LABEL_VALUES[row[c].strip()]
-            if not row["text"].strip() and not labels_only:
-                raise ManifestError(f"{path}, row {i}, column 'text': empty report text "
-                                    f"(image {row['image']!r})", "empty text")
-            row["_row"], row["_path"] = i, str(root / row["image"])
-            check_row_image(path, i, "image", row["_path"])
-            rows.append(row)
+                                    f"(image {row[image_column]!r})", "duplicate row")
+            rows.append(make_row(i, row))
         except ManifestError as e:
             bad.append(BadRow(i, fields[image_at] if len(fields) > image_at else "", e.reason, str(e)))
     return rows, bad
 
 
 def read_manifest(path, skip_bad=False, skipped=None):
-    """Read and validate a manifest -> list of row dicts (scan_manifest). The file must be UTF-8
-    (a byte-order mark, as Excel writes, is fine). Bad rows raise ONE BadRowsError listing them
-    all; with skip_bad=True they are skipped, counted on stderr (never silently) and, when
-    `skipped` is a list, appended to it (BadRow each; write_skipped writes them as a CSV)."""
+    """A checked manifest -> list of row dicts (scan_manifest). Bad rows raise ONE BadRowsError
+    listing them all; skip_bad=True skips them, counted on stderr (never silently) and appended
+    to `skipped` when it is a list (write_skipped writes them as a CSV)."""
     rows, bad = scan_manifest(path)
     if bad and not skip_bad:
         raise BadRowsError(path, bad, len(rows) + len(bad))
@@ -193,8 +202,7 @@ def read_manifest(path, skip_bad=False, skipped=None):
 
 
 def check_row_image(source, i, column, image):
-    """ManifestError ("missing image", or "image not a file" for a folder, FIFO, device) unless
-    the image of row i of `source` is an existing regular file."""
+    """ManifestError ("missing image" / "image not a file") unless row i's image is a file."""
     problem = file_problem(image)
     if problem == NOT_FOUND:
         raise ManifestError(f"{source}, row {i}, column '{column}': file not found: {image}",
@@ -205,9 +213,8 @@ def check_row_image(source, i, column, image):
 
 
 def check_ids(path, rows):
-    """study_id empty in every row is refused: every image would be one study (one pair id,
-    one retrieval target). An empty study_id or patient_id in some rows is warned on stderr with
-    the count: those rows share a study, or escape the split check (check_split_overlap)."""
+    """study_id empty in every row is refused; empty study or patient ids in some rows are
+    counted in a warning."""
     if rows and not any(r["study_id"].strip() for r in rows):
         raise ManifestError(f"{path}: column 'study_id' is empty in all {len(rows)} rows, so every "
                             f"image would be one study (one pair id, one retrieval target); write "
@@ -224,8 +231,7 @@ def check_ids(path, rows):
 
 
 def note_skipped(who, source, bad, skipped=None, where=""):
-    """skip_bad: the skipped rows counted by kind on one stderr line, and appended to `skipped`
-    (a list) when one is given."""
+    """skip_bad: the skipped rows counted by kind on stderr, and appended to the list `skipped`."""
     if not bad:
         return
     if skipped is not None:
@@ -236,9 +242,8 @@ def note_skipped(who, source, bad, skipped=None, where=""):
 
 
 def write_skipped(path, skipped):
-    """The skipped rows (BadRow list: read_manifest(..., skipped=[]), PairDataset.skipped) as a
-    CSV with columns row, image, reason, message; msd.py writes it as skipped_rows.csv beside a
-    run. Returns the path."""
+    """Skipped rows (BadRow list: read_manifest(..., skipped=[]), PairDataset.skipped) as a CSV
+    with columns row, image, reason, message (msd.py: skipped_rows.csv). Returns the path."""
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(BadRow._fields)
@@ -247,10 +252,9 @@ def write_skipped(path, skipped):
 
 
 def read_csv_records(path, lines):
-    """The header and the data rows of a CSV (`lines`: an open text file) -> (header, [(line
-    number, fields)]), blank lines skipped as csv.DictReader skips them. A repeated column name
-    (which a dict would silently collapse to its last column) and a field longer than
-    csv.field_size_limit() (an unclosed quote, or something that is not a report) are refused."""
+    """A CSV (`lines`: an open text file) -> (header, [(line number, fields)]), blank lines
+    skipped. A repeated column name (a dict would keep only its last column) and a field longer
+    than csv.field_size_limit() (an unclosed quote) are refused."""
     reader, records = csv.reader(lines), []
     try:
         header = next(reader, [])
@@ -270,8 +274,8 @@ def read_csv_records(path, lines):
 
 
 def record_dict(path, i, line, header, fields):
-    """One data row (read_csv_records) -> {column: value}; a row whose number of fields is not
-    the header's is an error naming the row, its line and both counts."""
+    """One data row (read_csv_records) -> {column: value}; refused unless it has the header's
+    number of fields."""
     if len(fields) != len(header):
         raise ManifestError(f"{path}, row {i} (line {line}): has {len(fields)} fields, the header "
                             f"has {len(header)} (a field holding a comma must be in double quotes)",
@@ -279,23 +283,19 @@ def record_dict(path, i, line, header, fields):
     return dict(zip(header, fields))
 
 
-SPLIT_ID_COLUMNS = ("patient_id", "study_id")
-
-
-ALLOW_OVERLAP = "config key allow_split_overlap=true (msd.py --allow_split_overlap=true, evaluate.py --allow-split-overlap)"
+ALLOW_OVERLAP = ("config key allow_split_overlap=true (msd.py --allow_split_overlap=true, "
+                 "evaluate.py --allow-split-overlap)")
 
 
 def check_split_overlap(rows, source, allow=False, contents=False, way_out=ALLOW_OVERLAP):
-    """Leakage: a patient or a study with rows in split 'train' and in another split (valid,
-    test, test_5x) means that a model is evaluated on people it was trained on. contents=True
-    also compares the images' bytes (SHA-256, image_sha256; cached beside the manifest `source`):
-    the same picture under two patient ids, or copied under two names. Raises ManifestError
-    giving, per id column, the count and a few examples, and for contents both rows of a few
-    pairs, and `way_out`, the option of the calling command; with allow=True it warns on stderr
-    instead. Empty ids are not compared: check_ids, first, refuses or counts them."""
+    """Leakage: a patient or study in split 'train' and in another split means a model is
+    evaluated on people it was trained on. contents=True also compares the images' bytes
+    (image_sha256): one picture under two patient ids, or copied under two names. Raises one
+    ManifestError with counts, a few examples and `way_out`; allow=True only warns. Empty ids
+    are not compared: check_ids, first, refuses or counts them."""
     check_ids(source, rows)
     found = []
-    for column in SPLIT_ID_COLUMNS:
+    for column in ("patient_id", "study_id"):
         train = {r[column] for r in rows if r["split"] == "train" and r[column]}
         shared = collections.defaultdict(set)  # id -> the other splits it is in
         for r in rows:
@@ -323,8 +323,7 @@ def check_split_overlap(rows, source, allow=False, contents=False, way_out=ALLOW
 
 
 def same_bytes_across_splits(source, rows):
-    """[(train row, other row)]: each row outside 'train' whose image file has the same bytes as
-    a 'train' row's. Only files whose size occurs both in 'train' and outside it are hashed."""
+    """[(train row, other row)] of the same image bytes; only sizes on both sides are hashed."""
     size_of = {}
     for r in rows:
         with contextlib.suppress(OSError):  # a missing file is reported by read_manifest
@@ -343,14 +342,12 @@ def same_bytes_across_splits(source, rows):
 
 
 def image_path(row):
-    """The image file of a row: '_path' of a row read_manifest returns, 'image' (absolute) of a
-    row a preparer makes."""
+    """'_path' of a row read_manifest returns, 'image' (absolute) of a row a preparer makes."""
     return row.get("_path") or row["image"]
 
 
 def describe_row(row):
-    """A row named for a message: 'metadata.csv row 3 (/data/a.png, patient p1, train)'. '_source'
-    names the file whose rows '_row' counts, when it is not the manifest itself."""
+    """'metadata.csv row 3 (/data/a.png, patient p1, train)'; '_source': where '_row' counts."""
     where = f"row {row['_row']} " if "_row" in row else ""
     where = f"{row['_source']} {where}" if "_source" in row else where
     return f"{where}({row['image']}, patient {row['patient_id'] or '(empty)'}, {row['split']})"
@@ -364,9 +361,8 @@ def _label_str(value):
 
 
 def write_manifest(path, rows, label_names=LABELS):
-    """Write rows (dicts) as a manifest, whole or not at all (atomic_write). `image` is an absolute
-    path or one already relative to the CSV's folder; absolute paths are stored relative. Keys
-    starting with '_' are not written."""
+    """Write rows (dicts) as a manifest, whole or not at all; absolute image paths are stored
+    relative to the CSV's folder; keys starting with '_' are not written."""
     path = Path(path)
     root = path.resolve().parent
     extra = []
@@ -414,10 +410,9 @@ def _unmarkup(text):
 
 
 def extract_report_text(report, sections=True):
-    """The text every dataset's rows are made of, cleaned the same way for all of them: HTML
-    entities unescaped and tags dropped, whitespace collapsed. sections=True (reports): findings +
-    impression (the LAST occurrence of each section, since addenda and re-dictations repeat them),
-    "" if the report has neither. sections=False (captions): the whole text."""
+    """Every dataset's text, cleaned alike: markup dropped, whitespace collapsed. sections=True
+    (reports): findings + impression (the LAST occurrence of each, since addenda repeat them), ""
+    if neither; sections=False (captions): the whole text."""
     report = _unmarkup(report)
     if not sections:
         return " ".join(report.split())
@@ -463,11 +458,9 @@ def _to_uint8(a):
 
 
 def load_image(path, max_side=None):
-    """Open an image as 8-bit grayscale (mode "L"): 8/16-bit PNG (16-bit min-max scaled to 0..255),
-    JPEG, DICOM (needs pydicom). An image whose longer side exceeds max_side (default
-    MAX_IMAGE_SIDE; 0 = never) is downscaled here, once, not by every epoch's transform.
-    Raises FileNotFoundError (missing), OSError (a folder, FIFO, device) or ValueError
-    (unreadable, truncated), naming the path."""
+    """Open an image as 8-bit grayscale (mode "L"): 8/16-bit PNG (16-bit min-max scaled), JPEG,
+    DICOM (needs pydicom); longer than max_side (default MAX_IMAGE_SIDE; 0 = never): downscaled
+    once, here. Raises FileNotFoundError, OSError (a folder, FIFO) or ValueError (unreadable)."""
     path = Path(path)
     require_file(path, "image")
     max_side = MAX_IMAGE_SIDE if max_side is None else max_side
@@ -509,18 +502,17 @@ _TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?|_+|[^\sa-z\d_]")  # words | numbers (
 
 
 def truncated_share(texts, max_len, tokenize=None, keep_empty=False):
-    """Fraction of the texts that a tokenizer with this max_len cuts short: those with more than
-    max_len - 2 tokens ([CLS] and [SEP] take two places). tokenize defaults to the word-level
-    Tokenizer.tokenize. Empty texts are left out (a labels-only row has no report), or with
-    keep_empty=True counted as fitting (they encode as [CLS] [SEP]). NaN when no text counts."""
+    """Fraction of the texts with more than max_len - 2 tokens ([CLS], [SEP]): cut short. tokenize
+    defaults to Tokenizer.tokenize. Empty texts are left out, or with keep_empty=True counted as
+    fitting. NaN when no text counts."""
     tokenize = tokenize or Tokenizer.tokenize
     lengths = [len(tokenize(t)) + 2 for t in texts if keep_empty or t.strip()]
     return sum(n > max_len for n in lengths) / len(lengths) if lengths else float("nan")
 
 
 class _TokenizerBase:
-    """What both tokenizers share. A subclass's __init__ calls this one and then sets pad_id,
-    cls_id, sep_id and unk_id; it defines tokenize(text) -> tokens, to_dict() and from_dict(d)."""
+    """What both tokenizers share; a subclass sets pad_id, cls_id, sep_id and unk_id and defines
+    tokenize(text) -> tokens, to_dict() and from_dict(d)."""
 
     def __init__(self, vocab, max_len):
         if max_len < 3:
@@ -662,18 +654,12 @@ class ImageTransform:
 
 class PairDataset(torch.utils.data.Dataset):
     """One split of a manifest. Item i -> (image (1,H,W) float32, input_ids (L,) long,
-    attention_mask (L,) long, pair_id () long, labels (len(label_names),) float32 with NaN = blank).
-
-    pair_id is the index of the row's study_id among the sorted study_ids of the WHOLE manifest,
-    so images of one study share it. Augmentation for item i draws from
-    default_rng([seed, epoch, i]): identical with any num_workers. Call set_epoch(e) each epoch
-    (with persistent DataLoader workers, recreate the loader for it to take effect).
-
-    check_images=True checks every image of the split once at construction (find_bad_images), so
-    a truncated file is reported before training starts rather than at the step that first draws
-    it. Every bad row (scan_manifest's, and this split's unreadable images) is reported at once
-    in one BadRowsError; skip_bad=True drops them instead, counted on stderr, and keeps them
-    (BadRow each) in self.skipped: data.write_skipped(path, dataset.skipped) lists them."""
+    attention_mask (L,) long, pair_id () long, labels (len(label_names),) float32, NaN = blank).
+    pair_id: the index of the row's study_id among the sorted study_ids of the WHOLE manifest.
+    Augmentation for item i draws from default_rng([seed, epoch, i]): identical with any
+    num_workers; call set_epoch(e) each epoch. check_images=True checks the split's images once
+    (find_bad_images), before training starts. Every bad row is reported in one BadRowsError;
+    skip_bad=True drops them, counted on stderr, and keeps them (BadRow) in self.skipped."""
 
     def __init__(self, manifest_path, split, tokenizer, transform, seed=0, label_names=LABELS,
                  cache_images=False, skip_bad=False, check_images=True):
@@ -745,26 +731,30 @@ class PairDataset(torch.utils.data.Dataset):
 NOT_FOUND = "not found"
 
 
-def file_problem(path):
-    """None when path is an existing regular file (links followed), else what it is instead:
-    NOT_FOUND, "is a folder, not a file", or "is not a regular file (a FIFO, socket or device)"
-    (reading a FIFO would wait forever), or why it cannot be looked at."""
+def file_stamp(path):
+    """([size, mtime_ns], None) when path is an existing regular file (links followed), else
+    (None, what it is instead): NOT_FOUND, "is a folder, not a file", "is not a regular file (a
+    FIFO, socket or device)" (reading a FIFO would wait forever), or why it cannot be looked at."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
-        return NOT_FOUND
+        return None, NOT_FOUND
     except OSError as e:
-        return f"cannot be looked at ({e.strerror or e})"
-    if stat.S_ISDIR(mode):
-        return "is a folder, not a file"
-    if not stat.S_ISREG(mode):
-        return "is not a regular file (a FIFO, socket or device)"
-    return None
+        return None, f"cannot be looked at ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return None, "is a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "is not a regular file (a FIFO, socket or device)"
+    return [st.st_size, st.st_mtime_ns], None
+
+
+def file_problem(path):
+    """None when path is an existing regular file, else what it is instead (file_stamp)."""
+    return file_stamp(path)[1]
 
 
 def require_file(path, what, hint=""):
-    """FileNotFoundError ("<what> not found: path<hint>") only for a path that does not exist;
-    OSError naming the path and what it is for a folder, FIFO or device."""
+    """FileNotFoundError for a path that does not exist, OSError for a folder, FIFO or device."""
     problem = file_problem(path)
     if problem == NOT_FOUND:
         raise FileNotFoundError(f"{what} not found: {path}{hint}")
@@ -773,8 +763,8 @@ def require_file(path, what, hint=""):
 
 
 def check_not_input(out, inputs, option="--out"):
-    """ValueError when the existing file `out` is one of `inputs` ((what, path) pairs), compared
-    by device and inode, so that a link or another spelling of the same path is caught too."""
+    """InputError when the existing file `out` is one of `inputs` ((what, path) pairs), compared
+    by device and inode (a link or another spelling of the path is caught too)."""
     try:
         key = os.stat(out)
     except OSError:  # nothing there yet: it cannot be an input
@@ -787,22 +777,24 @@ def check_not_input(out, inputs, option="--out"):
                                  f"choose another {option}")
 
 
-def read_utf8(path, advice):
-    """A text file's content; not UTF-8 (a byte-order mark is fine) -> ManifestError naming the
-    file, the byte and the line, then `advice`."""
-    raw = Path(path).read_bytes()
+def read_utf8(path, what, advice, source=None):
+    """The text of the file `what` (require_file; gzipped when it ends in .gz). Not UTF-8 (a
+    byte-order mark is fine) -> ManifestError naming source (default the path), the byte and the
+    line, then `advice`."""
+    require_file(path, what)
+    with (gzip.open if Path(path).suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {e.reason}); "
-                            f"{advice}") from None
+        raise ManifestError(f"{source or path}: not UTF-8 text (byte {e.start}, line {line}: "
+                            f"{e.reason}); {advice}") from None
 
 
 def parse_json(text, source):
     """JSON text -> Python, strictly: invalid JSON, a key given twice in one object (json.loads
-    would keep the last one silently) or nesting too deep for Python's parser (RecursionError) is
-    an InputError naming `source` (a file, an option)."""
+    would keep the last silently) or too deep nesting is an InputError naming `source`."""
     def no_repeated_keys(pairs):
         counts = collections.Counter(k for k, _ in pairs)
         repeated = [k for k, n in counts.items() if n > 1]
@@ -820,25 +812,18 @@ def parse_json(text, source):
 
 
 def read_json(path, source=None, what="JSON file"):
-    """A JSON file read by parse_json, for every JSON file the project reads (configs, prompts,
-    results, caches, a BERT config). A folder, FIFO or device is named as such; errors name
-    `source` (default: the path)."""
-    require_file(path, what)
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{source or path}: not UTF-8 text ({e})") from None
-    return parse_json(text, source or path)
+    """Every JSON file the project reads, by read_utf8 and parse_json; errors name `source`
+    (default: the path)."""
+    return parse_json(read_utf8(path, what, "save it as UTF-8", source), source or path)
 
 
 @contextlib.contextmanager
 def atomic_write(path):
-    """`with atomic_write(path) as tmp:` write tmp (a hidden file of this process beside path);
-    when the block ends, os.replace puts it at path, so a reader sees the old file or the new
-    one, never half of one. The one way every file of the project is written. On any failure the
-    temporary file is removed and the file at path, if any, is untouched; an OSError or a
-    RuntimeError (a full disk, "File too large": torch.save reports those as RuntimeError)
-    becomes one OSError naming path and the free space there (errno kept). The folder is made."""
+    """`with atomic_write(path) as tmp:` write tmp (a hidden file beside path); os.replace then
+    puts it at path, so a reader sees the old file or the new one, never half of one: the one way
+    every file of the project is written. On a failure tmp is removed and path untouched; an
+    OSError or RuntimeError (torch.save reports a full disk so) becomes one OSError naming path
+    and the free space there (errno kept)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -883,15 +868,8 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def _cache_path(manifest_path, kind):
-    """<manifest stem>.<kind>.json beside the manifest."""
-    manifest_path = Path(manifest_path)
-    return manifest_path.with_name(f"{manifest_path.stem}.{kind}.json")
-
-
 def _read_cache(path, key):
-    """The {image path: [size, mtime_ns, ...]} dict under `key` of a cache file; {} when there is
-    none or it is unreadable (the work is then redone)."""
+    """The {image path: [size, mtime_ns, ...]} dict under `key` of a cache file, or {}."""
     try:
         found = read_json(path)
     except (OSError, ValueError):
@@ -901,8 +879,8 @@ def _read_cache(path, key):
 
 
 def _write_cache(path, key, entries):
-    """Write a cache file; a folder we cannot write to (a read-only dataset) only costs a note,
-    and so does a file at that path that is not such a cache (it is left alone)."""
+    """Write a cache file; an unwritable folder, or another file at that path (left alone), only
+    costs a note."""
     if os.path.lexists(path) and not _read_cache(path, key):
         print(f"note: {path} is not a cache this project wrote; it is left alone and the work it "
               f"would save is redone next run", file=sys.stderr)
@@ -959,9 +937,8 @@ def _read_dicom(path):
 
 def check_image(path):
     """A fast check that an image file is whole, without decoding its pixels -> None, or what is
-    wrong. The header must parse; a PNG's chunks and checksums must be intact up to its end
-    (PIL's verify); a JPEG must end with its end-of-image marker; a DICOM header must parse
-    (needs pydicom, like reading it does); no image may exceed MAX_IMAGE_PIXELS."""
+    wrong: the header must parse, a PNG's chunks and checksums be intact (PIL's verify), a JPEG
+    end with its end-of-image marker, no image exceed MAX_IMAGE_PIXELS."""
     path = Path(path)
     try:
         if _is_dicom(path):
@@ -990,23 +967,16 @@ def find_bad_images(manifest_path, rows):
     """check_image for every row -> [(row, problem)] of the bad ones, all at once. The images
     found whole are remembered in <manifest stem>.image_check.json beside the manifest (with their
     size and modification time), so the check is paid once per image, not once per run."""
-    cache_path = _cache_path(manifest_path, "image_check")
-    checked = _read_cache(cache_path, "ok")
-    bad, new = [], 0
+    cache_path = Path(manifest_path).with_name(f"{Path(manifest_path).stem}.image_check.json")
+    checked, bad, new = _read_cache(cache_path, "ok"), [], 0
     for row in tqdm(rows, desc="checking images", disable=None, leave=False):
-        problem = file_problem(row["_path"])  # a FIFO is never opened: it would wait forever
+        stamp, problem = file_stamp(row["_path"])  # a FIFO is never opened: it would wait forever
+        if stamp and checked.get(row["_path"]) != stamp:
+            problem = check_image(row["_path"])
+            if not problem:
+                checked[row["_path"]], new = stamp, new + 1
         if problem:
             bad.append((row, problem))
-            continue
-        st = os.stat(row["_path"])
-        stamp = [st.st_size, st.st_mtime_ns]
-        if checked.get(row["_path"]) == stamp:
-            continue
-        problem = check_image(row["_path"])
-        if problem:
-            bad.append((row, problem))
-        else:
-            checked[row["_path"]], new = stamp, new + 1
     if new:
         _write_cache(cache_path, "ok", checked)
     return bad
@@ -1016,15 +986,12 @@ def image_sha256(manifest_path, rows):
     """SHA-256 of each row's image file -> {image path: hex digest}; a file that cannot be read
     is left out (read_manifest reports it). Remembered in <manifest stem>.image_sha256.json beside
     the manifest, keyed by path with size and modification time, so each file is read once."""
-    cache_path = _cache_path(manifest_path, "image_sha256")
-    known = _read_cache(cache_path, "sha256")
-    digests, new = {}, 0
+    cache_path = Path(manifest_path).with_name(f"{Path(manifest_path).stem}.image_sha256.json")
+    known, digests, new = _read_cache(cache_path, "sha256"), {}, 0
     for path in sorted({image_path(r) for r in rows}):
-        if file_problem(path):
+        stamp, entry = file_stamp(path)[0], known.get(path)
+        if stamp is None:
             continue
-        st = os.stat(path)
-        entry = known.get(path)
-        stamp = [st.st_size, st.st_mtime_ns]
         if not (isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp):
             try:
                 entry = known[path] = [*stamp, sha256_file(path)]
@@ -1074,12 +1041,9 @@ def _is_cjk(ch):
 
 class WordPieceTokenizer(_TokenizerBase):
     """BERT's tokenizer for a published checkpoint: `from_pretrained(folder, max_len)` reads its
-    vocab.txt (one piece per line, id = line number) and its lower-casing setting. Same interface
-    as Tokenizer; saved inside our checkpoints (vocabulary included) and restored exactly.
-
-    do_lower_case: lower-case before splitting (uncased models). strip_accents: None = strip when
-    lower-casing (BERT's rule), or True / False. A word longer than 100 characters, or one that
-    cannot be covered by vocabulary pieces, becomes one [UNK]."""
+    vocab.txt (id = line number) and its lower-casing setting; otherwise like Tokenizer.
+    strip_accents: None = strip when lower-casing (BERT's rule), or True / False. A word longer
+    than 100 characters, or one no vocabulary pieces cover, becomes one [UNK]."""
 
     MAX_WORD_CHARS = 100
 
@@ -1318,11 +1282,10 @@ def _line(x, y, points, width):
 
 def _lung_field(x, y, sign, anatomy, base, gap=0.0):
     """One lung field -> (approximate signed distance to its border, > 0 inside; d = distance
-    from the midline outwards), both (size, size). sign = SIDE[side]: -1 for the patient's right
-    lung (image left). A rounded apex over straight walls that widen towards the base; the bottom
-    is the hemidiaphragm, a dome rising anatomy["dome"] above y = base, deepest laterally, so the
-    costophrenic angle is sharp. gap > 0 pulls the apex and the lateral edge in (the collapsed
-    lung of a pneumothorax)."""
+    from the midline outwards), both (size, size); sign = SIDE[side]. A rounded apex over walls
+    that widen towards the base; the bottom is the hemidiaphragm, a dome rising anatomy["dome"]
+    above y = base, so the costophrenic angle is sharp. gap > 0 pulls the apex and the lateral
+    edge in (the collapsed lung of a pneumothorax)."""
     d = sign * (x - 0.5)
     lung_centre, lung_half_width = anatomy["lung_centre"], anatomy["lung_half_width"]
     top, centre, half_width = anatomy["top"] + gap, lung_centre - 0.3 * gap, lung_half_width - 0.3 * gap
@@ -1769,9 +1732,8 @@ def synth_bytes(n, size, n_per_class_5x):
 
 
 def check_synth_settings(n, size, n_per_class_5x, max_bytes=None):
-    """ValueError, in one line with the value and the way out, unless n >= 1 study, size >=
-    MIN_SYNTH_SIZE px, n_per_class_5x >= 0, and synth_bytes <= max_bytes (default
-    MAX_SYNTH_BYTES)."""
+    """InputError unless n >= 1, size >= MIN_SYNTH_SIZE, n_per_class_5x >= 0 and synth_bytes <=
+    max_bytes (default MAX_SYNTH_BYTES)."""
     for name, value, least, where in (("n", n, 1, "--n, config key synth_n"),
                                       ("size", size, MIN_SYNTH_SIZE, "--size, config key synth_size"),
                                       ("n_per_class_5x", n_per_class_5x, 0,
@@ -1790,8 +1752,7 @@ def check_synth_settings(n, size, n_per_class_5x, max_bytes=None):
 
 
 def synth_folder(out_dir):
-    """The SynthCXR folder as a Path. An empty path (`--synth_dir=` gives "") is refused, never
-    taken as the current folder; so is a path that is a file."""
+    """The SynthCXR folder as a Path; "" (never the current folder) or a file is refused."""
     if not str(out_dir).strip():
         raise InputError("the SynthCXR folder is empty (\"\"): give a folder to write into (config "
                          "key synth_dir, or data.py synth --out); it is never the current folder")
@@ -1805,14 +1766,11 @@ def synth_folder(out_dir):
 def generate_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, progress=None,
                        max_bytes=None):
     """Write SynthCXR to out_dir: images/*.png, reports/*.txt, manifest.csv, meta.json (last, so
-    an interrupted run is redone by ensure_synthetic). Splits train/valid/test (by patient) of n
-    studies plus test_5x: n_per_class_5x studies per FIVE_CLASSES class, each with exactly that
-    one finding, certain phrasing, all other observations 0 (blank -> 0 as in CheXpert 5x200),
-    on patients of their own. Same arguments -> byte-identical files. Returns the manifest path.
-    Settings out of bounds are refused before anything is drawn (check_synth_settings; max_bytes
-    defaults to MAX_SYNTH_BYTES); so is a folder holding a set made with other settings, or files
-    SynthCXR did not write (check_synthetic_folder). progress: a tqdm bar (None: when stderr is
-    a terminal). Every file is written whole or not at all (atomic_write)."""
+    an interrupted run is redone). Splits train/valid/test (by patient) of n studies plus
+    test_5x: n_per_class_5x studies per FIVE_CLASSES class, each with exactly that one finding,
+    certain phrasing, all other observations 0, on patients of their own. Same arguments ->
+    byte-identical files. Bad settings (check_synth_settings) or a folder that is not ours
+    (check_synthetic_folder) are refused before anything is drawn. Returns the manifest path."""
     out = synth_folder(out_dir)
     check_synth_settings(n, size, n_per_class_5x, max_bytes)
     meta = _synth_meta(n, size, seed, n_per_class_5x)
@@ -1859,13 +1817,10 @@ def _synth_meta(n, size, seed, n_per_class_5x):
 
 
 def check_synthetic_folder(out, meta):
-    """meta.json records the settings a SynthCXR folder was made with. A folder made with other
-    settings (or with an unreadable meta.json) is never regenerated in place, since another run
-    may be reading it: FileExistsError naming both settings, the folder and the ways out. A
-    folder without meta.json is an unfinished generation, redone, when everything in it is
-    SynthCXR's own (SYNTH_OWN, SYNTH_OWN_FILES, a manifest.csv with SynthCXR's header); one that
-    holds anything else (a manifest or images of your own) is refused: FileExistsError naming
-    a few of those files."""
+    """FileExistsError for a folder whose meta.json records other settings (or is unreadable):
+    another run may be reading it, so it is never regenerated in place. A folder without
+    meta.json is an unfinished generation, redone, when everything in it is SynthCXR's own
+    (SYNTH_OWN, SYNTH_OWN_FILES, SynthCXR's manifest header); else a few other files are named."""
     meta_path = Path(out) / "meta.json"
     if not meta_path.is_file():
         foreign = _not_synthcxr(Path(out)) if Path(out).is_dir() else []
@@ -1919,8 +1874,7 @@ def _first_line(path, limit=4096):
 def ensure_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, progress=None,
                      max_bytes=None):
     """generate_synthetic unless out_dir/meta.json already records the same arguments; a set
-    made with other arguments is refused (check_synthetic_folder), never regenerated. An empty
-    out_dir is refused first (synth_folder); generate_synthetic checks the settings' bounds."""
+    made with other arguments is refused (check_synthetic_folder), never regenerated."""
     out = synth_folder(out_dir)
     if (out / "meta.json").is_file():
         check_synthetic_folder(out, _synth_meta(n, size, seed, n_per_class_5x))
@@ -1929,8 +1883,8 @@ def ensure_synthetic(out_dir, n=4000, size=128, seed=0, n_per_class_5x=100, prog
 
 
 def wrap_caption(caption, font, width):
-    """A caption -> lines no wider than `width` pixels in `font`, every word kept (the caption
-    area of the contact sheet grows to hold them; a word wider than a line gets its own line)."""
+    """A caption -> lines no wider than `width` pixels in `font`, every word kept (one wider than
+    a line gets its own)."""
     lines = []
     for word in caption.split():
         if lines and font.getlength(f"{lines[-1]} {word}") <= width:
@@ -1942,9 +1896,8 @@ def wrap_caption(caption, font, width):
 
 def preview(data_dir, out=None, n=30, cols=6, tile=160):
     """Contact sheet of the first train images and the first test_5x image of each class, each
-    captioned with its drawn findings (another manifest: its label or text), so a person can
-    check that the pictures match the words. `out` (default data_dir/preview.png) is written
-    whole or not at all, and never over the manifest or one of its images."""
+    captioned with its findings (another manifest: its label or text), to check that pictures
+    and words match. `out` (default data_dir/preview.png) is never the manifest or an image."""
     manifest = Path(data_dir) / "manifest.csv"
     rows = read_manifest(manifest)
     caption_of = lambda r: r.get("findings") or r.get("label") or r["text"]  # noqa: E731
@@ -2002,13 +1955,8 @@ def _expect(root, dataset, *names):
 
 def _read_csv(path, columns=()):
     """Rows of a CSV (plain or gzipped) as dicts; errors name the file and the missing column."""
-    require_file(path, "CSV")
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="",
-                                                          encoding="utf-8-sig") as f:
-            header, records = read_csv_records(path, f)
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8 CSV") from None
+    text = read_utf8(path, "CSV", "save it as UTF-8 CSV")
+    header, records = read_csv_records(path, io.StringIO(text, newline=""))
     missing = [c for c in columns if c not in header]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {missing}; found {header}")
@@ -2017,7 +1965,6 @@ def _read_csv(path, columns=()):
 
 def _labels(src, uncertain=None):
     """Manifest label values of one source row, or None if any value is unreadable.
-
     uncertain=None keeps the release's 1 / 0 / -1 / blank. Any policy maps blank (= not
     mentioned) to 0 and -1 to: '' (ignore: masked), 0 (zeros), 1 (ones) or CHEXPERT_UNCERTAIN
     (chexpert: GLoRIA/MGCA's map for its five labels, the other labels masked)."""
@@ -2038,10 +1985,6 @@ def _labels(src, uncertain=None):
 def _row(image, text, split, study_id, patient_id, view, labels=None):
     return {"image": str(image), "text": text, "split": split, "study_id": str(study_id),
             "patient_id": str(patient_id), "view": view, **(labels or {})}
-
-
-def _view_reason(view):
-    return "lateral view" if "LAT" in view or view in ("LL", "RL") else "other view"
 
 
 # A de-identified span with whatever is glued to it ("4XXXX", "XXXXPM", "x-XXXX", "___-year-old").
@@ -2098,15 +2041,12 @@ def _five_by_n(rows, n, seed):
 
 def prepare_mimic_cxr(root, reports=None, all_views=False, one_per_study="valid,test",
                       deid="keep", uncertain=None, five_x=0, seed=0):
-    """MIMIC-CXR-JPG 2.0.0 + the MIMIC-CXR reports.
-
-    root: mimic-cxr-2.0.0-{split,metadata,chexpert}.csv.gz and files/pXX/pSSSSSSSS/sTTTTTTTT/
-    <dicom_id>.jpg; reports (default root): files/pXX/pSSSSSSSS/sTTTTTTTT.txt, one per study.
-    Keeps PA/AP views (all_views=False); text = findings + impression of the study's report
-    (extract_report_text), '___' kept or removed (deid); labels per study from the CheXpert CSV
-    (a study absent from it gets blank labels); official splits, 'validate' -> 'valid'; in the
-    splits named by one_per_study only one image per study (PA before AP, then dicom_id), so
-    retrieval targets are not duplicated; five_x > 0 adds a MIMIC 5 x five_x set from 'test'."""
+    """MIMIC-CXR-JPG 2.0.0 + the MIMIC-CXR reports. root: mimic-cxr-2.0.0-{split,metadata,
+    chexpert}.csv[.gz] and files/pXX/pSSSSSSSS/sTTTTTTTT/<dicom_id>.jpg; reports (default root):
+    files/pXX/pSSSSSSSS/sTTTTTTTT.txt. PA/AP views only (all_views=False); text = findings +
+    impression, '___' kept or removed (deid); labels per study from the CheXpert CSV (blank when
+    absent); official splits, 'validate' -> 'valid'; in the splits of one_per_study one image
+    per study (PA before AP, then dicom_id); five_x > 0 adds a 5 x five_x set from 'test'."""
     files = [_expect(root, "MIMIC-CXR-JPG", f"mimic-cxr-2.0.0-{k}.csv.gz", f"mimic-cxr-2.0.0-{k}.csv")
              for k in ("split", "metadata", "chexpert")]   # as downloaded (gzipped) or unpacked
     reports = Path(reports) if reports else root
@@ -2120,7 +2060,7 @@ def prepare_mimic_cxr(root, reports=None, all_views=False, one_per_study="valid,
         labels = _labels(labels_of[study], uncertain) if study in labels_of else {}
         rel = Path("files", f"p{subject[:2]}", f"p{subject}", f"s{study}")
         if view not in FRONTAL and not all_views:
-            skipped[_view_reason(view)] += 1
+            skipped["lateral view" if "LAT" in view or view in ("LL", "RL") else "other view"] += 1
         elif labels is None:
             skipped["unreadable label"] += 1
         elif study not in texts and not (reports / rel.with_suffix(".txt")).is_file():
@@ -2173,14 +2113,11 @@ def _chexpert_rows(root, csv_name, uncertain, all_views, skipped):
 
 def prepare_chexpert(root, uncertain=None, valid_frac=0.05, seed=0, all_views=False, exclude=None):
     """CheXpert v1.0 (or -small), for linear probing: root holds train.csv, valid.csv, train/,
-    valid/. Frontal only (all_views=False). uncertain (required): how -1 labels become labels,
-    see _labels. The small official valid.csv becomes 'test'; 'valid' is valid_frac of the
-    train.csv patients (patient-disjoint, seeded). exclude: a file of patient ids (one a line,
-    e.g. the one written by chexpert-5x200) dropped from train/valid.
-
-    CheXpert has no reports: `text` is left EMPTY (never a caption made from the labels, which
-    would leak the labels into any text task); read_manifest accepts a manifest whose text
-    column is empty throughout, as one meant only for image-label evaluation."""
+    valid/. Frontal only (all_views=False); uncertain (required): the -1 policy of _labels. The
+    official valid.csv becomes 'test'; 'valid' is valid_frac of the train.csv patients. exclude:
+    a file of patient ids (e.g. from chexpert-5x200) dropped from train/valid. CheXpert has no
+    reports: `text` is left EMPTY (a caption made from the labels would leak them), a
+    labels-only manifest for image-label evaluation."""
     if uncertain not in UNCERTAIN_POLICIES:
         raise InputError(f"chexpert needs an explicit --uncertain policy: one of {UNCERTAIN_POLICIES}")
     skipped = collections.Counter()
@@ -2195,9 +2132,8 @@ def prepare_chexpert(root, uncertain=None, valid_frac=0.05, seed=0, all_views=Fa
 
 
 def prepare_chexpert_5x200(root, per_class=200, seed=0):
-    """CheXpert 5x200 (zero-shot classification set) from train.csv: frontal, blank -> 0, the
-    5xN rule of _five_by_n, per_class images per class with a seed, split 'test_5x', empty
-    text (see prepare_chexpert). prepare also writes <out>_exclude_patients.txt: pass it to
+    """CheXpert 5x200 (zero-shot set) from train.csv: frontal, the 5xN rule of _five_by_n,
+    split 'test_5x', empty text. prepare also writes <out>_exclude_patients.txt: pass it to
     `prepare chexpert --exclude` so no 5x200 patient is ever trained on."""
     skipped = collections.Counter()
     rows, _ = _chexpert_rows(root, "train.csv", None, False, skipped)
@@ -2212,34 +2148,27 @@ RSNA_SPLITS = {"classification": (0.15, 0.15, "GLoRIA's and MGCA's classificatio
                "detection": (0.2, 0.2, "MGCA's detection split")}
 
 
-def _rsna_fractions(split_protocol, valid_frac, test_frac):
-    """--split-protocol (default classification) or --valid-frac / --test-frac, not both ->
-    (valid_frac, test_frac, what the split is, for the printed line)."""
+def prepare_rsna(root, split_protocol=None, valid_frac=None, test_frac=None, seed=0):
+    """RSNA Pneumonia Detection (Kaggle stage 2): stage_2_train_labels.csv (patientId, Target;
+    one row per box, one empty row for a negative) and stage_2_train_images/<patientId>.dcm (or
+    .png / .jpg). One image per patient; 'Pneumonia' = 1 if any of its rows has Target 1, other
+    labels blank. Patient splits: split_protocol (RSNA_SPLITS, default classification) or
+    valid_frac / test_frac of your own, not both. DICOM needs the optional pydicom."""
     if valid_frac is None and test_frac is None:
         name = split_protocol or "classification"
         if name not in RSNA_SPLITS:
             raise InputError(f"--split-protocol {name!r}: one of {sorted(RSNA_SPLITS)}")
         valid_frac, test_frac, whose = RSNA_SPLITS[name]
-        return valid_frac, test_frac, f"--split-protocol {name}, {whose}"
-    if split_protocol is not None:
+        what = f"--split-protocol {name}, {whose}"
+    elif split_protocol is not None:
         raise InputError(f"--split-protocol {split_protocol} fixes the fractions: give it or "
                          f"--valid-frac / --test-frac, not both")
-    default_valid, default_test, _ = RSNA_SPLITS["classification"]
-    valid_frac = default_valid if valid_frac is None else valid_frac
-    test_frac = default_test if test_frac is None else test_frac
-    check_split_fractions(valid_frac, test_frac)
-    return valid_frac, test_frac, "your own fractions"
-
-
-def prepare_rsna(root, split_protocol=None, valid_frac=None, test_frac=None, seed=0):
-    """RSNA Pneumonia Detection (Kaggle stage 2): stage_2_train_labels.csv (patientId, x, y,
-    width, height, Target; one row per box, one empty row for a negative) and
-    stage_2_train_images/<patientId>.dcm (or a .png / .jpg of the same name). One image per
-    patient; label 'Pneumonia' = 1 if any of its rows has Target 1, other labels blank.
-    Splits by patient (RSNA_SPLITS): "classification" 70/15/15 by default (GLoRIA, MGCA),
-    "detection" 60/20/20 (MGCA's detection split), or valid_frac / test_frac of your own.
-    DICOM needs the optional pydicom."""
-    valid_frac, test_frac, what = _rsna_fractions(split_protocol, valid_frac, test_frac)
+    else:
+        default_valid, default_test, _ = RSNA_SPLITS["classification"]
+        valid_frac = default_valid if valid_frac is None else valid_frac
+        test_frac = default_test if test_frac is None else test_frac
+        check_split_fractions(valid_frac, test_frac)
+        what = "your own fractions"
     images = _expect(root, "RSNA Pneumonia", "stage_2_train_images")
     target, skipped, rows = {}, collections.Counter(), []
     labels_csv = _expect(root, "RSNA Pneumonia", "stage_2_train_labels.csv")
@@ -2262,17 +2191,19 @@ def prepare_rsna(root, split_protocol=None, valid_frac=None, test_frac=None, see
     return rows, skipped
 
 
-def _first_existing(*folders):
-    return next((f for f in folders if f.is_dir()), folders[-1])
+def _image_folder(root, images, *candidates):
+    """--images, else the first of candidates (folders under root) that exists, else root."""
+    if images:
+        return Path(images).absolute()
+    return next((root / f for f in candidates if (root / f).is_dir()), root)
 
 
 def prepare_iu_xray(root, images=None, valid_frac=0.1, test_frac=0.2, seed=0, deid="keep"):
     """IU X-Ray (OpenI), either release:
     - XML: ecgen-radiology/<uid>.xml with <AbstractText Label="FINDINGS|IMPRESSION"> and
       <parentImage id="CXR<uid>_IM-...">, images <id>.png in NLMCXR_png/ (or images/, or root).
-      The XML has no view field: with indiana_projections.csv next to it only a frontal image is
-      used (the literature's choice), otherwise the first listed image (view 'UNKNOWN', counted
-      in the summary, which recommends the projections file).
+      With indiana_projections.csv beside it only a frontal image is used (the literature's
+      choice), otherwise the first listed image (view 'UNKNOWN', counted in the summary).
     - Kaggle: indiana_reports.csv (uid, findings, impression, ...) + indiana_projections.csv
       (uid, filename, projection), images in images/images_normalized/.
     One row per report (uid = study = patient: OpenI gives no patient ids); text = findings +
@@ -2285,8 +2216,7 @@ def prepare_iu_xray(root, images=None, valid_frac=0.1, test_frac=0.2, seed=0, de
         for r in _read_csv(root / "indiana_projections.csv", ("uid", "filename", "projection")):
             projections[key(r["uid"], r["filename"])] = r["projection"].strip().upper()
     if (root / "ecgen-radiology").is_dir():
-        folder = Path(images).absolute() if images else _first_existing(
-            root / "NLMCXR_png", root / "images", root)
+        folder = _image_folder(root, images, "NLMCXR_png", "images")
         reports = []
         for path in sorted((root / "ecgen-radiology").glob("*.xml"), key=lambda p: (len(p.stem), p.stem)):
             require_file(path, "IU X-Ray report")
@@ -2302,8 +2232,7 @@ def prepare_iu_xray(root, images=None, valid_frac=0.1, test_frac=0.2, seed=0, de
                             [(folder / f"{i}.png", projections.get(key(path.stem, i), "UNKNOWN"))
                              for i in ids]))
     elif (root / "indiana_reports.csv").is_file():
-        folder = Path(images).absolute() if images else _first_existing(
-            root / "images" / "images_normalized", root / "images", root)
+        folder = _image_folder(root, images, "images/images_normalized", "images")
         by_uid = collections.defaultdict(list)
         _expect(root, "IU X-Ray (Kaggle)", "indiana_projections.csv")
         for r in _read_csv(root / "indiana_projections.csv", ("uid", "filename")):
@@ -2367,20 +2296,20 @@ def prepare_image_folder(root, valid_frac=0.1, test_frac=0.2, seed=0):
     """Your own images, one sub-folder per class, in either layout:
         root/<class>/<image>           splits drawn per class: valid_frac / test_frac, seeded
         root/<split>/<class>/<image>   split folders train, valid (or val, validation), test
-    and, optionally, a caption <image stem>.txt beside each image: its text (cleaned like every
-    report). The class name goes to a column `label` (evaluate.py --label-column label). Each
-    image is its own study and patient, as a folder has no patient ids: to keep one person's (or
-    one object's) images in one split, use split folders. Without any caption the manifest is
-    labels-only (for evaluation); with captions, an image without one is skipped and counted.
-    Images are read as grayscale, like every image here."""
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    and optionally a caption <image stem>.txt beside an image: its text. The class name goes to
+    a column `label`. Each image is its own study and patient (a folder has no patient ids: use
+    split folders to keep one person's images in one split). Without any caption the manifest
+    is labels-only; with captions, an image without one is skipped and counted."""
+    def subfolders(folder):
+        return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+    folders = subfolders(root)
     split_folders = [d for d in folders if d.name.lower() in SPLIT_FOLDERS]
     if split_folders and len(split_folders) != len(folders):
         raise InputError(f"{root}: mixes split folders {[d.name for d in split_folders]} with other "
                          f"folders {[d.name for d in folders if d not in split_folders]}; use "
                          f"either <class>/ or <split>/<class>/ folders")
-    layout = ([(SPLIT_FOLDERS[d.name.lower()], c) for d in split_folders
-               for c in sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))]
+    layout = ([(SPLIT_FOLDERS[d.name.lower()], c) for d in split_folders for c in subfolders(d)]
               if split_folders else [(None, d) for d in folders])
     if not layout:
         raise FileNotFoundError(f"{root} does not look like an image folder: expected one "
@@ -2400,10 +2329,8 @@ def prepare_image_folder(root, valid_frac=0.1, test_frac=0.2, seed=0):
         for image in images:
             caption, text = image.with_suffix(".txt"), ""
             if caption.is_file():
-                try:
-                    text = extract_report_text(caption.read_text(encoding="utf-8-sig"), sections=False)
-                except UnicodeDecodeError as e:
-                    raise InputError(f"{caption}: caption is not UTF-8 text ({e.reason})") from None
+                text = read_utf8(caption, "caption", "save the caption as UTF-8")
+                text = extract_report_text(text, sections=False)
             items.append((split, class_dir.name, image, text))
     if any(text for *_, text in items):
         skipped["no caption"] += sum(not text for *_, text in items)
@@ -2418,18 +2345,6 @@ def prepare_image_folder(root, valid_frac=0.1, test_frac=0.2, seed=0):
     return rows, skipped
 
 
-def _keep_filters(keep):
-    """--keep COLUMN=VALUE options -> {column: {values}}; repeating a column allows several values."""
-    filters = collections.defaultdict(set)
-    for item in keep or ():
-        column, sep, value = item.partition("=")
-        if not sep or not column.strip():
-            raise InputError(f"--keep {item!r}: expected COLUMN=VALUE, e.g. --keep modality=X-ray "
-                             f"(repeat it for several values: --keep view=PA --keep view=AP)")
-        filters[column.strip()].add(value.strip())
-    return dict(filters)
-
-
 def metadata_path(root, metadata=None):
     """prepare csv's metadata table: --metadata, else ROOT/metadata.csv."""
     return Path(metadata).absolute() if metadata else root / "metadata.csv"
@@ -2439,27 +2354,24 @@ def prepare_csv(root, metadata=None, images=None, image_column="image", text_col
                 patient_column="patient_id", study_column=None, label_column=None,
                 view_column=None, keep=(), valid_frac=0.1, test_frac=0.2, seed=0, skip_bad=False,
                 bad_rows=None):
-    """A metadata table of your own: a UTF-8 CSV (metadata, default root/metadata.csv) with one
-    row per image whose columns give the image file (image_column; relative to `images`, default
-    root), its text (text_column; cleaned like every caption), its patient (patient_column), and
-    optionally its study (study_column; default: each row its own study), a class name
-    (label_column, written as `label`; a row without one is kept as an image-text pair) and the
-    view (view_column). keep: "COLUMN=VALUE" filters; a row is kept when, for every filtered
-    column, its value is one of the values given (the others are counted, not read further).
-    Splits by patient (valid_frac, test_frac, seed) over the patients of the rows written.
-
-    Every bad row is found in one pass: a wrong number of fields, an exact duplicate of an
-    earlier row, an empty patient or study id, a missing, non-file or unreadable image
-    (check_image), an empty text (unless no row has text: a labels-only manifest). They raise one
-    BadRowsError; with skip_bad they are skipped, counted, and appended to bad_rows (prepare
-    writes them to <out stem>_skipped.csv). prepare then refuses the same image bytes in two
-    splits (check_split_overlap with contents=True), naming both rows."""
+    """A metadata table of your own: a UTF-8 CSV (default root/metadata.csv), one row per image,
+    whose columns give the image file (relative to `images`, default root), its text, its
+    patient, and optionally its study (default: each row its own), a class name (written as
+    `label`; a row without one is kept as an image-text pair) and the view. keep: "COLUMN=VALUE"
+    filters (a column given twice allows either value). Splits by patient, seeded. Every bad row
+    is found in one pass and raises one BadRowsError; skip_bad skips and counts them and appends
+    them to bad_rows (prepare lists them in <out stem>_skipped.csv)."""
     check_split_fractions(valid_frac, test_frac)
     metadata, folder = metadata_path(root, metadata), Path(images).absolute() if images else root
-    require_file(metadata, "metadata CSV")
-    header, records = read_csv_records(metadata, io.StringIO(
-        read_utf8(metadata, "save the metadata table as UTF-8 CSV"), newline=""))
-    filters = _keep_filters(keep)
+    text = read_utf8(metadata, "metadata CSV", "save the metadata table as UTF-8 CSV")
+    header, records = read_csv_records(metadata, io.StringIO(text, newline=""))
+    filters = collections.defaultdict(set)
+    for item in keep or ():
+        column, sep, value = item.partition("=")
+        if not sep or not column.strip():
+            raise InputError(f"--keep {item!r}: expected COLUMN=VALUE, e.g. --keep modality=X-ray "
+                             f"(repeat it for several values: --keep view=PA --keep view=AP)")
+        filters[column.strip()].add(value.strip())
     options = {"--image-column": image_column, "--text-column": text_column,
                "--patient-column": patient_column, "--study-column": study_column,
                "--label-column": label_column, "--view-column": view_column,
@@ -2468,54 +2380,42 @@ def prepare_csv(root, metadata=None, images=None, image_column="image", text_col
                if column is not None and column not in header]
     if missing:
         raise ManifestError(f"{metadata}: no column {', '.join(missing)}; the header is {header}")
-    image_at, skipped = header.index(image_column), collections.Counter()
-    rows, bad, untexted = [], [], []  # good rows; BadRow each; (row, BadRow) of each empty text
-    first_of, checked = {}, {}  # fields -> the first row holding them; image -> check_image's verdict
-    for i, (line, fields) in enumerate(records, start=1):
-        try:
-            r = record_dict(metadata, i, line, header, fields)
-            if any(r[c].strip() not in values for c, values in filters.items()):
-                skipped["left out by --keep"] += 1
-                continue
-            first = first_of.setdefault(tuple(fields), i)
-            if first != i:
-                raise ManifestError(f"{metadata}, row {i}: the same as row {first} in every column",
-                                    "duplicate row")
-            patient = r[patient_column].strip()
-            study = f"{patient}/{r[study_column].strip()}" if study_column else f"row{i}"
-            if not patient:
-                raise ManifestError(f"{metadata}, row {i}, column '{patient_column}': empty "
-                                    f"patient id", "empty patient id")
-            if study_column and not r[study_column].strip():
-                raise ManifestError(f"{metadata}, row {i}, column '{study_column}': empty study "
-                                    f"id", "empty study id")
-            if not r[image_column].strip():
-                raise ManifestError(f"{metadata}, row {i}, column '{image_column}': empty file name",
-                                    "missing image")
-            image = folder / r[image_column].strip()
-            check_row_image(metadata, i, image_column, image)
-            if image not in checked:
-                checked[image] = check_image(image)
-            if checked[image]:
-                raise ManifestError(f"{metadata}, row {i}, column '{image_column}': {image}: "
-                                    f"{checked[image]}", "unreadable image")
-            text = extract_report_text(r[text_column], sections=False)
-            view = r[view_column].strip() if view_column else ""
-            row = {**_row(image, text, "", study, patient, view),
-                   **({"label": r[label_column].strip()} if label_column else {}),
-                   "_row": i, "_source": metadata.name}
-            if text:
-                rows.append(row)
-            else:  # bad, unless no row has a text
-                message = f"{metadata}, row {i}, column '{text_column}': empty text"
-                untexted.append((row, BadRow(i, r[image_column].strip(), "empty text", message)))
-        except ManifestError as e:
-            bad.append(BadRow(i, fields[image_at].strip() if len(fields) > image_at else "",
-                              e.reason, str(e)))
-    if rows:
-        bad = sorted(bad + [b for _, b in untexted], key=lambda b: b.row)
-    else:  # no text in any row: a labels-only manifest, for evaluation
-        rows = [row for row, _ in untexted]
+    skipped, checked = collections.Counter(), {}  # checked: image -> check_image's verdict
+
+    def keep_row(r):
+        if all(r[c].strip() in values for c, values in filters.items()):
+            return True
+        skipped["left out by --keep"] += 1
+        return False
+
+    def make_row(i, r):
+        for column, what, reason in ((patient_column, "patient id", "empty patient id"),
+                                     (study_column, "study id", "empty study id"),
+                                     (image_column, "file name", "missing image")):
+            if column and not r[column].strip():
+                raise ManifestError(f"{metadata}, row {i}, column '{column}': empty {what}", reason)
+        image = folder / r[image_column].strip()
+        check_row_image(metadata, i, image_column, image)
+        if image not in checked:
+            checked[image] = check_image(image)
+        if checked[image]:
+            raise ManifestError(f"{metadata}, row {i}, column '{image_column}': {image}: "
+                                f"{checked[image]}", "unreadable image")
+        patient = r[patient_column].strip()
+        study = f"{patient}/{r[study_column].strip()}" if study_column else f"row{i}"
+        text = extract_report_text(r[text_column], sections=False)
+        view = r[view_column].strip() if view_column else ""
+        return {**_row(image, text, "", study, patient, view),
+                **({"label": r[label_column].strip()} if label_column else {}),
+                "_row": i, "_source": metadata.name, "_file": r[image_column].strip()}
+
+    rows, bad = scan_records(metadata, header, records, image_column, make_row, keep_row)
+    bad = [b._replace(image=b.image.strip()) for b in bad]
+    if any(r["text"] for r in rows):  # an empty text is bad, unless no row has one: labels-only
+        bad = sorted(bad + [BadRow(r["_row"], r["_file"], "empty text", f"{metadata}, row "
+                                   f"{r['_row']}, column '{text_column}': empty text")
+                            for r in rows if not r["text"]], key=lambda b: b.row)
+        rows = [r for r in rows if r["text"]]
     if bad and not skip_bad:
         raise BadRowsError(metadata, bad, len(rows) + len(bad),
                            f"or pass --skip-bad to write the {len(rows)} good rows and list the "
@@ -2597,8 +2497,8 @@ def _summary(dataset, out, rows, skipped, notes):
 
 
 def _notes(dataset, rows):
-    """What a user should know about the rows written: unknown views, and how many report texts
-    a tokenizer cuts short at the usual max_len (word tokens + [CLS] + [SEP])."""
+    """What a user should know about the rows written: unknown views, class balance, and how
+    many texts a tokenizer cuts short at the usual max_len."""
     notes = []
     unknown = sum(r["view"] == "UNKNOWN" for r in rows)
     if unknown:
@@ -2621,25 +2521,20 @@ def _notes(dataset, rows):
     return notes
 
 
-def prepare_record_path(out):
-    """The sidecar <out stem>.prepare.json that marks a manifest prepare wrote."""
+def prepare_side_files(out):
+    """The files prepare writes beside the manifest out: its record <out stem>.prepare.json (what
+    was run, and the manifest's SHA-256), the skipped rows <out stem>_skipped.csv and the test_5x
+    patients to keep out of training <out stem>_exclude_patients.txt."""
     out = Path(out)
-    return out.with_name(f"{out.stem}.prepare.json")
-
-
-def prepare_companions(out):
-    """The files prepare may write beside the manifest besides its record: the skipped rows
-    (<out stem>_skipped.csv) and the test_5x patients to keep out of training
-    (<out stem>_exclude_patients.txt)."""
-    out = Path(out)
-    return out.with_name(out.stem + "_skipped.csv"), out.with_name(out.stem + "_exclude_patients.txt")
+    return [out.with_name(out.stem + end)
+            for end in (".prepare.json", "_skipped.csv", "_exclude_patients.txt")]
 
 
 def written_by_prepare(out):
     """Whether the file `out` is a manifest that prepare wrote and nobody changed since: its
-    sidecar (prepare_record_path) records the SHA-256 of exactly these bytes."""
+    record (prepare_side_files) holds the SHA-256 of exactly these bytes."""
     try:
-        record = read_json(prepare_record_path(out))
+        record = read_json(prepare_side_files(out)[0])
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("manifest_sha256") == sha256_file(out)
@@ -2648,14 +2543,13 @@ def written_by_prepare(out):
 def check_output(out, force=False, inputs=()):
     """The rule for the manifest prepare writes (docs/data.md, "Where prepare writes"): an empty
     path, a folder or device, one of the inputs ((what, path) pairs), or an existing file that
-    prepare did not write (written_by_prepare) is refused; a manifest prepare wrote is replaced
-    only with force (--force). The files prepare writes beside it (prepare_companions) follow the
-    manifest: they may be replaced only where the manifest may. Returns out as a Path."""
+    prepare did not write is refused; a manifest prepare wrote is replaced only with force. The
+    side files follow the manifest: replaced only where it may be. Returns out as a Path."""
     if not str(out).strip():
         raise InputError("--out is empty: give the path of the manifest CSV to write")
     out = Path(out)
     if not os.path.lexists(out):
-        for other in prepare_companions(out):
+        for other in prepare_side_files(out)[1:]:
             if os.path.lexists(other):
                 raise FileExistsError(f"{other} exists beside --out {out}, which data.py prepare has "
                                       f"not written: it is never replaced; choose another --out, or "
@@ -2668,8 +2562,8 @@ def check_output(out, force=False, inputs=()):
     check_not_input(out, inputs)
     if not written_by_prepare(out):
         raise FileExistsError(f"--out {out} exists and was not written by data.py prepare (no "
-                              f"{prepare_record_path(out).name} recording these bytes): it is never "
-                              f"replaced; choose another --out, or move the file away first")
+                              f"{prepare_side_files(out)[0].name} recording these bytes): it is "
+                              f"never replaced; choose another --out, or move the file away first")
     if not force:
         raise FileExistsError(f"--out {out} is a manifest an earlier prepare wrote: pass --force "
                               f"to replace it, or choose another --out")
@@ -2678,13 +2572,11 @@ def check_output(out, force=False, inputs=()):
 
 def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, force=False,
             allow_split_overlap=False, **options):
-    """Convert the dataset at root into the manifest out (see PREPARERS); returns a summary dict
-    {"rows", "skipped", "splits", "views", "truncated", "notes"} and prints it. With cache, images
-    are first written as resized PNG copies (write_resized_copies) and the manifest points at those.
-    out follows check_output (an existing manifest prepare wrote is replaced only with force);
-    beside it prepare writes <out stem>.prepare.json (what was run, and the manifest's SHA-256)
-    and, for a user's table whose bad rows were skipped, <out stem>_skipped.csv. A user's table
-    whose images repeat across the splits is refused unless allow_split_overlap (then warned)."""
+    """Convert the dataset at root into the manifest out (see PREPARERS), print a summary and
+    return it: {"rows", "skipped", "splits", "views", "truncated", "notes"}. With cache, images
+    are first written as resized PNG copies (write_resized_copies) and the manifest points at
+    those. out follows check_output; beside it go prepare_side_files. A user's table whose
+    images repeat across the splits is refused unless allow_split_overlap (then warned)."""
     if dataset not in PREPARERS:
         raise InputError(f"unknown dataset {dataset!r}; one of {sorted(PREPARERS)}")
     root = Path(root).absolute()  # absolute: write_manifest stores paths relative to out
@@ -2709,7 +2601,7 @@ def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, force=Fal
                                     "and evaluating), or another --seed")
     write_manifest(out, rows, [] if dataset in WITHOUT_CHEXPERT_LABELS else LABELS)
     notes = _notes(dataset, rows)
-    skipped_csv, exclude_txt = prepare_companions(out)
+    record, skipped_csv, exclude_txt = prepare_side_files(out)
     for stale in (skipped_csv, exclude_txt):  # of an earlier prepare of this manifest (--force)
         stale.unlink(missing_ok=True)
     if any(r["split"] == "test_5x" for r in rows):
@@ -2718,7 +2610,7 @@ def prepare(dataset, root, out, cache=None, cache_size=256, workers=1, force=Fal
     if bad_rows:
         write_skipped(skipped_csv, bad_rows)
         notes.append(f"the {len(bad_rows)} bad rows skipped (--skip-bad) are listed in {skipped_csv}")
-    write_text(prepare_record_path(out), json.dumps(
+    write_text(record, json.dumps(
         {"written_by": "data.py prepare", "dataset": dataset, "root": str(root), "rows": len(rows),
          "options": {k: v for k, v in options.items() if k != "bad_rows"},
          "manifest_sha256": sha256_file(out)}, indent=1, default=str) + "\n")

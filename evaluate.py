@@ -47,18 +47,16 @@ Two kinds of labels:
 Prompt files: {class: [prompts]} or {"positive": {class: [prompts]}, "negative": {...}}. The
 shipped sets are configs/prompts/{synth,chexpert,pneumonia}.json (--prompt-set NAME).
 Anything asked for that cannot be computed is an error (exit status 1), never a silent no-op; a
-task that `--task all` cannot apply to the data is skipped with its reason printed. The JSON
-holds the checkpoint step and SHA-256, the config, the split, the protocol (every option that
-defines it), the split sizes and, per task, its numbers, notes and protocol settings (NaN is
-written as null). It is written beside the checkpoint, <run>/eval/<task>.json (printed; see
-default_out), so that no task overwrites another's results; --out FILE puts it elsewhere. Every
-results file starts with "written_by": "evaluate.py", its task and its protocol, and a file is
-replaced only by results of the same task and protocol (--force: also by another's), never a
-checkpoint, a log, a manifest or any file evaluate.py did not write (replace_problem).
+task that `--task all` cannot apply to the data is skipped with its reason printed. The JSON (NaN
+as null) holds the checkpoint's step and SHA-256, the config, the split sizes, the protocol (every
+option that defines it) and each task's numbers and notes. It goes beside the checkpoint,
+<run>/eval/<task>.json (default_out), or to --out FILE, and replaces only evaluate.py's results of
+the same task and protocol (--force: of another), never any other file (replace_problem).
 """
 import argparse
 import collections
 import fnmatch
+import functools
 import hashlib
 import json
 import math
@@ -119,11 +117,8 @@ def auroc(labels, scores):
 def auroc_per_label(labels, scores):
     """(N, L) binary labels (NaN = excluded) and scores -> list of L AUROCs (NaN where undefined)."""
     y, s = _np(labels).astype(float), _np(scores).astype(float)
-    out = []
-    for j in range(y.shape[1]):
-        keep = ~np.isnan(y[:, j])
-        out.append(auroc(y[keep, j], s[keep, j]))
-    return out
+    keep = ~np.isnan(y)                                                        # (N, L)
+    return [auroc(y[keep[:, j], j], s[keep[:, j], j]) for j in range(y.shape[1])]
 
 
 def nanmean(values):
@@ -569,31 +564,28 @@ def _mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def select_on_valid(fit, score_on_valid, weight_decays):
-    """One head per weight decay, fit(wd); keep the best score_on_valid(head) (a NaN score counts
-    as worst; ties: the first, smaller decay). -> (weight decay, head)."""
-    best = None
-    for wd in weight_decays:
-        head = fit(wd)
-        score = score_on_valid(head)
-        score = -math.inf if math.isnan(score) else score
-        if best is None or score > best[0]:
-            best = (score, wd, head)
-    return best[1], best[2]
-
-
-def probe_runs(settings, seeds, weight_decays, fit, on_valid, on_test):
-    """The loop both probes share. For every setting (name, draw(seed) -> indices into the TRAIN
-    split) and seed: fit(rows, decay) one head per weight decay, keep the best by on_valid(head),
-    score it with on_test(head) -> {name: (test scores, chosen decays, training rows), per seed}."""
+def probe_runs(shots, fractions, draw_shots, n_train, seeds, weight_decays, fit, on_valid,
+               on_test):
+    """The loop both probes share. For every setting (k shots: draw_shots(k, seed), or a fraction
+    of the n_train training rows) and seed: fit(rows, decay) one head per weight decay, keep the
+    best by on_valid(head) (NaN counts as worst; ties: the first, smaller decay), score it with
+    on_test(head) -> {name: (test scores, chosen decays, training rows), per seed}."""
+    settings = [(f"{k}-shot", lambda seed, k=k: draw_shots(k, seed)) for k in shots]
+    settings += [(f"{f:.0%}", lambda seed, f=f: sample_fraction(n_train, f, seed))
+                 for f in fractions]
     runs = {}
     for name, draw in settings:
         scores, chosen, n_rows = [], [], []
         for seed in seeds:
-            rows = draw(seed)
-            wd, head = select_on_valid(lambda wd: fit(rows, wd), on_valid, weight_decays)
-            scores.append(on_test(head))
-            chosen.append(wd)
+            rows, best = draw(seed), None
+            for wd in weight_decays:
+                head = fit(rows, wd)
+                score = on_valid(head)
+                score = -math.inf if math.isnan(score) else score
+                if best is None or score > best[0]:
+                    best = (score, wd, head)
+            scores.append(on_test(best[2]))
+            chosen.append(best[1])
             n_rows.append(int(len(rows)))
         runs[name] = (scores, chosen, n_rows)
     return runs
@@ -606,10 +598,8 @@ def linear_probe(train, valid, test, label_names, shots=(1, 2, 4, 8, 16),
     `train` only, fit one head per weight decay, keep the one with the best mean AUROC on
     `valid`, score it on `test`. 100 % uses every training row, so its seeds agree (std 0)."""
     xs = _standardised(train, valid, test)
-    settings = [(f"{k}-shot", lambda seed, k=k: sample_shots(train[1], k, seed)) for k in shots]
-    settings += [(f"{f:.0%}", lambda seed, f=f: sample_fraction(len(train[1]), f, seed))
-                 for f in fractions]
-    runs = probe_runs(settings, seeds, weight_decays,
+    runs = probe_runs(shots, fractions, lambda k, seed: sample_shots(train[1], k, seed),
+                      len(train[1]), seeds, weight_decays,
                       lambda rows, wd: train_logistic_regression(xs["train"][rows], train[1][rows], wd),
                       lambda head: nanmean(auroc_per_label(valid[1], probe_scores(head, xs["valid"]))),
                       lambda head: auroc_per_label(test[1], probe_scores(head, xs["test"])))
@@ -633,11 +623,9 @@ def linear_probe_multiclass(train, valid, test, class_names, shots=(1, 2, 4, 8, 
     C = len(class_names)
     xs = _standardised(train, valid, test)
     y = {name: _np(s[1]).astype(np.int64) for name, s in (("train", train), ("valid", valid), ("test", test))}
-    settings = [(f"{k}-shot", lambda seed, k=k: sample_shots_per_class(y["train"], k, seed, C))
-                for k in shots]
-    settings += [(f"{f:.0%}", lambda seed, f=f: sample_fraction(len(y["train"]), f, seed))
-                 for f in fractions]
-    runs = probe_runs(settings, seeds, weight_decays,
+    runs = probe_runs(shots, fractions,
+                      lambda k, seed: sample_shots_per_class(y["train"], k, seed, C),
+                      len(y["train"]), seeds, weight_decays,
                       lambda rows, wd: train_softmax_regression(xs["train"][rows], y["train"][rows], C, wd),
                       lambda head: accuracy(y["valid"], probe_scores(head, xs["valid"]).argmax(1)),
                       lambda head: label_metrics(y["test"], probe_scores(head, xs["test"]), C))
@@ -771,9 +759,8 @@ def evaluate_retrieval(image_emb, text_emb, text_of_image, image_classes=None,
 
 
 class Evaluation:
-    """What every task needs: model, tokenizer, config, the manifest (its rows, columns, CheXpert
-    label columns and split sizes), and each split's image features, computed in one pass per
-    split and kept: in memory, and on disk next to a saved checkpoint (FeatureCache)."""
+    """What every task needs: model, tokenizer, config, the manifest (rows, columns, CheXpert label
+    columns, split sizes), and each split's image features, kept in memory and on disk."""
 
     def __init__(self, model, tokenizer, cfg, manifest, step, checkpoint=None, batch_size=64,
                  checkpoint_sha256=None, skip_bad=False):
@@ -785,9 +772,7 @@ class Evaluation:
             raise data.InputError(f"{self.manifest}: the manifest has no rows")
         self.columns = [c for c in self.rows[0] if not c.startswith("_")]
         self.label_names = [c for c in data.LABELS if c in self.columns]  # those the CSV has
-        self.split_sizes = {}
-        for r in self.rows:
-            self.split_sizes[r["split"]] = self.split_sizes.get(r["split"], 0) + 1
+        self.split_sizes = dict(collections.Counter(r["split"] for r in self.rows))
         self.cache = FeatureCache(checkpoint, self.manifest, cfg.image_size, len(self.label_names),
                                   checkpoint_sha256)
         self._images = {}
@@ -849,9 +834,10 @@ def five_way_labels(labels, label_names, rows):
     return [label_names[j] for j in cols], y.argmax(1)
 
 
-def column_classes(ev, column):
-    """The classes of a label column: its distinct non-blank values over the whole
-    manifest, sorted, so that every split and task uses the same class indices."""
+def class_targets(ev, split, column):
+    """-> (the classes of a label column: its distinct non-blank values over the whole manifest,
+    sorted, the same in every split and task; (N,) class index of each image of the split, -1 =
+    blank; notes)."""
     if column not in ev.columns:
         raise data.InputError(f"--label-column {column!r}: {ev.manifest} has no such column; "
                               f"its columns are {ev.columns}")
@@ -862,12 +848,6 @@ def column_classes(ev, column):
     if len(names) < 2:
         raise data.InputError(f"--label-column {column!r}: {len(names)} distinct class value(s) "
                               f"{names} in {ev.manifest}; at least two are needed")
-    return names
-
-
-def class_targets(ev, split, column):
-    """-> (class names, (N,) class index of each image of the split, -1 = blank, notes)."""
-    names = column_classes(ev, column)
     index = {c: i for i, c in enumerate(names)}
     y = np.array([index.get(r[column].strip(), -1) for r in ev.images(split)["rows"]])
     notes = []
@@ -893,8 +873,8 @@ def class_targets(ev, split, column):
 
 
 def options(**overrides):
-    """The tasks' options as plain arguments: the command line's defaults (build_parser, the one
-    place they are written) with `overrides` on top, by their Python names (label_column=...)."""
+    """The tasks' options: the command line's defaults (build_parser) with `overrides` on top, by
+    their Python names (label_column=...)."""
     opts = vars(build_parser().parse_args([]))
     unknown = sorted(set(overrides) - set(opts))
     if unknown:
@@ -903,9 +883,8 @@ def options(**overrides):
 
 
 def choose_prompts(ev, args):
-    """-> (prompt set or None, its name, whether the user chose it). Default: the class names
-    themselves for --label-column; else "synth" for a SynthCXR manifest (data.generate_synthetic
-    writes meta.json beside it) and GLoRIA's "chexpert" grid for anything else."""
+    """-> (prompt set or None, its name, whether the user chose it). Default: the class names for
+    --label-column, "synth" beside a SynthCXR meta.json, else GLoRIA's "chexpert" grid."""
     if args.prompts or args.prompt_set:
         name = args.prompts or args.prompt_set
         return load_prompt_set(name), name, True
@@ -916,10 +895,9 @@ def choose_prompts(ev, args):
 
 
 def zeroshot_nway(ev, args, image_emb, y, all_prompts, classes, split):
-    """N-way zero-shot of the images over `classes` by --zeroshot-protocol -> the metrics, with
-    the protocol, its settings and (gloria) the prompts drawn. all_prompts: every class of the
-    prompt file in its order; gloria draws over all of them, so that a class's prompts do not
-    depend on which other classes the data has."""
+    """N-way zero-shot of the images over `classes` by --zeroshot-protocol -> the metrics and the
+    protocol. gloria draws over all_prompts (every class of the file), so that a class's prompts
+    do not depend on which other classes the data has."""
     protocol = {"name": args.zeroshot_protocol, "about": ZEROSHOT_PROTOCOLS[args.zeroshot_protocol]}
     warnings = []
     if args.zeroshot_protocol == "gloria":
@@ -945,9 +923,8 @@ def zeroshot_nway(ev, args, image_emb, y, all_prompts, classes, split):
 
 
 def unknown_word_warnings(tokenizer, prompts_by_class, most=0.5):
-    """A class whose prompts are mostly words the tokenizer does not know (more than `most` of
-    their tokens become [UNK]) is scored by the [UNK] embedding, not by its words: a warning
-    naming the class and the share."""
+    """A warning for each class whose prompts' tokens are more than `most` [UNK]: its score says
+    little about its words."""
     shares = {c: tokenizer.unk_rate(prompts) for c, prompts in prompts_by_class.items()}
     return [f"class {c!r}: {share:.0%} of the tokens of its prompts are unknown to the tokenizer "
             f"([UNK]), so its score says little about its words; give prompts in the words of "
@@ -1105,9 +1082,8 @@ def _fewshot_label_column(ev, args):
 
 
 def check_shots(shots, supply, unit):
-    """k-shot draws k examples of each label (or class) from the train split, all of them where
-    fewer exist. supply: {label: how many of the unit it has there}. A k that no label can supply
-    would call a draw of whole classes "k-shot": an error. -> notes on the labels short of a k."""
+    """supply: {label or class: how many of `unit` train has}. A k that no label can supply is an
+    error (a draw of whole classes is no "k-shot"). -> notes on the labels short of a k."""
     most = max(supply.values())
     if max(shots) > most:
         raise data.InputError(f"--shots {max(shots)}: the train split has at most {most} {unit} of any "
@@ -1198,9 +1174,8 @@ def skipped_reason(task, res):
 
 
 def efficiency_configs(cfg, max_factor=8):
-    """(name, config) rows: the ablation's methods at b = cfg.batch_size, N = cfg.accum_steps,
-    then how memory grows with the effective batch: CLIP end to end at B = k*b against exact CLIP
-    accumulation and MSD, each with N = k micro-batches of b, k = 1, 2, 4, ... max_factor."""
+    """(name, config) rows: the methods at b = cfg.batch_size, N = cfg.accum_steps, then memory
+    growth: CLIP end to end at B = k*b against exact CLIP and MSD with k micro-batches of b."""
     b, N = cfg.batch_size, cfg.accum_steps
     rows = [(f"CLIP end-to-end B={b}", replace(cfg, method="clip", accum_steps=1)),
             (f"CLIP end-to-end B={N * b}", replace(cfg, method="clip", batch_size=N * b, accum_steps=1)),
@@ -1222,10 +1197,8 @@ def efficiency_configs(cfg, max_factor=8):
 
 
 def sweep_configs(cfg, micro_batches=(32, 64, 128, 256)):
-    """The micro-batch sweep at the config's effective batch B = N * b: end-to-end CLIP at B, and
-    exact CLIP accumulation and MSD with N = B / b micro-batches of b, each eager and with the
-    encoders compiled. How much
-    does a small micro-batch (the one that fits a small GPU) cost per pair?"""
+    """The micro-batch sweep at B = N * b, eager and compiled: end-to-end CLIP at B, exact CLIP
+    and MSD with B / b micro-batches of b. What does a small micro-batch cost per pair?"""
     B = cfg.batch_size * cfg.accum_steps
     rows = []
     for mode, tag in (("off", "eager"), ("on", "compiled")):
@@ -1239,30 +1212,30 @@ def sweep_configs(cfg, micro_batches=(32, 64, 128, 256)):
     return rows
 
 
-def _sync(device):
+def _timed(device, fn, n):
+    """Seconds that n calls of fn take, the device synchronised before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def matmul_tflops(device, n=2048, repeats=10):
-    """This machine's measured matmul throughput in TFLOP/s (float32 on CPU, bf16 on CUDA):
-    the denominator of MFU."""
+    """Measured matmul throughput in TFLOP/s (float32 on CPU, bf16 on CUDA): MFU's denominator."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     a @ a
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ a
-    _sync(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
+    return 2 * n ** 3 * repeats / _timed(device, lambda: a @ a, repeats) / 1e12
 
 
 def measure_step(cfg, steps, vocab_size=1000, warmup=2, repeats=1):
-    """Seconds per optimizer step, training FLOPs per pair and peak memory for one config.
-    Every report is max_len tokens long (no padding): the worst case. FLOPs are counted on an
-    eager step (the count is the same when compiled). The `steps` steps are timed `repeats`
-    times: seconds per step is the median, "cv" their spread (std / mean; None for one)."""
+    """Seconds per optimizer step, training FLOPs per pair (on an eager step) and peak memory of
+    one config, reports of max_len tokens (the worst case). `steps` steps are timed `repeats`
+    times: the median, and "cv" their spread (std / mean; None for one)."""
     device = msd.pick_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1289,14 +1262,7 @@ def measure_step(cfg, steps, vocab_size=1000, warmup=2, repeats=1):
         flops, warmup = counter.get_total_flops() / B, warmup - 1
     for _ in range(warmup):                               # compilation happens here
         step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        times.append((time.perf_counter() - start) / steps)
+    times = [_timed(device, step, steps) / steps for _ in range(repeats)]
     seconds = float(np.median(times))
     peak = msd.peak_memory_mb(device)
     return {"effective_batch": B, "micro_batch": cfg.batch_size, "accum_steps": cfg.accum_steps,
@@ -1322,10 +1288,8 @@ def load_average():
 
 
 def noise_warnings(rows, load_before, load_after, cores, max_cv=NOISY_CV):
-    """Why the timings of an efficiency run cannot be trusted (no warning: they can): rows whose
-    repeats spread by more than max_cv (their coefficient of variation), or a load average,
-    before or after, above the number of cores (other processes took turns with the timed one,
-    which slows some rows more than others and so moves the ratios)."""
+    """Why the timings of an efficiency run cannot be trusted: rows whose repeats spread by more
+    than max_cv (std / mean), or a load average above the number of cores (other processes)."""
     warnings = []
     noisy = [f"{r['name']} ({r['cv']:.0%})" for r in rows if r.get("cv") is not None and r["cv"] > max_cv]
     if noisy:
@@ -1345,11 +1309,9 @@ GPU_MEMORY_GB = (11, 24, 80)  # an RTX 2080 Ti, an RTX 4090 (the paper's GPUs), 
 
 
 def run_efficiency(args):
-    """Each configuration on random tensors of the configured shapes (this times the training
-    step, not the loader). On the CPU each runs in a fresh process, so that its peak RSS is its
-    own; on CUDA all run in this process, with the allocator's peak reset in between. On CUDA (or
-    with --sweep) the micro-batch sweep comes first. With --time-budget, rows that would start
-    after that many seconds are skipped (and listed); the JSON is rewritten after every row."""
+    """Each configuration on random tensors (the training step, not the loader); on the CPU each
+    in a fresh process (its peak RSS its own). On CUDA (or with --sweep) the micro-batch sweep
+    first. --time-budget: later rows are skipped (listed). The JSON is rewritten after each row."""
     cfg = msd.load_config(args.config, args.overrides + ([f"--data={args.data}"] if args.data else []))
     device = msd.pick_device(cfg.device)
     try:
@@ -1397,14 +1359,13 @@ def run_efficiency(args):
                                      res["load_average"]["after"], res["cores"])
     rows = res["rows"]
     by_name = {r["name"]: r for r in rows}
+    base = next((r for r in rows if not r["name"].startswith("sweep")), None)
     for r in rows:  # FLOPs per pair do not depend on compilation: take the eager twin's count
         if r["flops_per_pair"] is None:
             twin = by_name.get(r["name"].replace("compiled", "eager"))
             r["flops_per_pair"] = twin["flops_per_pair"] if twin else None
         r["mfu"] = (r["flops_per_pair"] * r["pairs_per_s"] / (peak_tflops * 1e12)
                     if r["flops_per_pair"] else None)
-    base = next((r for r in rows if not r["name"].startswith("sweep")), None)
-    for r in rows:
         if r["name"].startswith("sweep"):  # per pair, relative to CLIP end to end at the same B
             clip = by_name.get(r["name"].split(":")[0] + f": CLIP end-to-end B={r['effective_batch']}")
             r["time_ratio"] = clip and r["seconds_per_step"] / clip["seconds_per_step"]
@@ -1464,9 +1425,8 @@ def print_efficiency(res):
 
 
 def ablation_metrics(ev, args):
-    """The few numbers of the quality table, from the three tasks of section 7. For tuning on
-    the valid split ("eval": {"split": "valid", "with_5x": false, "probe": false}) nothing is
-    read from a test split: no 5xN zero-shot, no probe (it would choose and report on one split)."""
+    """The few numbers of the quality table, from the three tasks of section 7 (for tuning on
+    valid: "eval": {"split": "valid", "with_5x": false, "probe": false}, no test split read)."""
     zs, rt = run_zeroshot(ev, args), run_retrieval(ev, args)
     m = {}
     if zs["multiclass"]:
@@ -1485,8 +1445,7 @@ ABLATION_KEYS = ("base", "shared", "seeds", "runs", "eval", "pretrain", "referen
 
 
 def run_is_done(ckpt_path, cfg):
-    """A finished run of exactly this config (and, with init_from, of exactly that checkpoint).
-    Keys that a checkpoint written by an older version lacks take their defaults."""
+    """A finished run of exactly this config (and, with init_from, of exactly that checkpoint)."""
     if not ckpt_path.is_file():
         return False
     ckpt = msd.read_checkpoint(ckpt_path)
@@ -1497,8 +1456,7 @@ def run_is_done(ckpt_path, cfg):
 
 
 def ablation_job(job):
-    """Train (unless finished) and evaluate one (run, seed) of an ablation table -> its metrics.
-    Runs in the parent with --jobs 1, else in a worker process with one thread."""
+    """Train (unless finished) and evaluate one (run, seed) of an ablation table -> its metrics."""
     name, cfg, floor, protocol = job["name"], job["cfg"], job["floor"], job["protocol"]
     manifest, ckpt_path, seconds = msd.prepare_data(cfg), Path(cfg.out_dir) / "ckpt.pt", None
     if floor == "warm_start":                              # the warm checkpoint, as it is
@@ -1524,8 +1482,8 @@ def ablation_job(job):
 
 
 def retrieval_ranks_of(ev, split):
-    """{"i2t": [rank of each image's report], "t2i": [rank of each distinct report's first
-    image]} on one split's retrieval pool: the per-item numbers a bootstrap resamples."""
+    """{"i2t": [rank of each image's report], "t2i": [rank of each distinct report's images]} on
+    one split's retrieval pool: the per-item numbers a bootstrap resamples."""
     feats = ev.images(split)
     image_rows, texts, text_of_image = retrieval_pool(feats["rows"])
     image_emb, text_emb = feats["embed"][image_rows], ev.text_embeddings(texts)
@@ -1547,13 +1505,9 @@ def seed_stats(values):
 
 
 def welch_t(a, b):
-    """Welch's t of mean(a) - mean(b) (unequal variances); None when either has < 2 values or
-    both spreads are 0."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2:
-        return None
-    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-    return None if se == 0 else float((a.mean() - b.mean()) / se)
+    """Welch's t of mean(a) - mean(b); None with fewer than 2 values a side or both spreads 0."""
+    contrast = welch_contrast([a], [b])
+    return None if contrast is None or contrast["t"] is None else float(contrast["t"])
 
 
 # Statistics of a study, written once and used by every table: Welch's t for a contrast of row
@@ -1608,11 +1562,10 @@ def t_quantile(q, df):
 
 
 def welch_contrast(plus, minus, alpha=0.05, power=0.8):
-    """A contrast of row means: mean of the plus rows' means - mean of the minus rows' means,
-    each side's rows weighted equally (one row a side = Welch's two-sample test). plus, minus:
-    lists of rows, a row being its per-seed values. Standard error from each row's sample
-    variance, Welch-Satterthwaite df, two-sided p, and the smallest detectable difference
-    (t(1 - alpha/2, df) + t(power, df)) * SE. None when a row has fewer than 2 values."""
+    """A contrast of row means: mean of the plus rows' means - mean of the minus rows' means (one
+    row a side = Welch's test); a row is its per-seed values. SE from each row's sample variance,
+    Welch-Satterthwaite df, two-sided p, the smallest detectable difference (t(1 - alpha/2, df)
+    + t(power, df)) * SE. None when a row has fewer than 2 values."""
     rows = [(np.asarray(r, float), 1 / len(plus)) for r in plus] + \
            [(np.asarray(r, float), -1 / len(minus)) for r in minus]
     if any(len(r) < 2 for r, _ in rows):
@@ -1650,10 +1603,9 @@ def verdict(contrast, adjusted_p, alpha=0.05):
 
 
 def bootstrap_mean_recall(ranks_per_seed, k=10, resamples=1000, seed=0):
-    """(2.5 %, 97.5 %) bootstrap interval of a row's mean R@k over the test items: the images
-    and the reports are resampled (the same draw for every seed of the row), and each resample's
-    number is the mean over seeds of (i->t R@k + t->i R@k) / 2. ranks_per_seed: one
-    {"i2t": [...], "t2i": [...]} per seed, as retrieval_ranks_of records them."""
+    """(2.5 %, 97.5 %) bootstrap interval of a row's mean R@k over the test items (images and
+    reports resampled, one draw for all seeds): mean over seeds of (i->t R@k + t->i R@k) / 2.
+    ranks_per_seed: one {"i2t": [...], "t2i": [...]} per seed (retrieval_ranks_of)."""
     rng = np.random.default_rng(seed)
     means = 0.0
     for d in ("i2t", "t2i"):
@@ -1715,11 +1667,9 @@ def contrast_family(entries, values, resolve):
 
 
 def study_contrasts(spec, recorded, table):
-    """The contrasts registered in an ablation file ("contrasts"): the family "table" on the
-    table's own numbers (the split of its "eval" entry); the family "sealed_test" on the sealed
-    test numbers, computed only when every run of the file has all its seeds (the test split is
-    read once, at the end), with a bootstrap interval over test items for each row it names.
-    Rows named "best of PATTERN" are chosen on the table's numbers."""
+    """The contrasts of an ablation file: the family "table" on the table's own numbers; the
+    family "sealed_test" on the sealed test numbers once every run has all its seeds, with a
+    bootstrap interval per row it names. "best of PATTERN" rows are chosen on the table."""
     spec_c = spec.get("contrasts")
     if not spec_c:
         return None
@@ -1751,8 +1701,7 @@ def study_contrasts(spec, recorded, table):
 
 def read_recorded(path, spec_path, protocol_eval):
     """The runs an earlier call recorded in the results file: {run: {seed: {"config", "metrics"}}},
-    and the list of superseded records. A file written for another evaluation protocol is
-    refused: its numbers are not comparable."""
+    and the superseded records; a file of another evaluation protocol is refused."""
     if not path.exists():
         return {}, []
     old = data.read_json(path, f"{path} (the ablation's results file; move it away or choose another --out)")
@@ -1766,18 +1715,12 @@ def read_recorded(path, spec_path, protocol_eval):
 
 
 def run_ablation(args):
-    """Train every run of an ablation file for every seed, evaluate each checkpoint with the
-    protocol of the file's "eval" entry, tabulate mean and sample std over seeds.
-
-    Every finished (run, seed) is recorded in the results file (--out) as soon as it is
-    evaluated, atomically, with its full config; a later call skips every (run, seed) whose
-    config is already recorded there, so a long table can be continued in another session from
-    the committed file. --jobs J trains J runs at once, each in a process of one thread.
-    The first row is the floor: the untrained model ("random"), or, when the runs start from a
-    checkpoint ("init_from" in "shared"), that checkpoint itself ("warm_start", no second stage).
-    "pretrain": the config whose run writes that checkpoint; it is trained first if missing.
-    "reference": a run name; every other row then also gets its difference from that run and
-    Welch's t over seeds."""
+    """Train every run of an ablation file for every seed, evaluate each with the file's "eval"
+    protocol, tabulate mean and sample std over seeds. Each finished (run, seed) is recorded in
+    --out at once, with its config; a later call skips those, so a long table can be continued.
+    The first row is the floor: the untrained model ("random"), or the checkpoint the runs start
+    from ("warm_start"; "pretrain" trains it if missing). "reference": a run every other row is
+    compared with (difference, Welch's t)."""
     spec_path = Path(args.ablation)
     spec = data.read_json(spec_path, what="ablation file")
     unknown = set(spec) - set(ABLATION_KEYS)
@@ -1859,8 +1802,8 @@ def run_ablation(args):
 
 
 def print_ablation(res):
-    """One row per run: mean ± sample std over seeds of every metric of the table; with a
-    reference run, the last column is Welch's t of each row's mean i->t and t->i R@10 against it."""
+    """One row per run: mean ± sample std over seeds of each metric; with a reference run,
+    Welch's t of each row's i->t and t->i R@10 against it."""
     table = res["table"]
     if not table:
         print(f"ablation {res['ablation']}: no run recorded yet")
@@ -1912,7 +1855,7 @@ def print_contrasts(c):
 # -----------------------------------------------------------------------------
 
 
-# The tables each task prints (main prints its task's with print_results); they show every note.
+# The tables each task prints (print_results); they show every note.
 
 
 def _fmt(v):
@@ -1925,8 +1868,7 @@ def _print_notes(notes, indent="  "):
 
 
 def _protocol_text(protocol):
-    """'grid', or 'gloria: 5 prompts per class, seed 6, z-scored per class; 5-5 used per class'
-    (the settings that change a number, and the prompts a class actually had)."""
+    """'grid', or 'gloria: 5 prompts per class, seed 6, z-scored per class; 5-5 used per class'."""
     if protocol["name"] != "gloria":
         return protocol["name"]
     used = protocol["prompts_used"]
@@ -1942,11 +1884,8 @@ def _cell(value):
 
 
 def print_against_baselines(rows, base):
-    """The own-label table (--label-column): the class counts of the evaluated split, then
-    accuracy, balanced accuracy, macro-F1 and AUROC of each row (the model's, the untrained
-    floor's), of the majority-class predictor and of chance (1/K over the K classes present), in
-    the same columns: a number is never read without what it must beat.
-    rows: [(name, {metric: value or (mean, std)})]."""
+    """The own-label table: the LABEL_METRICS of each row [(name, {metric: value or (mean, std)})],
+    of the majority class and of chance, in the same columns: no number without its baselines."""
     n = sum(base["class_counts"].values())
     print("  images per class: " + ", ".join(f"{c} {k} ({k / n:.0%})" for c, k in
                                               base["class_counts"].items())
@@ -2040,14 +1979,14 @@ def print_pixel_probe(res):
 
 
 PRINTERS = {"zeroshot": print_zeroshot, "fewshot": print_fewshot, "retrieval": print_retrieval,
-            "pixel-probe": print_pixel_probe}
+            "pixel-probe": print_pixel_probe, "efficiency": print_efficiency,
+            "ablation": print_ablation}
 
 
 def print_results(task, res):
-    """A readable table per task (the printers are above; plots print as they go)."""
-    printer = {**PRINTERS, "efficiency": print_efficiency, "ablation": print_ablation}.get(task)
-    if printer is not None:
-        printer(res)
+    """A readable table per task (plots print as they go)."""
+    if task in PRINTERS:
+        PRINTERS[task](res)
 
 
 def untrained_model(cfg, manifest):
@@ -2061,17 +2000,19 @@ def load_for_eval(args):
     """-> (model, tokenizer, cfg, manifest, step, checkpoint path or None, its SHA-256 or None)."""
     device = msd.pick_device(args.device)
     if args.checkpoint == "random":
-        cfg = replace(msd.load_config(args.config), skip_bad=args.skip_bad)
-        manifest = Path(args.data) if args.data else msd.prepare_data(cfg, check_splits=False)
-        model, tokenizer = untrained_model(cfg, manifest)
-        return model.to(device), tokenizer, cfg, manifest, 0, None, None
-    path = Path(args.checkpoint or Path(msd.load_config(args.config).out_dir) / "ckpt.pt")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}; train it first ({how_to_train(args)}) "
-                                f"or evaluate an untrained model with --checkpoint random")
-    model, tokenizer, cfg, ckpt = msd.load_checkpoint(path, map_location=device)
+        cfg, path, ckpt = msd.load_config(args.config), None, {"step": 0, "sha256": None}
+    else:
+        path = Path(args.checkpoint or Path(msd.load_config(args.config).out_dir) / "ckpt.pt")
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}; train it first "
+                                    f"({how_to_train(args)}) or evaluate an untrained model with "
+                                    f"--checkpoint random")
+        model, tokenizer, cfg, ckpt = msd.load_checkpoint(path, map_location=device)
     cfg = replace(cfg, skip_bad=args.skip_bad)  # evaluation leaves bad rows out only when asked
     manifest = Path(args.data) if args.data else msd.prepare_data(cfg, check_splits=False)
+    if path is None:
+        model, tokenizer = untrained_model(cfg, manifest)
+        model = model.to(device)
     return model, tokenizer, cfg, manifest, ckpt["step"], path, ckpt["sha256"]
 
 
@@ -2080,14 +2021,6 @@ def how_to_train(args):
     if args.checkpoint and args.checkpoint != "random":
         return f"python msd.py --config {args.config} --out_dir={Path(args.checkpoint).parent}"
     return f"python msd.py --config {args.config}"
-
-
-def how_to_evaluate(args):
-    """The command that writes the run's evaluation results (for messages)."""
-    which = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
-    if not args.checkpoint or args.checkpoint == "random":
-        which += f" --config {args.config}"
-    return f"python evaluate.py --task all{which}"
 
 
 def run_folder(args):
@@ -2115,14 +2048,12 @@ def _file_name_part(text):
 
 
 def default_out(args):
-    """Where a task writes its JSON when --out is not given. Never results/ (the README's
-    numbers), and never one task's file for another's:
+    """Where a task writes its JSON without --out; never results/ (the README's numbers):
       zeroshot / fewshot / retrieval / all -> <run>/eval/<task>[_<split>][_<data>][_<column>].json
       plots        -> <run>/plots/plots.json (--readme-pictures: runs/plots/readme-pictures.json)
       efficiency, pixel-probe -> runs/<task>/<config name>[_<data>].json
       ablation     -> <--ablation-dir>/<ablation file name>.json (where finished runs are recorded)
-    or, but for an ablation (which a later call continues), <name>-2.json, -3.json, ... when
-    that file holds the results of another protocol (free_name)."""
+    or <name>-2.json, -3.json, ... when that file holds another task's or protocol's (free_name)."""
     variant = "" if args.split == "test" else f"_{args.split}"
     if args.data:
         data_path = Path(args.data)
@@ -2142,9 +2073,7 @@ def default_out(args):
 
 
 def free_name(path, task, protocol):
-    """path, or the first of <name>-2.json, <name>-3.json, ... that the results of `task` under
-    `protocol` may replace (replace_problem): a rerun replaces its own file, never another task's
-    or protocol's, nor a file that evaluate.py did not write."""
+    """path, or the first of <name>-2.json, -3.json, ... that these results may replace."""
     candidate, n = path, 1
     while replace_problem(candidate, task, protocol) is not None:
         n += 1
@@ -2159,15 +2088,12 @@ UNMARKED_RESULTS = {"ablation": ("recorded", "table"), "efficiency": ("rows", "m
 
 
 def results_mark(args):
-    """The keys by which a results file says that evaluate.py wrote it, for which task and
-    protocol: replace_problem recognises its own files by them, never by their names."""
+    """The keys by which replace_problem knows its own results files (never by their names)."""
     return {"written_by": WRITTEN_BY, "task": args.task, "protocol": protocol_of(args)}
 
 
 def results_kind(res):
-    """-> (task, protocol) of a parsed JSON that is a results file of evaluate.py, else None.
-    Files written before results_mark are known by their keys (an ablation file is continued by
-    later calls, so one of those is still its own)."""
+    """-> (task, protocol) of a parsed results file of evaluate.py (older: by its keys), or None."""
     if not isinstance(res, dict):
         return None
     if res.get("written_by") == WRITTEN_BY:
@@ -2181,10 +2107,9 @@ def results_kind(res):
 
 def replace_problem(path, task, protocol, force=False):
     """Why the results of `task` under `protocol` may not replace what is at path (None: they
-    may, or nothing is there). They may replace only a regular file that evaluate.py wrote for
-    the same task and protocol (an ablation file: for the same task; it is continued, and
-    read_recorded checks its protocol). force: also evaluate.py's results of another task or
-    protocol, never anything else (a checkpoint, a log, a manifest, a picture, a device)."""
+    may). Only evaluate.py's results of the same task and protocol may be replaced (an ablation
+    file: of the same task; read_recorded checks its protocol); with force, of any task or
+    protocol; never anything else (a checkpoint, a log, a manifest, a picture, a device)."""
     path = Path(path)
     if not os.path.lexists(path):
         return None
@@ -2206,10 +2131,11 @@ def replace_problem(path, task, protocol, force=False):
     return f"holds evaluate.py's results of {which}; choose another --out, or add --force to replace them"
 
 
-def check_writable(p, path, given):
-    """The results file can be written: checked before any work. A folder, a path under a file,
-    or a folder this user cannot write is a usage error naming the way out."""
-    path, option = Path(path), "--out" if given else "the default results file"
+def check_out(p, args, given):
+    """Before any work: the results file can be written (not a folder, not under a file, in a
+    folder this user can write) and what is there may be replaced (replace_problem); else a
+    usage error naming the way out."""
+    path, option = Path(args.out), "--out" if given else "the default results file"
     if path.is_dir():
         p.error(f"{option} {path} is a folder; give a file name, e.g. --out {path / 'results.json'}")
     folder = path.parent
@@ -2219,14 +2145,9 @@ def check_writable(p, path, given):
         p.error(f"{option} {path}: {folder} is a file, not a folder; choose another --out")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         p.error(f"{option} {path}: {folder} is not writable; choose another --out")
-
-
-def check_replaceable(p, args, given):
-    """What is at the results path may be replaced by this task's results (replace_problem):
-    checked before any work; else a usage error naming the path and the way out."""
     problem = replace_problem(args.out, args.task, protocol_of(args), args.force)
     if problem:
-        p.error(f"{'--out' if given else 'the default results file'} {args.out} {problem}")
+        p.error(f"{option} {args.out} {problem}")
 
 
 def to_json(obj):
@@ -2255,12 +2176,7 @@ def _numbers(text, kind):
                                          f"{'1,2,4' if kind is int else '0.1,1'}, got {text!r}") from None
 
 
-def _floats(text):
-    return _numbers(text, float)
-
-
-def _ints(text):
-    return _numbers(text, int)
+_floats, _ints = functools.partial(_numbers, kind=float), functools.partial(_numbers, kind=int)
 
 
 def _names(text):
@@ -2287,83 +2203,75 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     p = Parser(prog="evaluate.py", description="Evaluate an MSD checkpoint: zero-shot, linear "
                "probe, retrieval; or a benchmark that needs no checkpoint.")
-    p.add_argument("--task", default="all", choices=[*TASKS, "all", "pixel-probe", *BENCHMARKS],
-                   help="all = zeroshot, fewshot and retrieval; pixel-probe, efficiency and "
-                        "ablation train or time models themselves (no checkpoint)")
-    p.add_argument("--checkpoint", help="ckpt.pt, or 'random' for an untrained model of --config "
-                                        "(default: the run of --config)")
-    p.add_argument("--config", default="configs/small.json")
-    p.add_argument("--data", help="manifest CSV (default: the run's own dataset)")
-    p.add_argument("--split", default="test",
-                   help="the split evaluated: N-way zero-shot with --label-column, binary "
-                        "zero-shot, probe, retrieval (the 5-way CheXpert protocol always uses test_5x)")
-    p.add_argument("--label-column", dest="label_column",
-                   help="a manifest column holding one class name per row: N-way zero-shot and "
-                        "a multi-class probe over its classes")
-    p.add_argument("--out", help="the results JSON (default: <run>/eval/<task>.json beside the "
-                                 "checkpoint; benchmarks: runs/<task>/...; see default_out)")
-    p.add_argument("--force", action="store_true",
-                   help="let --out replace evaluate.py's results of another task or protocol "
-                        "(never a checkpoint, log, manifest, picture or any other file)")
-    p.add_argument("--debug", action="store_true", help="a user error shows its traceback")
-    p.add_argument("--floor", help="with --label-column: the results of --checkpoint random to show "
-                                   "beside the model's (default: where that command writes them)")
-    p.add_argument("--prompt-set", dest="prompt_set", choices=prompt_set_names(),
-                   help="a shipped prompt set, configs/prompts/NAME.json (default: synth for a "
-                        "synthetic manifest, the class names with --label-column, else chexpert; "
-                        "pneumonia for RSNA)")
-    p.add_argument("--prompts", help="your own JSON prompt file, keyed by class names")
-    p.add_argument("--zeroshot-protocol", dest="zeroshot_protocol", default="grid",
-                   choices=list(ZEROSHOT_PROTOCOLS),
-                   help="N-way zero-shot: grid = every prompt, mean class vector (default); gloria "
-                        "= GLoRIA's: sampled prompts, highest cosine, z-scored per class")
-    p.add_argument("--prompts-per-class", dest="prompts_per_class", type=int, default=5,
-                   help="gloria: prompts drawn per class (GLoRIA draws 5)")
-    p.add_argument("--prompt-seed", dest="prompt_seed", type=int, default=6,
-                   help="gloria: seed of the draw (6 draws GLoRIA's prompts from the chexpert grid)")
-    p.add_argument("--binary-protocol", dest="binary_protocol", default="prompts",
-                   choices=list(BINARY_PROTOCOLS),
-                   help="binary zero-shot: prompts = the prompt set's positives against its "
-                        "negatives (default); chexzero = CheXzero's ('<finding>', 'no <finding>')")
-    p.add_argument("--labels", type=_names,
-                   help="CheXpert labels to probe, separated by commas, or a JSON list such as "
-                        "'[\"a, b\", \"c\"]' for names holding a comma (default: those with both "
-                        "classes in train and --split)")
-    p.add_argument("--shots", type=_ints, default=(1, 2, 4, 8, 16))
-    p.add_argument("--fractions", type=_floats, default=(0.01, 0.1, 1.0))
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--weight-decays", dest="weight_decays", type=_floats, default=WEIGHT_DECAYS)
-    p.add_argument("--ks", type=_ints, default=(1, 5, 10))
-    p.add_argument("--chunk-size", dest="chunk_size", type=int, default=256)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    p.add_argument("--no-5x", dest="with_5x", action="store_false",
-                   help="skip everything on the test_5x split (e.g. when tuning on --split valid)")
-    p.add_argument("--epochs", type=int, default=8, help="pixel-probe: training epochs")
-    p.add_argument("--no-probe", dest="probe", action="store_false", help="ablation: skip the probe")
-    p.add_argument("--steps", type=int, default=5, help="efficiency: optimizer steps timed per row")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="efficiency: times each row's --steps are timed; their spread is reported")
-    p.add_argument("--sweep", action="store_true",
-                   help="efficiency: the micro-batch sweep on the CPU too (always on CUDA)")
-    p.add_argument("--time-budget", dest="time_budget", type=float, default=0,
-                   help="efficiency: skip rows that would start after this many seconds (0 = none)")
-    p.add_argument("--ablation", default="configs/ablation.json", help="ablation: the run list")
-    p.add_argument("--ablation-dir", dest="ablation_dir", default="runs/ablation",
-                   help="ablation: where runs are trained (finished runs are reused)")
-    p.add_argument("--report", action="store_true",
-                   help="ablation: print the table and the contrasts of the runs recorded in --out; "
-                        "train nothing, write nothing (safe while the runs go on)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="ablation: runs trained at once, each in a process of one thread")
-    p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
-                   help="evaluate the good rows of a manifest with bad ones; the others are counted "
-                        "and recorded in the results (skipped_rows)")
-    p.add_argument("--allow-split-overlap", dest="allow_split_overlap", action="store_true",
-                   help="evaluate although a patient or study is in train and in another split")
-    p.add_argument("--readme-pictures", dest="readme_pictures", action="store_true",
-                   help="plots: redraw the README's results/plots/*.svg from results/ (default: "
-                        "the pictures of the run of --checkpoint / --config, in its folder)")
+    add = p.add_argument       # --label-column is stored as args.label_column, and so on
+    add("--task", default="all", choices=[*TASKS, "all", "pixel-probe", *BENCHMARKS],
+        help="all = zeroshot, fewshot and retrieval; pixel-probe, efficiency and ablation train "
+             "or time models themselves (no checkpoint)")
+    add("--checkpoint", help="ckpt.pt, or 'random' for an untrained model of --config (default: "
+                             "the run of --config)")
+    add("--config", default="configs/small.json")
+    add("--data", help="manifest CSV (default: the run's own dataset)")
+    add("--split", default="test", help="the split evaluated: N-way zero-shot with --label-column, "
+        "binary zero-shot, probe, retrieval (the 5-way CheXpert protocol always uses test_5x)")
+    add("--label-column", help="a manifest column holding one class name per row: N-way "
+                               "zero-shot and a multi-class probe over its classes")
+    add("--out", help="the results JSON (default: <run>/eval/<task>.json beside the checkpoint; "
+                      "benchmarks: runs/<task>/...; see default_out)")
+    add("--force", action="store_true", help="let --out replace evaluate.py's results of another "
+        "task or protocol (never a checkpoint, log, manifest, picture or any other file)")
+    add("--debug", action="store_true", help="a user error shows its traceback")
+    add("--floor", help="with --label-column: the results of --checkpoint random to show beside "
+                        "the model's (default: where that command writes them)")
+    add("--prompt-set", choices=prompt_set_names(), help="a shipped prompt set, configs/prompts/"
+        "NAME.json (default: synth for a synthetic manifest, the class names with --label-column, "
+        "else chexpert; pneumonia for RSNA)")
+    add("--prompts", help="your own JSON prompt file, keyed by class names")
+    add("--zeroshot-protocol", default="grid", choices=list(ZEROSHOT_PROTOCOLS),
+        help="N-way zero-shot: grid = every prompt, mean class vector (default); gloria = "
+             "GLoRIA's: sampled prompts, highest cosine, z-scored per class")
+    add("--prompts-per-class", type=int, default=5,
+        help="gloria: prompts drawn per class (GLoRIA draws 5)")
+    add("--prompt-seed", type=int, default=6,
+        help="gloria: seed of the draw (6 draws GLoRIA's prompts from the chexpert grid)")
+    add("--binary-protocol", default="prompts", choices=list(BINARY_PROTOCOLS),
+        help="binary zero-shot: prompts = the prompt set's positives against its negatives "
+             "(default); chexzero = CheXzero's ('<finding>', 'no <finding>')")
+    add("--labels", type=_names, help="CheXpert labels to probe, separated by commas, or a JSON "
+        "list such as '[\"a, b\", \"c\"]' for names holding a comma (default: those with both "
+        "classes in train and --split)")
+    add("--shots", type=_ints, default=(1, 2, 4, 8, 16))
+    add("--fractions", type=_floats, default=(0.01, 0.1, 1.0))
+    add("--seeds", type=int, default=5)
+    add("--weight-decays", type=_floats, default=WEIGHT_DECAYS)
+    add("--ks", type=_ints, default=(1, 5, 10))
+    add("--chunk-size", type=int, default=256)
+    add("--batch-size", type=int, default=64)
+    add("--device", default="cpu", help="cpu, cuda, mps or auto")
+    add("--no-5x", dest="with_5x", action="store_false",
+        help="skip everything on the test_5x split (e.g. when tuning on --split valid)")
+    add("--epochs", type=int, default=8, help="pixel-probe: training epochs")
+    add("--no-probe", dest="probe", action="store_false", help="ablation: skip the probe")
+    add("--steps", type=int, default=5, help="efficiency: optimizer steps timed per row")
+    add("--repeats", type=int, default=3,
+        help="efficiency: times each row's --steps are timed; their spread is reported")
+    add("--sweep", action="store_true",
+        help="efficiency: the micro-batch sweep on the CPU too (always on CUDA)")
+    add("--time-budget", type=float, default=0,
+        help="efficiency: skip rows that would start after this many seconds (0 = none)")
+    add("--ablation", default="configs/ablation.json", help="ablation: the run list")
+    add("--ablation-dir", default="runs/ablation",
+        help="ablation: where runs are trained (finished runs are reused)")
+    add("--report", action="store_true", help="ablation: print the table and the contrasts of the "
+        "runs recorded in --out; train nothing, write nothing (safe while the runs go on)")
+    add("--jobs", type=int, default=1,
+        help="ablation: runs trained at once, each in a process of one thread")
+    add("--skip-bad", action="store_true", help="evaluate the good rows of a manifest with bad "
+        "ones; the others are counted and recorded in the results (skipped_rows)")
+    add("--allow-split-overlap", action="store_true",
+        help="evaluate although a patient or study is in train and in another split")
+    add("--readme-pictures", action="store_true", help="plots: redraw the README's "
+        "results/plots/*.svg from results/ (default: the pictures of the run of --checkpoint / "
+        "--config, in its folder)")
     return p
 
 
@@ -2438,8 +2346,7 @@ def check_values(p, args):
 
 
 def evaluate_checkpoint(args):
-    """The checkpoint tasks (zeroshot, fewshot, retrieval, all) -> (results, problems: what was
-    asked for but could not be computed)."""
+    """The checkpoint tasks -> (results, problems: what was asked for but could not be computed)."""
     tasks = list(TASKS) if args.task == "all" else [args.task]
     for task in {"zeroshot", "fewshot"}.intersection(tasks) if args.floor else ():
         find_floor(args, task)                # a --floor FILE that does not fit: before any work
@@ -2460,16 +2367,14 @@ def evaluate_checkpoint(args):
         print_results(task, results[task])
         if skipped_reason(task, results[task]):
             skipped[task] = skipped_reason(task, results[task])
-    problems = []
-    if args.task != "all" or len(skipped) == len(tasks):   # all: a task that does not apply
-        problems = [f"--task {task}: {why}" for task, why in skipped.items()]
-    return results, problems
+    if args.task == "all" and len(skipped) < len(tasks):   # all: a task that does not apply
+        return results, []
+    return results, [f"--task {task}: {why}" for task, why in skipped.items()]
 
 
 def add_floor(task, res, args, manifest):
     """Own-label results (--label-column) of a checkpoint get the untrained floor's numbers beside
-    them, from the same task's results by --checkpoint random on the same manifest (find_floor),
-    or a note saying how to make them."""
+    them (find_floor), or a note saying how to make them."""
     if not args.label_column or args.checkpoint == "random" or task not in ("zeroshot", "fewshot") \
             or res.get("skipped"):
         return
@@ -2495,19 +2400,16 @@ FLOOR_KEYS = ("split", "label_column", "data")  # what a floor must share with t
 
 def find_floor(args, task, manifest=None):
     """The `task` results of --checkpoint random for this evaluation -> (path, those results,
-    notes), or (None, None, notes). --floor FILE: that file, which must hold them for the same
-    split, label column and --data (else an error naming it; other differences are a note).
-    By default: where that command writes them (its `task` file or its `all` file), else a file
-    of the run's eval folder holding them, each for the very same protocol. With `manifest`
-    (known once the model is loaded), a floor evaluated on another manifest is not used (a note)."""
+    notes), or (None, None, notes): --floor FILE (same split, label column and --data, else an
+    error), else where that command writes them or a file of the run's eval folder, for the very
+    same protocol. With `manifest`, a floor evaluated on another manifest is not used (a note)."""
     protocol, notes = protocol_of(args), []
     if args.floor:
         res = data.read_json(args.floor)
         why = floor_problem(res, task)
         recorded = (res.get("protocol") or {}) if why is None else {}
-        if why is None:
-            why = next((f"its {k} is {recorded.get(k)!r}, this evaluation's {protocol[k]!r}"
-                        for k in FLOOR_KEYS if recorded.get(k) != protocol[k]), None)
+        why = why or next((f"its {k} is {recorded.get(k)!r}, this evaluation's {protocol[k]!r}"
+                           for k in FLOOR_KEYS if recorded.get(k) != protocol[k]), None)
         if why:
             raise data.InputError(f"--floor {args.floor}: {why}; give the results of --checkpoint random "
                                   f"with the same --split, --label-column and --data")
@@ -2568,8 +2470,7 @@ def main(argv=None):
     check_options(p, args)
     given = args.out is not None
     args.out = str(args.out or default_out(args))   # the benchmarks write it as they go, too
-    check_writable(p, args.out, given)
-    check_replaceable(p, args, given)
+    check_out(p, args, given)
 
     problems = []
     if args.task in BENCHMARKS:
@@ -2593,9 +2494,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """The command line: main, with a user error (msd.USER_ERRORS: bad input, a file that cannot
-    be read or written) printed as ONE line `evaluate.py: error: ...` and exit status 1.
-    Anything else is a bug and keeps its traceback; --debug shows the traceback of both."""
+    """main, with a user error (msd.USER_ERRORS) printed as ONE line `evaluate.py: error: ...`, exit
+    status 1; anything else is a bug and keeps its traceback (--debug: both do)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
@@ -2672,8 +2572,7 @@ class Svg:
 
 
 def drawn_here(path):
-    """Whether path is a regular file that Svg.write wrote: its first line opens the <svg> as
-    Svg.write does and its second is the <title>."""
+    """Whether path is a regular file that Svg.write wrote: its <svg> line, then its <title>."""
     if not Path(path).is_file():
         return False
     with open(path, "rb") as f:
@@ -2720,9 +2619,8 @@ def nice_ticks(lo, hi, n=5):
 
 
 def _axes(svg, box, x_ticks, y_ticks, x_labels=True, grid=True):
-    """Frame, grid lines and tick labels of one plot area box = (left, top, width, height).
-    x_ticks, y_ticks: (value, label) pairs whose first and last values span the axis.
-    Returns the maps value -> pixel (fx, fy); a bigger y value is higher on the picture."""
+    """Frame, grid lines and tick labels of box = (left, top, width, height); x_ticks, y_ticks:
+    (value, label) pairs spanning each axis. -> the maps value -> pixel (fx, fy), big y high."""
     left, top, width, height = box
     (x0, x1), (y0, y1) = (x_ticks[0][0], x_ticks[-1][0]), (y_ticks[0][0], y_ticks[-1][0])
 
@@ -2745,20 +2643,18 @@ def _axes(svg, box, x_ticks, y_ticks, x_labels=True, grid=True):
     return fx, fy
 
 
-def _notes(svg, y, notes, font=11):
+def _notes(svg, y, notes, fill="#a33", prefix="note: ", font=11):
     """Notes (values that were skipped, ...) as wrapped lines from y down; -> the y after them."""
     for note in notes:
-        for line in _wrap("note: " + note, int(svg.width / (CHAR_WIDTH * font)) - 4):
-            svg.text(10, y, line, size=font, fill="#a33")
+        for line in _wrap(prefix + note, int(svg.width / (CHAR_WIDTH * font)) - 4):
+            svg.text(10, y, line, size=font, fill=fill)
             y += font + 4
     return y
 
 
 def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
-    """Memory of one optimizer step against the effective batch B, from the "growth:" rows of an
-    efficiency file (python evaluate.py --task efficiency): end-to-end CLIP at B, whose
-    activations grow with B, against exact CLIP accumulation and MSD with B/b micro-batches of b.
-    -> notes (skipped rows)."""
+    """Memory of one step against the effective batch B, from the "growth:" rows of an efficiency
+    file: end-to-end CLIP at B against exact CLIP and MSD with B/b micro-batches of b. -> notes."""
     res = data.read_json(efficiency_path)
     series, notes = {}, []                 # "CLIP" / "CLIP exact" / "MSD" -> [(B, memory MB)]
     legend = {"CLIP": "end-to-end CLIP (one batch of B)", "MSD": "MSD (micro-batches, teacher, queue)",
@@ -2818,10 +2714,7 @@ def plot_memory(efficiency_path, out_path, key="step_memory_mb"):
              f"{res.get('threads', '?')} threads), config {res.get('config', '?')}"
              f"{''.join(' ' + str(o) for o in res.get('overrides', []))}. "
              f"Memory: {res.get('memory', 'not described')}.")
-    y = 388
-    for line in _wrap(about, int(svg.width / (CHAR_WIDTH * 11)) - 4):
-        svg.text(10, y, line, size=11, fill="#444")
-        y += 15
+    y = _notes(svg, 388, [about], fill="#444", prefix="")
     svg.height = _notes(svg, y, notes) + 4
     svg.write(out_path, f"Memory of one optimizer step against the effective batch. {summary} "
                         f"({efficiency_path})")
@@ -2841,8 +2734,7 @@ def growth_summary(series):
 
 
 def read_log(log_path):
-    """A run's log.jsonl -> records sorted by step. A resumed run appends to its log, so a step
-    may appear twice: the later record is kept (it is the run that continued)."""
+    """A run's log.jsonl -> records sorted by step (of a step logged twice, the later record)."""
     by_step = {}
     for i, line in enumerate(Path(log_path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -2857,10 +2749,8 @@ def read_log(log_path):
 
 
 def plot_curves(log_path, out_path, keys=None):
-    """Training curves of one run as small multiples sharing the step axis: one panel per key
-    (default: loss, tau, alpha where logged, and any valid_* metric in the log). A record without the key (a
-    metric logged every few steps) is simply no point; a value that is null, NaN or not a number
-    is skipped with a note and leaves a gap in the curve. -> notes."""
+    """Training curves of one run, one panel per key (default: loss, tau, alpha, valid_*) on a
+    shared step axis; a value null, NaN or not a number leaves a gap, with a note. -> notes."""
     records = read_log(log_path)
     logged = {k for r in records for k in r}
     keys = list(keys or [k for k in ("loss", "tau", "alpha") if k in logged]  # alpha: MSD runs only
@@ -2907,8 +2797,7 @@ def plot_curves(log_path, out_path, keys=None):
 
 
 def ticks_up_to(last, n=6):
-    """(value, label) ticks of a step axis from 0 that ends where the data ends: round values
-    below `last`, then `last` itself (a round value too close to it to label apart is left out)."""
+    """(value, label) ticks of a step axis from 0: round values below `last`, then `last` itself."""
     if last <= 0:
         return [(v, f"{v:g}") for v in nice_ticks(min(last, 0.0), 0.0, n)]
     ticks = [v for v in nice_ticks(0, last, n) if v <= 0.92 * last]
@@ -2917,17 +2806,15 @@ def ticks_up_to(last, n=6):
 
 def run_colors(names):
     """One colour per run name, the same in every picture drawn with this map: the floor rows
-    (the untrained "random", the "warm_start" checkpoint) grey, the other names in the order they
-    first appear in `names` (the runs of all the tables drawn together)."""
+    grey, the others in the order they first appear in `names`."""
     others = [n for n in dict.fromkeys(names) if n not in FLOOR_RUNS]
     return {**{n: FLOOR_COLOR for n in FLOOR_RUNS},
             **{n: COLORS[k % len(COLORS)] for k, n in enumerate(others)}}
 
 
 def draw_bars(bars, runs, groups, colors, title, y_label, marks=None):
-    """Grouped bars: one group per (key, label) of `groups`, one bar per run, whiskers at
-    mean ± std where there is a std. bars: {(key, run): (mean, std or None)}; colors: run ->
-    colour; marks: {key: {name of a MARKS line: value or None}}, dashed lines across a group.
+    """Grouped bars, one group per (key, label) of `groups`, one bar per run: bars {(key, run):
+    (mean, std or None)}, whiskers at mean ± std; marks {key: {MARKS name: value}}: dashed lines.
     -> (Svg, the y just under the group labels), for the caller to add notes and write."""
     marks = {key: {n: _number(v) for n, v in m.items() if _number(v) is not None}
              for key, m in (marks or {}).items()}
@@ -2983,12 +2870,9 @@ BATCH_METRICS = ("zs_auroc", "i2t_R@10", "t2i_R@10", "mean_R@10")  # the valid-s
 
 
 def plot_ablation(ablation_path, out_path, metrics=ABLATION_METRICS, colors=None):
-    """An ablation file (python evaluate.py --task ablation; {"table": {run: {metric: [mean, std]}}})
-    as grouped bars: one group per metric, one bar per run, whiskers at mean ± sample std
-    (ddof = 1) over seeds.
-    colors: run name -> colour (run_colors), shared by the pictures drawn together; default: this
-    table's own runs. A missing (null, NaN) mean is not drawn, with a note; a missing std draws
-    no whisker. -> notes."""
+    """An ablation file ({"table": {run: {metric: [mean, std]}}}) as grouped bars, one group per
+    metric, whiskers at mean ± sample std over seeds; colors: run -> colour (run_colors). A
+    missing mean is no bar, with a note; a missing std no whisker. -> notes."""
     res = data.read_json(ablation_path)
     table = res.get("table") if isinstance(res, dict) else None
     if not isinstance(table, dict) or not table:
@@ -3026,10 +2910,8 @@ MARKS = {"majority class": ("#a33", "6,3"), "untrained floor": (FLOOR_COLOR, "2,
 
 
 def eval_metrics(res):
-    """The headline numbers of an evaluation results file (python evaluate.py --task all, or one
-    task) -> ({label: (value, std over seeds or None)}, in the order of the tasks; {label: {mark:
-    value}}, the lines drawn across a bar: with --label-column, the majority-class predictor's
-    and the untrained floor's value of the same number)."""
+    """The headline numbers of an evaluation results file -> ({label: (value, std or None)};
+    {label: {mark: value}}: with --label-column, the majority class's and the untrained floor's)."""
     out, marks = {}, {}
     zs = _dict(res.get("zeroshot"))
     mc, binary = _dict(zs.get("multiclass")), _dict(zs.get("binary"))
@@ -3082,9 +2964,7 @@ def plot_eval(eval_path, out_path, run="run", colors=None):
                        "score (1 = perfect)", marks)
     about = (f"checkpoint {res.get('checkpoint', '?')}, manifest {res.get('manifest', '?')}, "
              f"splits {res.get('split_sizes', '?')}")
-    for line in _wrap(about, int(svg.width / (CHAR_WIDTH * 11)) - 4):
-        svg.text(10, y, line, size=11, fill="#444")
-        y += 15
+    y = _notes(svg, y, [about], fill="#444", prefix="")
     svg.height = _notes(svg, y, notes) + 4
     svg.write(out_path, f"Evaluation of {run} as bars ({eval_path})")
     return notes
@@ -3109,8 +2989,8 @@ def _table_runs(path):
 
 
 def readme_pictures():
-    """The README's pictures: every input in results/ -> results/plots/<input name>.svg, with one
-    colour per run name over all the ablation pictures. -> (jobs, missing inputs)."""
+    """Every input in results/ -> results/plots/<input name>.svg, one colour per run name over
+    all the ablation pictures. -> (jobs, missing inputs)."""
     ablations = [p for pattern in ("ablation*.json", "batch_*.json", "study*.json")
                  for p in sorted(PLOTS_FROM.glob(pattern))]
     colors = run_colors([run for path in ablations for run in _table_runs(path)])
@@ -3130,10 +3010,9 @@ def readme_pictures():
 
 
 def run_pictures(run_dir, checkpoint, train_how, eval_how):
-    """One run's pictures, in its folder: log.jsonl -> plots/log.svg (training curves) and each
-    eval/<name>.json -> plots/eval_<name>.svg, but only the evaluations of `checkpoint` (None:
-    --checkpoint random): a file that records another checkpoint's SHA-256 (of an earlier run
-    in the same folder) is not drawn. -> (jobs, missing inputs, {eval file: why not drawn})."""
+    """One run's pictures, in its folder: log.jsonl -> plots/log.svg and eval/<name>.json ->
+    plots/eval_<name>.svg for the evaluations of `checkpoint` (None: random) only.
+    -> (jobs, missing inputs, {eval file: why not drawn})."""
     run_dir, jobs, missing, not_drawn = Path(run_dir), [], {}, {}
     log, evals = run_dir / "log.jsonl", sorted((run_dir / "eval").glob("*.json"))
     if log.is_file():
@@ -3142,27 +3021,22 @@ def run_pictures(run_dir, checkpoint, train_how, eval_how):
         missing[str(log)] = f"no such file, no training curves (to make one: {train_how})"
     if not evals:
         missing[str(run_dir / "eval" / "*.json")] = f"no such file, no evaluation picture (to make one: {eval_how})"
-    current = current_sha256(checkpoint)
+    current = None                           # --checkpoint random: its evaluations record none
+    if checkpoint is not None:
+        try:
+            current = stored_sha256(checkpoint) if Path(checkpoint).is_file() else "missing"
+        except Exception:                    # a corrupt checkpoint: no evaluation is of it
+            current = "unreadable checkpoint"
     for path in evals:
         recorded = evaluated_sha256(path)
         if recorded not in (current, "unreadable"):          # unreadable: plot_eval says why
-            not_drawn[str(path)] = (f"evaluates checkpoint {_short(recorded)}, not {checkpoint or 'random'} "
-                                    f"({_short(current)}): not drawn")
+            short = ["none (untrained)" if sha is None else sha[:12] for sha in (recorded, current)]
+            not_drawn[str(path)] = (f"evaluates checkpoint {short[0]}, not "
+                                    f"{checkpoint or 'random'} ({short[1]}): not drawn")
             continue
         jobs.append((path, run_dir / "plots" / f"eval_{path.stem}.svg",
                      lambda p, out: plot_eval(p, out, run=run_dir.name)))
     return jobs, missing, not_drawn
-
-
-def current_sha256(checkpoint):
-    """The SHA-256 of the checkpoint whose pictures are drawn: None for --checkpoint random (its
-    evaluations record none), or a word saying why there is none."""
-    if checkpoint is None:
-        return None
-    try:
-        return stored_sha256(checkpoint) if Path(checkpoint).is_file() else "missing"
-    except Exception:                        # a corrupt checkpoint: no evaluation is of it
-        return "unreadable checkpoint"
 
 
 def evaluated_sha256(path):
@@ -3174,14 +3048,9 @@ def evaluated_sha256(path):
     return res.get("checkpoint_sha256", "not recorded") if isinstance(res, dict) else "unreadable"
 
 
-def _short(sha):
-    return "none (untrained)" if sha is None else sha[:12]
-
-
 def draw_pictures(jobs, missing):
-    """Draw every (input, picture, drawing function) of jobs. A missing input is reported and the
-    other pictures are still drawn; an input that cannot be read is an error, after the others
-    are drawn. -> {picture: {"from": input, "notes": [...]}}."""
+    """Draw every (input, picture, drawing function) of jobs; an input that cannot be read is an
+    error after the others are drawn. -> {picture: {"from": input, "notes": [...]}}."""
     written, broken = {}, {}
     for path, out, plot in jobs:
         try:
@@ -3199,13 +3068,16 @@ def draw_pictures(jobs, missing):
 
 
 def run_plots(args):
-    """--task plots: the pictures of one run (the run of --checkpoint, or of --config) in its
-    folder; with --readme-pictures, the README's pictures in results/plots/ from results/."""
+    """--task plots: one run's pictures in its folder, or (--readme-pictures) the README's."""
     not_drawn = {}
     if args.readme_pictures:
         jobs, missing = readme_pictures()
     else:
-        run_dir, train_how, eval_how = run_folder(args), how_to_train(args), how_to_evaluate(args)
+        which = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
+        if not args.checkpoint or args.checkpoint == "random":
+            which += f" --config {args.config}"
+        run_dir, train_how = run_folder(args), how_to_train(args)
+        eval_how = f"python evaluate.py --task all{which}"
         checkpoint = None if args.checkpoint == "random" else Path(args.checkpoint or run_dir / "ckpt.pt")
         jobs, missing, not_drawn = run_pictures(run_dir, checkpoint, train_how, eval_how)
         for path, why in not_drawn.items():
@@ -3233,13 +3105,10 @@ def stored_sha256(checkpoint):
 
 
 class FeatureCache:
-    """The image features of a saved checkpoint's splits on disk, next to the checkpoint
-    (features_<split>_<16 hex digits>.pt). The cache key covers what the features depend on: the
-    checkpoint's SHA-256, the manifest's bytes, the bytes (SHA-256) of every image of the split,
-    the split and the image size. The key is stored inside the file and checked on
-    loading, so a file copied from another checkpoint, or left from images since replaced, is
-    recomputed. A folder that cannot be written (read-only) means no cache, with a note. An
-    untrained model (checkpoint None) has no checkpoint to key it by, and so no cache."""
+    """A saved checkpoint's split features next to it, features_<split>_<16 hex digits>.pt, keyed
+    by what they depend on: the checkpoint's SHA-256, the manifest's and every image's bytes, the
+    split, the image size. The key is stored inside and checked on loading (a copied or stale
+    file is recomputed). An unwritable folder means no cache, with a note; untrained: no cache."""
 
     CACHED = ("features", "embed", "labels")           # the tensors of a cache file, beside its key
 
@@ -3248,21 +3117,16 @@ class FeatureCache:
         self.image_size, self.n_labels = image_size, n_labels
         self._sha256 = checkpoint_sha256               # read from the checkpoint when not given
 
-    def checkpoint_sha256(self):
-        """The checkpoint's SHA-256 (stored_sha256), read once."""
-        if self._sha256 is None:
-            self._sha256 = stored_sha256(self.checkpoint)
-        return self._sha256
-
     def file(self, split, rows):
-        """-> (path, key) of the feature cache of a split (rows: its manifest rows), or
-        (None, None) for an untrained model, which has no checkpoint to key it by."""
+        """-> (path, key) of a split's feature cache (rows: its manifest rows), or (None, None)."""
         if self.checkpoint is None:
             return None, None
+        if self._sha256 is None:                       # read once
+            self._sha256 = stored_sha256(self.checkpoint)
         images = hashlib.sha256()  # each image's bytes, not its size and time (which cp -p keeps):
         for r in rows:             # about 0.1 s for 1,000 small PNGs, read from disk
             images.update(f"{r['_path']}|{data.sha256_file(r['_path'])}\n".encode())
-        key = json.dumps({"checkpoint_sha256": self.checkpoint_sha256(),
+        key = json.dumps({"checkpoint_sha256": self._sha256,
                           "manifest_sha256": data.sha256_file(self.manifest),
                           "images": images.hexdigest(), "split": split,
                           "image_size": self.image_size})
@@ -3281,9 +3145,8 @@ class FeatureCache:
         return None if ok else "unexpected contents"
 
     def load(self, path, n, key):
-        """The cached features of a split of n images, or None: no cache (path None) or no file
-        yet, or (with a note on stderr) a file that is unreadable, truncated, not what this split
-        needs or written under another key. On None the caller computes them."""
+        """The cached features of a split of n images, or None (the caller computes them): no
+        cache or file, or (a note on stderr) a file unreadable, truncated, unexpected or stale."""
         if path is None or not path.is_file():
             return None
         try:
@@ -3297,10 +3160,8 @@ class FeatureCache:
         return None
 
     def save(self, path, key, feats):
-        """Atomically (data.atomic_write: a killed run leaves no half file); nothing without a cache
-        (path None). A folder that cannot be written, a full disk, or something other than a
-        regular file at the path (a folder, a FIFO) only means no cache: a note, and the
-        evaluation goes on."""
+        """Atomically (data.atomic_write); nothing without a cache. An unwritable folder, a full
+        disk or a non-file at the path only means no cache: a note, and the evaluation goes on."""
         if path is None:
             return
         try:
