@@ -160,10 +160,9 @@ class Attention(nn.Module):
     def forward(self, x, mask=None):
         # x: (B, T, C); mask: (B, T) with 1 for real tokens, 0 for padding (or None)
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        # q, k, v: (B, T, C) each -> (B, nh, T, hs), one head per row of dim 1
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for t in self.qkv(x).split(C, dim=2))
         keep = None if mask is None else mask.bool()[:, None, None, :]  # (B, 1, 1, T): over heads, queries
         if self.impl == "sdpa":
             y = F.scaled_dot_product_attention(
@@ -255,10 +254,8 @@ class TextTransformer(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    """f_v, g_v, f_t, g_t: the student, and (as a copy) the teacher. forward-only, no state updates.
-
-    With text_arch "bert" or vision_weights, towers and weights come from published checkpoints
-    (appendix E), loaded here, before MSD copies the student into the teacher. `bert_config` and
+    """f_v, g_v, f_t, g_t: the student, and (as a copy) the teacher. Published towers and weights
+    (appendix E) are loaded here, before MSD copies the student; `bert_config` and
     pretrained=False rebuild a saved model without the weights files (load_checkpoint)."""
 
     def __init__(self, cfg, vocab_size, bert_config=None, pretrained=True):
@@ -276,8 +273,10 @@ class DualEncoder(nn.Module):
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)  # g_v
         self.text_proj = nn.Linear(self.text.width, cfg.embed_dim, bias=False)     # g_t
         self._init_weights(cfg)
-        if pretrained:
-            load_published_weights(self, cfg)  # appendix E; nothing for the hand-written towers
+        if pretrained and cfg.text_arch == "bert":  # published weights: appendix E
+            load_bert_weights(self.text, find_bert_weights(cfg.text_weights))
+        if pretrained and cfg.vision_weights:
+            load_vit_weights(self.visual, cfg.vision_weights)
 
     @property
     def bert_config(self):
@@ -285,14 +284,10 @@ class DualEncoder(nn.Module):
         return getattr(self.text, "bert_config", None)
 
     def _init_weights(self, cfg):
-        """openai/CLIP's explicit formulas, with w = width and L = layers of each encoder:
-        attention in-projection N(0, w^-1/2); residual out-projections N(0, w^-1/2 (2L)^-1/2);
-        MLP in N(0, (2w)^-1/2); class token N(0, w^-1/2); positions N(0, 0.01); token and patch
-        embeddings N(0, 0.02); projections g N(0, w^-1/2); LayerNorm 1 and 0; biases 0.
-        These keep features of different inputs far apart at step 0. With the GPT-2 style
-        N(0, 0.02) everywhere, every [CLS] output starts as nearly the same vector (cosine 0.99),
-        a drifting common direction that a queue of older teacher features turns into a
-        shortcut ("fresh keys score higher") instead of a signal."""
+        """openai/CLIP's explicit formulas (w = width, L = layers of each encoder, below). They
+        keep features of different inputs far apart at step 0; with N(0, 0.02) everywhere every
+        [CLS] output starts as nearly the same vector (cosine 0.99), a drifting common direction
+        that a queue of older teacher features turns into a shortcut ("fresh keys score higher")."""
         towers = [("visual.", cfg.vision_width, cfg.vision_layers)]
         if cfg.text_arch == "lite":  # a BERT tower is always overwritten by its checkpoint
             towers.append(("text.", cfg.text_width, cfg.text_layers))
@@ -374,16 +369,11 @@ def momentum_update(teacher, student, m):
 
 
 class FeatureQueue(nn.Module):
-    """The last K teacher features of one modality, each with the pair id it came from.
-
-    Buffers (so they move with .to() and live in the checkpoint):
-      feats (K, d)  the features;  ids (K,)  their pair ids;
-      ptr ()        the next slot to write;  filled ()  how many slots hold a real feature.
-    Slots never written are not keys: `keys()` returns only the first `filled` slots (writes start
-    at slot 0, so until the buffer is full the written slots are exactly 0 .. filled-1).
-    The pointer and the fill level are also kept as Python ints (n_ptr, n_filled): reading a
-    buffer that lives on a GPU would make the host wait for the GPU at every step.
-    """
+    """The last K teacher features of one modality, each with the pair id it came from. Buffers
+    (they move with .to() and live in the checkpoint): feats (K, d), ids (K,), ptr () the next
+    slot to write, filled () how many slots hold a feature; keys() returns only those (writes
+    start at slot 0). ptr and filled are also kept as Python ints (n_ptr, n_filled): reading a
+    buffer on a GPU would make the host wait for the GPU at every step."""
 
     def __init__(self, size, dim):
         super().__init__()
@@ -582,18 +572,16 @@ def chunks(n, size):
 
 
 def trim_padding(input_ids, attention_mask, lengths, multiple=1):
-    """Cut the padding columns that no report of this chunk reaches; padding never changes a
-    feature (tests/test_msd.py), so this only saves time. `multiple` rounds the length up, so
-    that a compiled encoder sees few distinct shapes. The mask becomes None when no report of
-    the chunk is padded: attention then runs on its fastest, mask-free kernel."""
+    """Cut the padding columns no report of this chunk reaches (padding never changes a feature,
+    so this only saves time); `multiple` rounds the length up for a compiled encoder. No report
+    padded: the mask becomes None, and attention runs on its fastest, mask-free kernel."""
     L = min(-(-max(lengths) // multiple) * multiple, input_ids.size(1))
     return input_ids[:, :L], (None if min(lengths) >= L else attention_mask[:, :L])
 
 
 def encode_no_grad(encoder, images, reports, slices, autocast, rng_states=None):
-    """(B, d) image and text features of `encoder` over the row slices, without gradient. Nothing
-    is kept for a backward pass, so the slices may be much larger than a micro-batch. Used for the
-    teacher's pass (MSD) and for the cached pass of exact CLIP accumulation. rng_states: a list
+    """(B, d) features of `encoder` over the row slices, without gradient (so the slices may be
+    larger than a micro-batch): the teacher's pass, and exact CLIP's cache. rng_states: a list
     that receives the RNG state before each slice, so that a second pass can replay its dropout."""
     feats = []
     with torch.no_grad(), autocast():
@@ -612,12 +600,9 @@ def splice(cached, live, rows):
 def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
     """One MSD optimizer step on an effective batch of B = N * b pairs: the six steps of
     method.md §4 (README.md, "One optimizer step"). The keys are stop-gradient TEACHER features,
-    so the loss is a mean of per-row terms and each micro-batch's loss / N backpropagates its
-    exact share of the gradient of one batch of B. The CLIP baselines take clip_step (below).
-
-    Returns "loss", "grad_norm" and "tau" as 0-d tensors on the device, plus "lr" and "alpha".
-    Nothing here waits for the GPU (no .item(), no int(tensor)): the loop reads the numbers once
-    per log interval. Gradients stay in .grad after the step (the tests read them). With W
+    so each micro-batch's loss / N backpropagates its exact share of the gradient of one batch
+    of B. The CLIP baselines take clip_step. Returns "loss", "grad_norm", "tau" as 0-d tensors on
+    the device (nothing here waits for the GPU), "lr" and "alpha"; .grad is kept. With W
     processes (appendix D), `batch` is this process's share of a global batch of W * B."""
     if cfg.method == "clip":
         return clip_step(model, optimizer, batch, cfg, lr, alpha, autocast, dist)
@@ -652,7 +637,7 @@ def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.null
             total_loss = total_loss + loss.detach() / N
         if cfg.ema_per_micro_batch:  # THE COMMON BUG, kept for the ablation: momentum m^N
             momentum_update(model.teacher, model.student, cfg.momentum)
-    average_tau_gradient(model, dist)  # W processes: tau lives outside the DDP-wrapped student
+    reduce_gradients(model, dist)  # W processes: tau lives outside the DDP-wrapped student
 
     # 4. clip, one optimizer step, keep the temperature in a sane range (tau in [0.01, 1])
     grad_norm = optimizer_step(model, optimizer, cfg, lr)
@@ -666,15 +651,11 @@ def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.null
 
 
 def clip_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
-    """The CLIP baselines' optimizer step: no teacher, no queue; the keys are the STUDENT's own
-    features, so rows share negatives and the loss of a batch is not a sum of per-row terms.
-    Two ways to spend N micro-batches (method.md §3 and §6), beside MSD's:
-      clip_accum "exact"  (GradCache, open_clip's accum_freq) the student encodes all B rows once
-                          without gradient (the cache), then re-encodes one micro-batch at a time
-                          with gradient, spliced into the cache: each backward of the WHOLE loss
-                          gives its exact share, no / N;
-      clip_accum "naive"  each micro-batch is its own small batch: the mean of N small-batch
-                          losses, NOT the loss of one batch of B (N = 1: end-to-end CLIP)."""
+    """The CLIP baselines' step: the keys are the STUDENT's own features, so rows share negatives
+    and the loss of a batch is not a sum of per-row terms (method.md §3, §6). clip_accum "exact"
+    (GradCache): all B rows encoded once without gradient (the cache), then one micro-batch at a
+    time with gradient, spliced in: each backward of the WHOLE loss gives its exact share, no / N.
+    "naive": the mean of N small-batch losses, NOT the loss of one batch of B (N = 1: CLIP)."""
     student, micro, reports = step_parts(model, batch, cfg, dist)
     N, exact, device = len(micro), cfg.clip_accum == "exact", batch.images.device
     replay = exact and cfg.dropout > 0  # with dropout both passes must draw the same masks
@@ -713,16 +694,14 @@ def clip_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullc
                 loss = clip_loss(image_mb, text_mb, ids_mb, model.logit_scale)
                 (loss / N).backward()
                 total_loss = total_loss + loss.detach() / N
-    undo_ddp_average(model, dist)      # W processes hold parts of ONE sum, which DDP averaged
-    average_tau_gradient(model, dist)
+    reduce_gradients(model, dist, sum_student=True)  # W processes: parts of ONE sum, DDP averaged
     grad_norm = optimizer_step(model, optimizer, cfg, lr)
     return step_result(total_loss, grad_norm, lr, alpha, model)
 
 
 def step_parts(model, batch, cfg, dist):
-    """What a step needs before its first pass: the student to call (DDP-wrapped with W
-    processes), the N micro-batch slices of b rows, and reports(rows): the token ids and mask of
-    those rows, cut to the padding they reach (lengths counted on the host by the loop)."""
+    """The student to call (DDP-wrapped with W processes), the N micro-batch slices of b rows, and
+    reports(rows): the token ids and mask of those rows, cut to the padding they reach."""
     N, n = cfg.accum_steps, batch.images.size(0)  # n: this process's rows (B, or B / W with W processes)
     assert n % N == 0, f"batch of {n} pairs is not a multiple of accum_steps {N}"
     b = n // N  # micro-batch
@@ -758,9 +737,8 @@ def step_result(total_loss, grad_norm, lr, alpha, model):
 
 
 def epoch_batches(n, B, seed, epoch):
-    """The effective batches of one epoch: a permutation seeded by (seed, epoch), cut into full
-    batches of B (the last partial batch is dropped). It depends on B only, never on how each
-    batch is later split into micro-batches or processes."""
+    """A permutation seeded by (seed, epoch), cut into full batches of B (the last partial one
+    dropped); never depends on how a batch is split into micro-batches or processes."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g)
     return perm[: n // B * B].view(-1, B).tolist()  # (steps_per_epoch, B)
@@ -768,15 +746,12 @@ def epoch_batches(n, B, seed, epoch):
 
 def pretrain(cfg, resume=False, overwrite=False, stop_after=None):
     """Train for cfg.max_steps optimizer steps (or cfg.epochs), checkpointing into cfg.out_dir.
-    resume: continue the run in out_dir. overwrite: start over in an out_dir that holds a run.
-    cfg.init_from: a new run that starts from another run's student. `stop_after` ends the run
-    early after that many steps, as an interruption would (for tests). Returns a summary dict.
-    A run that already finished with this config is not trained again (see finished_run)."""
+    resume: continue the run in out_dir; overwrite: start over there. `stop_after` ends the run
+    after that many steps, as an interruption would (for tests). Returns a summary dict."""
     dist = init_distributed(cfg)
     check_ranks_agree(dist, "config", {**asdict(cfg), "resume": resume, "overwrite": overwrite})
-    with locked_run_folder(cfg.out_dir, dist):  # one run at a time in a folder
-        done = finished_run(cfg, resume, overwrite, dist)
-        if done is not None:
+    with locked_run_folder(cfg, resume, overwrite, dist) as done:  # one run at a time in a folder
+        if done is not None:  # it finished already with this config
             return done
         run = start_run(cfg, dist, resume)
         summary = train_loop(cfg, run, dist, resume, stop_after)
@@ -814,7 +789,7 @@ def train_loop(cfg, run, dist, resume, stop_after):
     start, pairs_done, last = time.perf_counter(), 0, {}
     heldout = heldout_split(cfg, run, dist)
     every = run.steps_per_epoch if cfg.eval_every < 0 else cfg.eval_every
-    stop = stop_on_sigterm(dist)  # SIGTERM: finish this step, write a checkpoint, exit
+    stop = SigtermStop(catch=dist.world_size == 1)  # SIGTERM: finish this step, checkpoint, exit
     model.train()
     try:
         while step < end:
@@ -952,19 +927,23 @@ def start_run(cfg, dist, resume):
         warm_start(model, source, cfg, cfg.init_from)
     model.to(device)
     optimizer = configure_optimizer(model, cfg)
-    step = restore(model, optimizer, ckpt, dist, device) if ckpt is not None else 0
+    step = 0
+    if ckpt is not None:  # --resume: everything as it was when the checkpoint was written
+        model.load_state_dict(ckpt["model"])  # student, teacher, queues, temperature
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rng = ckpt["rng"][dist.rank]  # this process's RNG state
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        step = ckpt["step"]
     if dist.world_size > 1 and ckpt is None:
         torch.manual_seed(cfg.seed * 1000 + 1 + dist.rank)  # dropout: other masks in each process
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    return Run(model, optimizer, tokenizer, train_set, manifest, device, B, steps_per_epoch,
-               total_steps, step, source, fingerprint, momentum_in_force(cfg, total_steps))
-
-
-def momentum_in_force(cfg, total_steps):
-    """cfg.momentum, or the m of cfg.momentum_half_life (steps, or a share of this run)."""
+    m = cfg.momentum  # the teacher's m in force: cfg.momentum, or that of momentum_half_life
     if cfg.momentum_half_life > 0:
-        return momentum_from_half_life(cfg.momentum_half_life, total_steps)
-    return cfg.momentum
+        m = momentum_from_half_life(cfg.momentum_half_life, total_steps)
+    return Run(model, optimizer, tokenizer, train_set, manifest, device, B, steps_per_epoch,
+               total_steps, step, source, fingerprint, m)
 
 
 def prepare_data(cfg, check_splits=True):
@@ -1004,25 +983,21 @@ def build_tokenizer(cfg, manifest):
 def pick_device(name):
     """"auto" = cuda > mps > cpu; a named device this torch or this machine lacks is a user
     error that says what there is (not a traceback from the first tensor moved there)."""
-    if name != "auto":
-        kind, _, index = name.partition(":")
-        has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise data.InputError(f"config key 'device': {name!r}, but this torch build has no CUDA or "
-                                  f"sees no GPU (torch {torch.__version__}); use --device=cpu or auto")
-        if kind == "cuda" and index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            n = torch.cuda.device_count()
-            raise data.InputError(f"config key 'device': {name!r}, but this machine has {n} GPU(s): "
-                                  f"cuda:0 .. cuda:{n - 1}")
-        if kind == "mps" and not has_mps:
-            raise data.InputError(f"config key 'device': 'mps', but MPS is not available here; use "
-                                  f"--device=cpu or auto")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise data.InputError(f"config key 'device': {name!r}, but this torch build has no CUDA or "
+                              f"sees no GPU (torch {torch.__version__}); use --device=cpu or auto")
+    n = torch.cuda.device_count() if kind == "cuda" else 0
+    if kind == "cuda" and index and (not index.isdigit() or int(index) >= n):
+        raise data.InputError(f"config key 'device': {name!r}, but this machine has {n} GPU(s): "
+                              f"cuda:0 .. cuda:{n - 1}")
+    if kind == "mps" and not has_mps:
+        raise data.InputError("config key 'device': 'mps', but MPS is not available here; use "
+                              "--device=cpu or auto")
+    return torch.device(name)
 
 
 def autocast_for(cfg, device):
@@ -1103,18 +1078,6 @@ def check_resumable(ckpt, cfg, dist, path):
         print(f"resume: {describe_changes(shown)}")
 
 
-def restore(model, optimizer, ckpt, dist, device):
-    """--resume: weights, teacher, queues, temperature, optimizer, step and this process's RNG
-    state, exactly as they were when the checkpoint was written."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    rng = ckpt["rng"][dist.rank]
-    torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    return ckpt["step"]
-
-
 def architecture_changes(saved, cfg):
     """{key: (in the checkpoint, now)} for ARCHITECTURE_KEYS, and vision_weights as far as it
     shapes the model: a ViT started from timm weights has LayerNorm eps 1e-6, ours 1e-5, so
@@ -1141,27 +1104,6 @@ def warm_start(model, source, cfg, path):
         model.teacher.load_state_dict(model.student.state_dict())
     with torch.no_grad():
         model.logit_scale.copy_(source["model"]["logit_scale"])
-
-
-def finished_run(cfg, resume, overwrite, dist):
-    """A fresh start into an out_dir whose run already finished with this same config is no
-    error: nothing is trained, and the summary says so (the quick start can be run twice). Any
-    other run already there is refused unless --resume or --overwrite."""
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    if resume or overwrite or not ckpt_path.is_file():
-        return None
-    ckpt = read_checkpoint(ckpt_path)
-    same = same_run(ckpt["config"], cfg)
-    if not (same and ckpt.get("finished")):
-        raise FileExistsError(
-            f"{cfg.out_dir} already holds a run ({'unfinished' if same else 'of another config'}: "
-            f"{ckpt_path}, step {ckpt['step']}). Continue it with --resume, start over there with "
-            f"--overwrite (its checkpoint and log are replaced), or choose another --out_dir.")
-    if dist.is_main:
-        print(f"{cfg.out_dir}: already finished (step {ckpt['step']}, the same config); nothing to "
-              f"train. --overwrite trains it again.")
-    return {"steps": ckpt["step"], "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
-            "peak_memory_mb": float("nan"), "checkpoint": str(ckpt_path), "already_finished": True}
 
 
 def data_fingerprint(train_set):
@@ -1199,42 +1141,36 @@ class RunLockedError(RuntimeError):
     """Another run holds the run folder (or a killed run left its lock behind)."""
 
 
+def finished_run(cfg, resume, overwrite, dist):
+    """A fresh start into an out_dir whose run already finished with this same config is no
+    error: nothing is trained, and the summary says so (the quick start can be run twice). Any
+    other run already there is refused unless --resume or --overwrite."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if resume or overwrite or not ckpt_path.is_file():
+        return None
+    ckpt = read_checkpoint(ckpt_path)
+    same = same_run(ckpt["config"], cfg)
+    if not (same and ckpt.get("finished")):
+        raise FileExistsError(
+            f"{cfg.out_dir} already holds a run ({'unfinished' if same else 'of another config'}: "
+            f"{ckpt_path}, step {ckpt['step']}). Continue it with --resume, start over there with "
+            f"--overwrite (its checkpoint and log are replaced), or choose another --out_dir.")
+    if dist.is_main:
+        print(f"{cfg.out_dir}: already finished (step {ckpt['step']}, the same config); nothing to "
+              f"train. --overwrite trains it again.")
+    return {"steps": ckpt["step"], "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
+            "peak_memory_mb": float("nan"), "checkpoint": str(ckpt_path), "already_finished": True}
+
+
 @contextlib.contextmanager
-def locked_run_folder(out_dir, dist):
-    """The run folder, checked and locked for the whole run. run.lock is created with O_EXCL, so
-    of two runs started together into one folder exactly one gets it; it holds the pid and host
-    of its run and is removed when the run ends, however it ends (SIGTERM included: it is turned
-    into SystemExit while the run holds the lock). Rank 0 alone locks."""
-    folder = Path(out_dir)
-    check_output_paths(folder)
-    if not dist.is_main:
-        yield
-        return
-    lock = folder / "run.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise RunLockedError(describe_lock(lock)) from None
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write in out_dir {folder}: {e.strerror}; choose another "
-                               f"--out_dir") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    except ValueError:  # not the main thread: signals cannot be caught here
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        lock.unlink(missing_ok=True)
-
-
-def check_output_paths(folder):
-    """Everything a run will write, checked before step 1: out_dir is (or can be) a folder, and
-    ckpt.pt and log.jsonl are files if they exist (a folder there would fail at the last save)."""
+def locked_run_folder(cfg, resume, overwrite, dist):
+    """The run folder, checked and locked for the whole run; yields what finished_run says.
+    run.lock is created with O_EXCL, so of two runs started together into one folder exactly one
+    gets it; it holds the pid and host of its run and is removed when the run ends, however it
+    ends (SIGTERM included: it is turned into SystemExit while the run holds the lock). Rank 0
+    alone locks."""
+    folder = Path(cfg.out_dir)
+    # everything a run writes, checked before step 1 (a folder there would fail at the last save)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"out_dir {folder} is a file, not a folder; choose another --out_dir")
     for name in ("ckpt.pt", "log.jsonl"):
@@ -1246,6 +1182,26 @@ def check_output_paths(folder):
     except OSError as e:
         raise OSError(e.errno, f"cannot create out_dir {folder}: {e.strerror}; choose another "
                                f"--out_dir") from None
+    lock, previous = folder / "run.lock", None
+    if dist.is_main:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise RunLockedError(describe_lock(lock)) from None
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write in out_dir {folder}: {e.strerror}; "
+                                   f"choose another --out_dir") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        with contextlib.suppress(ValueError):  # not the main thread: signals cannot be caught here
+            previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield finished_run(cfg, resume, overwrite, dist)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if dist.is_main:
+            lock.unlink(missing_ok=True)
 
 
 def describe_lock(lock):
@@ -1262,22 +1218,17 @@ def describe_lock(lock):
     except (OSError, ValueError):
         return (f"{lock.parent} is locked ({lock} exists but cannot be read); if no run uses this "
                 f"folder, delete {lock} and start again")
-    if host == socket.gethostname() and not process_alive(pid):
-        return (f"{lock.parent} holds a stale lock {lock} of process {pid}, which is no longer "
-                f"running (a run that was killed). If no other run uses this folder, delete "
-                f"{lock} and start again (--resume continues the killed run)")
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return (f"{lock.parent} holds a stale lock {lock} of process {pid}, which is no longer "
+                    f"running (a run that was killed). If no other run uses this folder, delete "
+                    f"{lock} and start again (--resume continues the killed run)")
+        except OSError:  # PermissionError included: it exists
+            pass
     return (f"{lock.parent} is in use by another run (process {pid} on {host}, lock {lock}). Wait "
             f"for it to end, or choose another --out_dir")
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 # -----------------------------------------------------------------------------
@@ -1330,20 +1281,15 @@ def save_checkpoint(path, model, optimizer, step, cfg, tokenizer, dist=None, sou
         raise NonFiniteError(f"not writing {path} at step {step}: non-finite values in "
                              f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; the previous "
                              f"checkpoint is kept")
-    state = {
-        "model": model.state_dict(),  # student, teacher, queues, logit_scale
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "config": asdict(cfg),
-        "tokenizer": tokenizer.to_dict(),
-        "bert_config": model.student.bert_config,  # text_arch "bert": rebuilds the tower (else None)
-        "rng": rng,  # one entry per process
-        "world_size": dist.world_size,
-        "init_from": None if source is None else {"path": cfg.init_from, "sha256": source["sha256"],
-                                                  "step": source["step"]},
-        "data": data_fingerprint,  # what the run trained on: --resume refuses other data
-        "finished": finished,      # the last step of the schedule is done
-    }
+    # model: student, teacher, queues, logit_scale; bert_config rebuilds a BERT tower (else None);
+    # rng: one entry per process; data: what the run trained on (--resume refuses other data);
+    # finished: the last step of the schedule is done
+    init_from = None if source is None else {"path": cfg.init_from, "sha256": source["sha256"],
+                                             "step": source["step"]}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "config": asdict(cfg), "tokenizer": tokenizer.to_dict(),
+             "bert_config": model.student.bert_config, "rng": rng, "world_size": dist.world_size,
+             "init_from": init_from, "data": data_fingerprint, "finished": finished}
     state["sha256"] = checkpoint_sha256(state)
     with data.atomic_write(path) as tmp:  # a killed run or a full disk leaves the last one whole
         torch.save(state, tmp)
@@ -1449,13 +1395,9 @@ def _coerce(key, value, default, from_cli):
     if from_cli and kind is not str:
         text = value.strip().lower()
         try:
-            if kind is bool:
-                if text not in ("true", "false", "1", "0"):
-                    raise ValueError
-                value = text in ("true", "1")
-            else:
-                value = kind(text)
-        except ValueError:
+            words = {"true": True, "1": True, "false": False, "0": False}
+            value = words[text] if kind is bool else kind(text)
+        except (KeyError, ValueError):
             raise data.InputError(f"config key '{key}': expected {kind.__name__}, got {value!r}") from None
     if kind is float and type(value) is int:
         value = float(value)  # JSON writes 1.0 as 1
@@ -1477,8 +1419,15 @@ def load_config(path=None, overrides=()):
             raise data.InputError(f"{path}: expected a JSON object of config keys, got {type(from_file).__name__}")
         for key, value in from_file.items():
             values[key], where[key] = value, f"in {path}"
-    from_cli = set()
-    for item in key_value_pairs(overrides):
+    items, from_cli = list(overrides), set()
+    while items:  # "--key=value", or "--key value"
+        item = items.pop(0)
+        if not item.startswith("--") or item == "--":
+            raise data.InputError(f"override {item!r}: expected --key=value or --key value")
+        if "=" not in item:
+            if not items or items[0].startswith("--"):
+                raise data.InputError(f"override {item!r} has no value: expected {item}=VALUE or {item} VALUE")
+            item = f"{item}={items.pop(0)}"
         key, value = item[2:].split("=", 1)
         values[key], where[key] = value, "on the command line"
         from_cli.add(key)
@@ -1496,21 +1445,6 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
-def key_value_pairs(items):
-    """Command-line overrides as ["--key=value", ...]; "--key value" is accepted as well."""
-    items, pairs = list(items), []
-    while items:
-        item = items.pop(0)
-        if not item.startswith("--") or item == "--":
-            raise data.InputError(f"override {item!r}: expected --key=value or --key value")
-        if "=" not in item:
-            if not items or items[0].startswith("--"):
-                raise data.InputError(f"override {item!r} has no value: expected {item}=VALUE or {item} VALUE")
-            item = f"{item}={items.pop(0)}"
-        pairs.append(item)
-    return pairs
-
-
 def config_from_dict(saved, source):
     """The Config stored in a checkpoint (`source` names the file for error messages)."""
     valid = {f.name for f in fields(Config)}
@@ -1525,7 +1459,10 @@ def config_from_dict(saved, source):
     return cfg
 
 
-COMPILE_MODES = ("auto", "on", "off", "reduce-overhead")
+# Keys whose value is one of a few words, and the words.
+CHOICES = {"method": ("msd", "clip"), "clip_accum": ("naive", "exact"),
+           "attn_impl": ("sdpa", "manual"), "compile": ("auto", "on", "off", "reduce-overhead"),
+           "text_arch": ("lite", "bert")}
 
 
 def check_config(cfg):
@@ -1537,14 +1474,11 @@ def check_config(cfg):
     for f in fields(Config):  # nan and inf are floats too: a run that starts with one ends in NaN
         if f.type in (float, "float"):
             need(math.isfinite(getattr(cfg, f.name)), f.name, "a finite number")
-    need(cfg.method in ("msd", "clip"), "method", "'msd' or 'clip'")
-    need(cfg.clip_accum in ("naive", "exact"), "clip_accum", "'naive' or 'exact'")
+    for key, words in CHOICES.items():
+        need(getattr(cfg, key) in words, key, " or ".join(map(repr, words)))
     if cfg.clip_accum != "naive" and cfg.method != "clip":
         raise data.InputError(f"config key 'clip_accum' ({cfg.clip_accum!r}) is only read with method "
                               f"'clip'; MSD's accumulation is exact already. Leave it 'naive' or set --method=clip")
-    need(cfg.attn_impl in ("sdpa", "manual"), "attn_impl", "'sdpa' or 'manual'")
-    need(cfg.compile in COMPILE_MODES, "compile", " or ".join(map(repr, COMPILE_MODES)))
-    need(cfg.text_arch in ("lite", "bert"), "text_arch", "'lite' or 'bert'")
     if cfg.text_arch == "bert" and not cfg.text_weights:
         raise data.InputError("text_arch 'bert' needs config key 'text_weights': the folder of a BERT-family "
                               "checkpoint (config.json, vocab.txt, model.safetensors or pytorch_model.bin)")
@@ -1585,9 +1519,8 @@ def check_config(cfg):
 
 
 def parameter_count(cfg, vocab_size, bert_config=None):
-    """The student's parameters, from the config alone (nothing is built): the ViT, the text
-    tower and the two projections. A block of width w holds (4 + 2r) w^2 + (9 + r) w: qkv and
-    out-projection, the MLP of r * w, two LayerNorms."""
+    """The student's parameters, from the config alone. A block of width w holds (4 + 2r) w^2 +
+    (9 + r) w: qkv and out-projection, the MLP of r * w, two LayerNorms."""
     def block(w, r):
         return (4 + 2 * r) * w * w + (9 + r) * w
     w, r = cfg.vision_width, cfg.mlp_ratio
@@ -1620,8 +1553,7 @@ def memory_needed(cfg, vocab_size, bert_config=None, training=True):
 
 
 def memory_free(device=None):
-    """Bytes free now: the GPU's for a CUDA device, else the host's (MemAvailable on Linux,
-    the physical memory where /proc is missing); None where neither can be read."""
+    """Bytes free now: the GPU's, else the host's (MemAvailable, or physical memory), or None."""
     if device is not None and device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -1708,20 +1640,18 @@ def sync_on_last(student, dist, j, N):
     return contextlib.nullcontext()
 
 
-def average_tau_gradient(model, dist):
-    """tau lives outside the DDP-wrapped student: its gradient is averaged over W by hand."""
-    if dist is not None and dist.world_size > 1:
-        torch.distributed.all_reduce(model.logit_scale.grad)
-        model.logit_scale.grad /= dist.world_size
-
-
-def undo_ddp_average(model, dist):
-    """CLIP with W processes: each holds one part of the gradient of ONE loss over the global
-    batch, and DDP averaged the parts (/ W): multiply by W to get their sum."""
-    if dist is not None and dist.world_size > 1:
+def reduce_gradients(model, dist, sum_student=False):
+    # W processes. sum_student (CLIP): each holds one part of the gradient of ONE loss over the
+    # global batch, and DDP averaged the parts (/ W): multiply by W to get their sum. tau lives
+    # outside the DDP-wrapped student: its gradient is averaged over W by hand.
+    if dist is None or dist.world_size == 1:
+        return
+    if sum_student:
         for p in model.student.parameters():
             if p.grad is not None:
                 p.grad.mul_(dist.world_size)
+    torch.distributed.all_reduce(model.logit_scale.grad)
+    model.logit_scale.grad /= dist.world_size
 
 
 def gathered_live(image_feat, text_feat, ids, dist):
@@ -1830,11 +1760,10 @@ class PostLNBlock(nn.Module):
 
 
 class BertTextTransformer(nn.Module):
-    """f_t for text_arch "bert": a BERT-family encoder whose shape comes from the checkpoint's
-    config.json (`bert_config`, read below). Token + position + token-type embeddings (every
-    token is of type 0, so only row 0 of BERT's type table is kept), LayerNorm, post-LN blocks
-    with exact GELU, and the last hidden state of [CLS]. BERT's pooler (dense + tanh, trained for next-
-    sentence prediction) is not used; ALBEF also takes the [CLS] state."""
+    """f_t for text_arch "bert", shaped by the checkpoint's config.json (`bert_config`). Token +
+    position + token-type embeddings (every token is of type 0: only row 0 of the type table is
+    kept), LayerNorm, post-LN blocks, the last hidden state of [CLS] (BERT's pooler is not used;
+    ALBEF also takes the [CLS] state)."""
     pad_multiple = 1  # reports are trimmed to a multiple of this (compile_towers raises it)
 
     def __init__(self, bert_config, vocab_size, max_len, dropout, impl):
@@ -1871,14 +1800,6 @@ class BertTextTransformer(nn.Module):
         return self.hidden_states(input_ids, attention_mask)[:, 0]  # (B, C): the [CLS] token
 
 
-def load_published_weights(encoder, cfg):
-    """A DualEncoder's towers from their published checkpoints, when the config names them."""
-    if cfg.text_arch == "bert":
-        load_bert_weights(encoder.text, find_bert_weights(cfg.text_weights))
-    if cfg.vision_weights:
-        load_vit_weights(encoder.visual, cfg.vision_weights)
-
-
 class WeightsError(data.InputError):
     """A published weights file (or its config.json) that cannot be used; the message names it."""
 
@@ -1894,23 +1815,29 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library refuses longer headers too
 
 
-def read_safetensors_header(path, f):
-    """The header of the open .safetensors file f -> (where its data section starts, [(name,
-    dtype, shape, begin, end)] in file order), checked against the file's size. Every byte of the
-    data section must belong to exactly one tensor: no two tensors may share bytes, and no bytes
-    may lie between or after them (what no header entry names is never read; the format allows
-    none). Nothing but the header has been read when this returns."""
-    file_size = os.fstat(f.fileno()).st_size
-    first = f.read(8)
-    n = int.from_bytes(first, "little") if len(first) == 8 else None
-    if n is None or 8 + n > file_size:
-        raise WeightsError(f"{path}: truncated or not a safetensors file ({file_size} bytes, "
-                           f"header length {n})")
-    if n > SAFETENSORS_MAX_HEADER:
-        raise WeightsError(f"{path}: not a safetensors file (a header of {n} bytes; the format "
-                           f"allows {SAFETENSORS_MAX_HEADER})")
+def read_safetensors(path, meta=False):
+    """A .safetensors file -> {name: tensor}. The format: 8 bytes (little-endian) giving the header
+    length n; n bytes of JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} plus an
+    optional "__metadata__"; then the tensors' raw little-endian bytes, offsets counted from the
+    end of the header. The whole header is checked before any tensor is read: every byte of the
+    data section must belong to exactly one tensor (no overlaps, no unnamed bytes). meta=True:
+    tensors on the "meta" device (dtype and shape, no data)."""
+    path = Path(path)
+    if sys.byteorder != "little":
+        raise WeightsError(f"{path}: this safetensors reader assumes a little-endian machine")
+    with open(path, "rb") as f:  # the header first, checked whole before any tensor is read
+        file_size = os.fstat(f.fileno()).st_size
+        first = f.read(8)
+        n = int.from_bytes(first, "little") if len(first) == 8 else None
+        if n is None or 8 + n > file_size:
+            raise WeightsError(f"{path}: truncated or not a safetensors file ({file_size} bytes, "
+                               f"header length {n})")
+        if n > SAFETENSORS_MAX_HEADER:
+            raise WeightsError(f"{path}: not a safetensors file (a header of {n} bytes; the format "
+                               f"allows {SAFETENSORS_MAX_HEADER})")
+        header = f.read(n)
     try:
-        header = json.loads(f.read(n).decode("utf-8"))
+        header = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
     if not isinstance(header, dict):
@@ -1926,8 +1853,8 @@ def read_safetensors_header(path, f):
             raise WeightsError(f"{path}: tensor {name!r}: bad header entry {info!r} (expected "
                                f"dtype, shape, data_offsets)")
         if kind not in SAFETENSORS_DTYPES:
-            raise WeightsError(f"{path}: tensor {name!r} has dtype {kind}, which this reader does "
-                               f"not read (it reads {', '.join(SAFETENSORS_DTYPES)})")
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {kind}, which this reader "
+                               f"does not read (it reads {', '.join(SAFETENSORS_DTYPES)})")
         dtype = SAFETENSORS_DTYPES[kind]
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size
@@ -1949,27 +1876,14 @@ def read_safetensors_header(path, f):
         raise WeightsError(f"{path}: the header names {covered} bytes of tensor data, but "
                            f"{data_size} bytes follow it: {data_size - covered} bytes that no "
                            f"tensor names, which are not read; not a valid safetensors file")
-    return 8 + n, entries
-
-
-def read_safetensors(path, meta=False):
-    """A .safetensors file -> {name: tensor}. The format: 8 bytes (little-endian) giving the header
-    length n; n bytes of JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} plus an
-    optional "__metadata__"; then the tensors' raw little-endian bytes, offsets counted from the
-    end of the header. Each tensor's bytes are read where the header says (seek), after the
-    whole header is checked. meta=True: tensors on the "meta" device (dtype and shape, no data)."""
-    path = Path(path)
-    if sys.byteorder != "little":
-        raise WeightsError(f"{path}: this safetensors reader assumes a little-endian machine")
     tensors = {}
     with open(path, "rb") as f:
-        start, entries = read_safetensors_header(path, f)
         for name, dtype, shape, begin, end in entries:
             if meta or begin == end:
                 tensors[name] = torch.zeros(shape, dtype=dtype, device="meta" if meta else "cpu")
                 continue
             buffer = bytearray(end - begin)
-            f.seek(start + begin)
+            f.seek(8 + n + begin)
             if f.readinto(buffer) != len(buffer):  # the file shrank since its size was read
                 raise WeightsError(f"{path}: tensor {name!r}: the file ends early (truncated)")
             tensors[name] = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
@@ -1977,10 +1891,9 @@ def read_safetensors(path, meta=False):
 
 
 def read_weights(path, meta=False):
-    """A weights file -> {name: tensor}: .safetensors by the reader above; .bin / .pth / .pt
-    (PyTorch's pickle format) by torch.load(weights_only=True), which refuses arbitrary objects.
-    meta=True: dtypes and shapes only, as "meta" tensors (for .bin / .pth the file is memory-
-    mapped where its format allows, so its tensor data is not read either)."""
+    """A weights file -> {name: tensor}: .safetensors by the reader above; .bin / .pth / .pt by
+    torch.load(weights_only=True), which refuses arbitrary objects (memory-mapped for meta=True
+    where the format allows, so that no tensor data is read)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path, meta)
@@ -2006,35 +1919,33 @@ def read_weights(path, meta=False):
     return dict(weights)
 
 
-def unusable(tensor):
-    """None, or why a tensor of a weights file cannot be a weight: an integer dtype, NaN / inf
-    values (a "meta" tensor, which has no values, is judged by its dtype alone)."""
-    if not tensor.is_floating_point():
-        return f"{tensor.dtype}: weights must be floating point"
-    if not tensor.is_meta and not torch.isfinite(tensor).all():
-        return f"{(~torch.isfinite(tensor)).sum().item()} NaN / inf values"
-    return None
-
-
-def load_mapped(module, weights, name_map, transforms, ignored, source):
-    """Copy `weights` (their names) into `module` (our names, through name_map: ours -> theirs, a
-    tuple of theirs being concatenated along dim 0), after transforms[ours] where given. Tensors
-    whose names start with one of `ignored` are allowed to stay unused; every other problem
-    (missing, unexpected, mis-shaped, not floating point, NaN / inf) is collected and raised as
-    ONE error. "meta" module and weights check names, shapes and dtypes without any data.
-    Returns the names of the ignored tensors."""
+def load_mapped(module, weights, names, per_layer, theirs_prefix, transforms, ignored, source):
+    """Copy `weights` (their names) into `module` (our names). The name map, ours -> theirs, is
+    `names` plus `per_layer` for each of module.blocks (weight and bias each); a tuple of theirs
+    is concatenated along dim 0, and transforms[ours] applied where given. Tensors whose names
+    start with one of `ignored` may stay unused; every other problem (missing, unexpected,
+    mis-shaped, not floating point, NaN / inf) is collected and raised as ONE error. "meta"
+    module and weights check names, shapes and dtypes without data. Returns the unused tensors'
+    names."""
+    name_map = {ours: (theirs,) for ours, theirs in names.items()}
+    for i in range(len(module.blocks)):
+        for ours, theirs in per_layer:
+            theirs = (theirs,) if isinstance(theirs, str) else theirs
+            for p in ("weight", "bias"):
+                name_map[f"blocks.{i}.{ours}.{p}"] = tuple(f"{theirs_prefix}{i}.{t}.{p}"
+                                                           for t in theirs)
     target = module.state_dict()
     assert set(name_map) == set(target), "the name map must cover exactly the module's parameters"
     converted, missing, wrong, bad = {}, [], [], []
     for ours, theirs in name_map.items():
-        theirs = (theirs,) if isinstance(theirs, str) else theirs
         if any(t not in weights for t in theirs):
             missing += [t for t in theirs if t not in weights]
             continue
-        for t in theirs:
-            why = unusable(weights[t])
-            if why:
-                bad.append(f"{t} ({why})")
+        for t in theirs:  # a meta tensor has no values: judged by its dtype alone
+            if not weights[t].is_floating_point():
+                bad.append(f"{t} ({weights[t].dtype}: weights must be floating point)")
+            elif not weights[t].is_meta and not torch.isfinite(weights[t]).all():
+                bad.append(f"{t} ({(~torch.isfinite(weights[t])).sum().item()} NaN / inf values)")
         try:
             raw = torch.cat([weights[t] for t in theirs]) if len(theirs) > 1 else weights[theirs[0]]
             value = transforms[ours](raw) if ours in transforms else raw
@@ -2046,7 +1957,7 @@ def load_mapped(module, weights, name_map, transforms, ignored, source):
                          f"{tuple(target[ours].shape)}")
             continue
         converted[ours] = value.to(target[ours].dtype)
-    used = {t for theirs in name_map.values() for t in ((theirs,) if isinstance(theirs, str) else theirs)}
+    used = {t for theirs in name_map.values() for t in theirs}
     unexpected = sorted(k for k in weights if k not in used and not k.startswith(ignored))
     if missing or unexpected or wrong or bad:
         problems = [f"{what} ({len(names)}): {', '.join(names)}" for what, names in
@@ -2055,19 +1966,6 @@ def load_mapped(module, weights, name_map, transforms, ignored, source):
         raise WeightsError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
     module.load_state_dict(converted)
     return sorted(k for k in weights if k not in used)
-
-
-def expand_name_map(names, per_layer, layers, ours_prefix, theirs_prefix):
-    """The whole-model name map: `names`, plus `per_layer` repeated for layers 0 .. layers-1 with
-    weight and bias each."""
-    names = dict(names)
-    for i in range(layers):
-        for ours, theirs in per_layer:
-            for p in ("weight", "bias"):
-                names[f"{ours_prefix.format(i)}{ours}.{p}"] = (
-                    f"{theirs_prefix.format(i)}{theirs}.{p}" if isinstance(theirs, str) else
-                    tuple(f"{theirs_prefix.format(i)}{t}.{p}" for t in theirs))
-    return names
 
 
 # BERT (HF's BertModel names) -> BertTextTransformer.
@@ -2082,12 +1980,8 @@ BERT_NAMES = {
 
 BERT_LAYER_NAMES = [  # ours under blocks.{i}.  <-  theirs under encoder.layer.{i}.
     ("attn.qkv", ("attention.self.query", "attention.self.key", "attention.self.value")),  # [q; k; v]
-    ("attn.proj", "attention.output.dense"),
-    ("ln_1", "attention.output.LayerNorm"),
-    ("mlp.fc", "intermediate.dense"),
-    ("mlp.proj", "output.dense"),
-    ("ln_2", "output.LayerNorm"),
-]
+    ("attn.proj", "attention.output.dense"), ("ln_1", "attention.output.LayerNorm"),
+    ("mlp.fc", "intermediate.dense"), ("mlp.proj", "output.dense"), ("ln_2", "output.LayerNorm")]
 
 
 BERT_UNUSED = ("pooler.", "cls.", "embeddings.position_ids")  # NSP pooler, pretraining heads, a buffer
@@ -2099,9 +1993,8 @@ BERT_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_atten
 
 def read_bert_config(folder):
     """The shape of a BERT-family checkpoint, from its config.json -> a plain dict (stored in our
-    checkpoints, so that a trained model is rebuilt without the folder). The shape is checked
-    against the tensors in the folder's weights file (check_bert_fits) before it is returned, so
-    that no tower is ever built from a config.json that does not describe the file beside it."""
+    checkpoints, so that a trained model is rebuilt without the folder), checked against the
+    folder's weights file (check_bert_fits) before any tower is built from it."""
     folder, help_ = Path(folder), 'see docs/mimic.md'
     if not folder.is_dir():
         raise FileNotFoundError(f"config key 'text_weights': folder not found: {folder} ({help_}: "
@@ -2157,12 +2050,9 @@ def read_bert_weights(path, meta=False):
 
 
 def load_bert_into(text, weights, path):
-    """BERT `weights` (read_bert_weights) -> BertTextTransformer `text`, through BERT_NAMES /
-    BERT_LAYER_NAMES; returns the names of the unused tensors (pooler, pretraining heads)."""
-    name_map = expand_name_map(BERT_NAMES, BERT_LAYER_NAMES, len(text.blocks), "blocks.{}.",
-                               "encoder.layer.{}.")
-    return load_mapped(text, weights, name_map, {"token_type_embedding": lambda t: t[0]},
-                       BERT_UNUSED, path)
+    """BERT `weights` (read_bert_weights) -> BertTextTransformer `text`; -> the unused names."""
+    return load_mapped(text, weights, BERT_NAMES, BERT_LAYER_NAMES, "encoder.layer.",
+                       {"token_type_embedding": lambda t: t[0]}, BERT_UNUSED, path)
 
 
 def check_bert_fits(config, path):
@@ -2190,7 +2080,7 @@ def check_bert_fits(config, path):
 
 
 def load_bert_weights(text, path):
-    """A BERT checkpoint file -> BertTextTransformer `text` (read_bert_weights, load_bert_into)."""
+    """A BERT checkpoint file -> BertTextTransformer `text`."""
     weights = read_bert_weights(path)
     unused = load_bert_into(text, weights, path)
     print(f"text tower: BERT, {len(text.blocks)} layers, width {text.ln_embed.normalized_shape[0]}, "
@@ -2213,9 +2103,6 @@ VIT_BLOCK_NAMES = [("ln_1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "a
                    ("ln_2", "norm2"), ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")]
 
 
-VIT_UNUSED = ("head.",)  # the ImageNet classifier
-
-
 def resample_pos_embed(pos, grid):
     """Position embeddings of a G x G patch grid (1 + G*G, C) -> (1 + grid*grid, C): the class
     token's row is kept, the grid is resized like a C-channel image, bicubic with antialiasing
@@ -2234,13 +2121,11 @@ def resample_pos_embed(pos, grid):
 
 
 def load_vit_weights(visual, path):
-    """A timm ViT file -> VisionTransformer `visual`, through VIT_NAMES / VIT_BLOCK_NAMES.
-    Width, depth and patch size must be the config's (vision_width, vision_layers, patch_size;
-    mlp_ratio): timm's files do not record the number of heads, so the config's vision_heads
-    is used as given (12 for ViT-B). image_size may differ from the checkpoint's: the position
-    embeddings are then resampled. The RGB patch embedding is summed over its three input
-    channels, which is exact for a grey image fed as R = G = B with the same normalisation on
-    every channel (mean = std = 0.5 for timm's augreg ViTs, as in data.ImageTransform)."""
+    """A timm ViT file -> VisionTransformer `visual`. Width, depth, patch size and MLP size must
+    be the config's; timm's files do not record the heads, so vision_heads is used as given (12
+    for ViT-B). Another image_size resamples the positions. The RGB patch embedding is summed
+    over its three input channels: exact for a grey image fed as R = G = B with one normalisation
+    on every channel (mean = std = 0.5 for timm's augreg ViTs, as in data.ImageTransform)."""
     path = Path(path)
     data.require_file(path, "config key 'vision_weights': file")  # see README, "Training on MIMIC-CXR"
     weights = read_weights(path)
@@ -2248,10 +2133,10 @@ def load_vit_weights(visual, path):
     transforms = {"class_embedding": lambda t: t.reshape(t.shape[-1]),
                   "positional_embedding": lambda t: resample_pos_embed(t.reshape(-1, t.shape[-1]), grid),
                   "patch_embed.weight": lambda t: t.sum(dim=1, keepdim=True)}
-    name_map = expand_name_map(VIT_NAMES, VIT_BLOCK_NAMES, len(visual.blocks), "blocks.{}.", "blocks.{}.")
     width, patch = visual.patch_embed.weight.shape[0], visual.patch_embed.weight.shape[-1]
-    try:
-        load_mapped(visual, weights, name_map, transforms, VIT_UNUSED, path)
+    try:  # "head." (the ImageNet classifier) is left unused
+        load_mapped(visual, weights, VIT_NAMES, VIT_BLOCK_NAMES, "blocks.", transforms, ("head.",),
+                    path)
     except ValueError as e:  # say what the file holds beside what the config asks for
         proj = weights.get("patch_embed.proj.weight")
         depth = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
@@ -2262,9 +2147,9 @@ def load_vit_weights(visual, path):
                            f"{visual.blocks[0].mlp.fc.out_features} (mlp_ratio); the file holds "
                            f"{holds}") from None
     old = math.isqrt(weights["pos_embed"].shape[-2] - 1)
-    print(f"vision tower: ViT, {len(visual.blocks)} blocks, width {width}, {len(name_map)} "
-          f"tensors from {path}; patch embedding RGB -> grey; positions {old}x{old}"
-          + (f" resampled to {grid}x{grid}" if old != grid else ""))
+    print(f"vision tower: ViT, {len(visual.blocks)} blocks, width {width}, "
+          f"{len(visual.state_dict())} tensors from {path}; patch embedding RGB -> grey; "
+          f"positions {old}x{old}" + (f" resampled to {grid}x{grid}" if old != grid else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -2279,14 +2164,28 @@ class NonFiniteError(RuntimeError):
 
 class RunLog:
     """log.jsonl: one JSON record per log_every steps, written by rank 0 alone. On --resume the
-    records after the checkpoint's step are dropped first: the run does those steps again."""
+    records after the checkpoint's step are dropped first: the run does those steps again, so
+    they would otherwise appear twice."""
 
     def __init__(self, path, resume, step, dist, echo):
         self.file, self.echo = None, echo
-        if dist.is_main:
-            if resume:
-                truncate_log(path, step)
-            self.file = open(path, "a" if resume else "w")
+        if not dist.is_main:
+            return
+        if resume and path.is_file():
+            kept = []
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for i, line in enumerate(text.splitlines(), 1):
+                try:
+                    record_step = json.loads(line)["step"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise data.InputError(
+                        f"{path}, line {i}: not a log record ({line[:60]!r}); the log is damaged. "
+                        f"Delete that line (or move {path.name} away) and --resume again; the "
+                        f"checkpoint does not depend on it") from None
+                if record_step <= step:
+                    kept.append(line)
+            data.write_text(path, "".join(line + "\n" for line in kept))
+        self.file = open(path, "a" if resume else "w")
 
     def write(self, record):
         if self.file is not None:
@@ -2375,10 +2274,8 @@ class SigtermStop:
     def __init__(self, catch):
         self.asked, self.previous = False, None
         if catch:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: signals cannot be caught
                 self.previous = signal.signal(signal.SIGTERM, self.ask)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                pass
 
     def ask(self, *_):
         self.asked = True
@@ -2386,10 +2283,6 @@ class SigtermStop:
     def restore(self):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
-
-
-def stop_on_sigterm(dist):
-    return SigtermStop(catch=dist.world_size == 1)
 
 
 def run_summary(step, seconds, pairs_done, last, device, ckpt_path, dist):
@@ -2402,24 +2295,6 @@ def run_summary(step, seconds, pairs_done, last, device, ckpt_path, dist):
               f"final loss {summary['final_loss']} | peak memory {summary['peak_memory_mb']:.0f} MB "
               f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}) | {ckpt_path}")
     return summary
-
-
-def truncate_log(path, step):
-    """On resume, keep the log records of steps <= step: the run continues from there, so the
-    later records (written after the checkpoint) would otherwise appear twice."""
-    if not path.is_file():
-        return
-    kept = []
-    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        try:
-            record_step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise data.InputError(f"{path}, line {i}: not a log record ({line[:60]!r}); the log is damaged. "
-                                  f"Delete that line (or move {path.name} away) and --resume again; "
-                                  f"the checkpoint does not depend on it") from None
-        if record_step <= step:
-            kept.append(line)
-    data.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def stop_if_not_finite(first_bad, dist, ckpt_path):
@@ -2449,7 +2324,8 @@ def print_run_summary(cfg, run, dist, compiled):
     W = f"{dist.world_size} processes x " if dist.world_size > 1 else ""
     print(f"effective batch B = {W}{cfg.accum_steps} x {cfg.batch_size} = {B} pairs | "
           f"{run.steps_per_epoch} optimizer steps per epoch | {run.total_steps} steps in all")
-    print(f"student {count_params(run.model.student) / 1e6:.2f} M parameters | method {cfg.method} | "
+    params = sum(p.numel() for p in run.model.student.parameters())
+    print(f"student {params / 1e6:.2f} M parameters | method {cfg.method} | "
           f"torch.compile {compiled}")
     if cfg.method == "msd":
         for line in teacher_scale_lines(run.momentum, run.steps_per_epoch, run.total_steps):
@@ -2498,10 +2374,6 @@ def peak_memory_mb(device):
         return float("nan")
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / (2**20 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux KiB
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 # -----------------------------------------------------------------------------
