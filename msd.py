@@ -273,10 +273,8 @@ class DualEncoder(nn.Module):
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)  # g_v
         self.text_proj = nn.Linear(self.text.width, cfg.embed_dim, bias=False)     # g_t
         self._init_weights(cfg)
-        if pretrained and cfg.text_arch == "bert":  # published weights: appendix E
-            load_bert_weights(self.text, find_bert_weights(cfg.text_weights))
-        if pretrained and cfg.vision_weights:
-            load_vit_weights(self.visual, cfg.vision_weights)
+        if pretrained:
+            load_published_weights(self, cfg)  # appendix E; nothing for the hand-written towers
 
     @property
     def bert_config(self):
@@ -1798,6 +1796,14 @@ class BertTextTransformer(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.hidden_states(input_ids, attention_mask)[:, 0]  # (B, C): the [CLS] token
+
+
+def load_published_weights(encoder, cfg):
+    """A DualEncoder's towers from their published checkpoints, when the config names them."""
+    if cfg.text_arch == "bert":
+        load_bert_weights(encoder.text, find_bert_weights(cfg.text_weights))
+    if cfg.vision_weights:
+        load_vit_weights(encoder.visual, cfg.vision_weights)
 
 
 class WeightsError(data.InputError):
