@@ -236,10 +236,23 @@ def test_key_value_with_a_space_and_did_you_mean():
     (["--data=nowhere.csv", "--out_dir=run"], 1, "manifest not found"),
     (["--resume", "--out_dir=run"], 1, "no checkpoint"),
 ])
-def test_user_errors_are_one_line_without_a_traceback(tmp_path, args, code, words):
-    proc = cli(*args, cwd=tmp_path)
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr and words in proc.stderr
+def test_user_errors_are_one_line_without_a_traceback(tmp_path, monkeypatch, capsys, args, code, words):
+    """Through main() in this process (the next test runs one case as a real process)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        msd.main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == code, err
+    assert "Traceback" not in err and words in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("msd.py: error:")
+    with pytest.raises(msd.USER_ERRORS, match=words.strip("'")):  # --debug: the error itself, so
+        msd.main([*args, "--debug"])                                # its traceback shows
+
+
+def test_a_user_error_of_a_real_process_is_one_line_and_debug_shows_its_traceback(tmp_path):
+    proc = cli("--data=nowhere.csv", "--out_dir=run", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "manifest not found" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("msd.py: error:")
-    debug = cli(*args, "--debug", cwd=tmp_path)   # --debug shows where it came from
-    assert "Traceback" in debug.stderr
+    debug = cli("--data=nowhere.csv", "--out_dir=run", "--debug", cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
