@@ -1821,29 +1821,23 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors library refuses longer headers too
 
 
-def read_safetensors(path, meta=False):
-    """A .safetensors file -> {name: tensor}. The format: 8 bytes (little-endian) giving the header
-    length n; n bytes of JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} plus an
-    optional "__metadata__"; then the tensors' raw little-endian bytes, offsets counted from the
-    end of the header. The whole header is checked before any tensor is read: every byte of the
-    data section must belong to exactly one tensor (no overlaps, no unnamed bytes). meta=True:
-    tensors on the "meta" device (dtype and shape, no data)."""
-    path = Path(path)
-    if sys.byteorder != "little":
-        raise WeightsError(f"{path}: this safetensors reader assumes a little-endian machine")
-    with open(path, "rb") as f:  # the header first, checked whole before any tensor is read
-        file_size = os.fstat(f.fileno()).st_size
-        first = f.read(8)
-        n = int.from_bytes(first, "little") if len(first) == 8 else None
-        if n is None or 8 + n > file_size:
-            raise WeightsError(f"{path}: truncated or not a safetensors file ({file_size} bytes, "
-                               f"header length {n})")
-        if n > SAFETENSORS_MAX_HEADER:
-            raise WeightsError(f"{path}: not a safetensors file (a header of {n} bytes; the format "
-                               f"allows {SAFETENSORS_MAX_HEADER})")
-        header = f.read(n)
+def read_safetensors_header(path, f):
+    """The header of the open .safetensors file f -> (where its data section starts, [(name,
+    dtype, shape, begin, end)] in file order), checked against the file's size. Every byte of the
+    data section must belong to exactly one tensor: no two tensors may share bytes, and no bytes
+    may lie between or after them (what no header entry names is never read; the format allows
+    none). Nothing but the header has been read when this returns."""
+    file_size = os.fstat(f.fileno()).st_size
+    first = f.read(8)
+    n = int.from_bytes(first, "little") if len(first) == 8 else None
+    if n is None or 8 + n > file_size:
+        raise WeightsError(f"{path}: truncated or not a safetensors file ({file_size} bytes, "
+                           f"header length {n})")
+    if n > SAFETENSORS_MAX_HEADER:
+        raise WeightsError(f"{path}: not a safetensors file (a header of {n} bytes; the format "
+                           f"allows {SAFETENSORS_MAX_HEADER})")
     try:
-        header = json.loads(header.decode("utf-8"))
+        header = json.loads(f.read(n).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
     if not isinstance(header, dict):
@@ -1859,8 +1853,8 @@ def read_safetensors(path, meta=False):
             raise WeightsError(f"{path}: tensor {name!r}: bad header entry {info!r} (expected "
                                f"dtype, shape, data_offsets)")
         if kind not in SAFETENSORS_DTYPES:
-            raise WeightsError(f"{path}: tensor {name!r} has dtype {kind}, which this reader "
-                               f"does not read (it reads {', '.join(SAFETENSORS_DTYPES)})")
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {kind}, which this reader does "
+                               f"not read (it reads {', '.join(SAFETENSORS_DTYPES)})")
         dtype = SAFETENSORS_DTYPES[kind]
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size
@@ -1882,14 +1876,27 @@ def read_safetensors(path, meta=False):
         raise WeightsError(f"{path}: the header names {covered} bytes of tensor data, but "
                            f"{data_size} bytes follow it: {data_size - covered} bytes that no "
                            f"tensor names, which are not read; not a valid safetensors file")
+    return 8 + n, entries
+
+
+def read_safetensors(path, meta=False):
+    """A .safetensors file -> {name: tensor}. The format: 8 bytes (little-endian) giving the header
+    length n; n bytes of JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} plus an
+    optional "__metadata__"; then the tensors' raw little-endian bytes, offsets counted from the
+    end of the header. Each tensor's bytes are read where the header says (seek), after the
+    whole header is checked. meta=True: tensors on the "meta" device (dtype and shape, no data)."""
+    path = Path(path)
+    if sys.byteorder != "little":
+        raise WeightsError(f"{path}: this safetensors reader assumes a little-endian machine")
     tensors = {}
     with open(path, "rb") as f:
+        start, entries = read_safetensors_header(path, f)
         for name, dtype, shape, begin, end in entries:
             if meta or begin == end:
                 tensors[name] = torch.zeros(shape, dtype=dtype, device="meta" if meta else "cpu")
                 continue
             buffer = bytearray(end - begin)
-            f.seek(8 + n + begin)
+            f.seek(start + begin)
             if f.readinto(buffer) != len(buffer):  # the file shrank since its size was read
                 raise WeightsError(f"{path}: tensor {name!r}: the file ends early (truncated)")
             tensors[name] = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
@@ -2170,28 +2177,14 @@ class NonFiniteError(RuntimeError):
 
 class RunLog:
     """log.jsonl: one JSON record per log_every steps, written by rank 0 alone. On --resume the
-    records after the checkpoint's step are dropped first: the run does those steps again, so
-    they would otherwise appear twice."""
+    records after the checkpoint's step are dropped first: the run does those steps again."""
 
     def __init__(self, path, resume, step, dist, echo):
         self.file, self.echo = None, echo
-        if not dist.is_main:
-            return
-        if resume and path.is_file():
-            kept = []
-            text = path.read_text(encoding="utf-8", errors="replace")
-            for i, line in enumerate(text.splitlines(), 1):
-                try:
-                    record_step = json.loads(line)["step"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise data.InputError(
-                        f"{path}, line {i}: not a log record ({line[:60]!r}); the log is damaged. "
-                        f"Delete that line (or move {path.name} away) and --resume again; the "
-                        f"checkpoint does not depend on it") from None
-                if record_step <= step:
-                    kept.append(line)
-            data.write_text(path, "".join(line + "\n" for line in kept))
-        self.file = open(path, "a" if resume else "w")
+        if dist.is_main:
+            if resume:
+                truncate_log(path, step)
+            self.file = open(path, "a" if resume else "w")
 
     def write(self, record):
         if self.file is not None:
@@ -2301,6 +2294,24 @@ def run_summary(step, seconds, pairs_done, last, device, ckpt_path, dist):
               f"final loss {summary['final_loss']} | peak memory {summary['peak_memory_mb']:.0f} MB "
               f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}) | {ckpt_path}")
     return summary
+
+
+def truncate_log(path, step):
+    """On resume, keep the log records of steps <= step: the run continues from there, so the
+    later records (written after the checkpoint) would otherwise appear twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise data.InputError(f"{path}, line {i}: not a log record ({line[:60]!r}); the log is damaged. "
+                                  f"Delete that line (or move {path.name} away) and --resume again; "
+                                  f"the checkpoint does not depend on it") from None
+        if record_step <= step:
+            kept.append(line)
+    data.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def stop_if_not_finite(first_bad, dist, ckpt_path):
