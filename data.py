@@ -130,11 +130,14 @@ class BadRowsError(ManifestError):
 
 def scan_manifest(path):
     """Read and check a manifest in one pass -> (good rows, [BadRow] of every bad row).
-    Good rows are dicts, labels normalised to '1', '0', '-1', '', plus '_row' (1-based data row)
-    and '_path' (the absolute image). A row is bad when a field count, split or label value is
-    wrong, its text is empty (unless EVERY text is: labels-only), its image is missing or not a
-    file, or it repeats an earlier row. A problem of the whole file raises ManifestError /
-    OSError. Empty ids are checked with the split check (check_ids)."""
+
+    Good rows are dicts, label values normalised to '1', '0', '-1', ''; each also gets '_row'
+    (1-based data row; the CSV line is _row + 1 when no field spans lines) and '_path' (the
+    absolute image path). A row is bad when a field count, split or label value is wrong, its
+    text is empty (unless EVERY text is: a labels-only manifest), its image is missing or not a
+    file, or it repeats an earlier row in every column. A problem of the whole file (not found,
+    not UTF-8, a missing column) raises ManifestError / OSError. Empty ids are checked once per
+    command, with the split check (check_split_overlap -> check_ids)."""
     path = Path(path)
     root = path.resolve().parent
     text = read_utf8(path, "manifest", "save the manifest as UTF-8 CSV")
@@ -191,9 +194,10 @@ def scan_records(path, header, records, image_column, make_row, keep=None):
 
 
 def read_manifest(path, skip_bad=False, skipped=None):
-    """A checked manifest -> list of row dicts (scan_manifest). Bad rows raise ONE BadRowsError
-    listing them all; skip_bad=True skips them, counted on stderr (never silently) and appended
-    to `skipped` when it is a list (write_skipped writes them as a CSV)."""
+    """Read and validate a manifest -> list of row dicts (scan_manifest). The file must be UTF-8
+    (a byte-order mark, as Excel writes, is fine). Bad rows raise ONE BadRowsError listing them
+    all; with skip_bad=True they are skipped, counted on stderr (never silently) and, when
+    `skipped` is a list, appended to it (BadRow each; write_skipped writes them as a CSV)."""
     rows, bad = scan_manifest(path)
     if bad and not skip_bad:
         raise BadRowsError(path, bad, len(rows) + len(bad))
@@ -202,7 +206,8 @@ def read_manifest(path, skip_bad=False, skipped=None):
 
 
 def check_row_image(source, i, column, image):
-    """ManifestError ("missing image" / "image not a file") unless row i's image is a file."""
+    """ManifestError ("missing image", or "image not a file" for a folder, FIFO, device) unless
+    the image of row i of `source` is an existing regular file."""
     problem = file_problem(image)
     if problem == NOT_FOUND:
         raise ManifestError(f"{source}, row {i}, column '{column}': file not found: {image}",
@@ -213,8 +218,9 @@ def check_row_image(source, i, column, image):
 
 
 def check_ids(path, rows):
-    """study_id empty in every row is refused; empty study or patient ids in some rows are
-    counted in a warning."""
+    """study_id empty in every row is refused: every image would be one study (one pair id,
+    one retrieval target). An empty study_id or patient_id in some rows is warned on stderr with
+    the count: those rows share a study, or escape the split check (check_split_overlap)."""
     if rows and not any(r["study_id"].strip() for r in rows):
         raise ManifestError(f"{path}: column 'study_id' is empty in all {len(rows)} rows, so every "
                             f"image would be one study (one pair id, one retrieval target); write "
@@ -231,7 +237,8 @@ def check_ids(path, rows):
 
 
 def note_skipped(who, source, bad, skipped=None, where=""):
-    """skip_bad: the skipped rows counted by kind on stderr, and appended to the list `skipped`."""
+    """skip_bad: the skipped rows counted by kind on one stderr line, and appended to `skipped`
+    (a list) when one is given."""
     if not bad:
         return
     if skipped is not None:
@@ -242,8 +249,9 @@ def note_skipped(who, source, bad, skipped=None, where=""):
 
 
 def write_skipped(path, skipped):
-    """Skipped rows (BadRow list: read_manifest(..., skipped=[]), PairDataset.skipped) as a CSV
-    with columns row, image, reason, message (msd.py: skipped_rows.csv). Returns the path."""
+    """The skipped rows (BadRow list: read_manifest(..., skipped=[]), PairDataset.skipped) as a
+    CSV with columns row, image, reason, message; msd.py writes it as skipped_rows.csv beside a
+    run. Returns the path."""
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(BadRow._fields)
@@ -252,9 +260,10 @@ def write_skipped(path, skipped):
 
 
 def read_csv_records(path, lines):
-    """A CSV (`lines`: an open text file) -> (header, [(line number, fields)]), blank lines
-    skipped. A repeated column name (a dict would keep only its last column) and a field longer
-    than csv.field_size_limit() (an unclosed quote) are refused."""
+    """The header and the data rows of a CSV (`lines`: an open text file) -> (header, [(line
+    number, fields)]), blank lines skipped as csv.DictReader skips them. A repeated column name
+    (which a dict would silently collapse to its last column) and a field longer than
+    csv.field_size_limit() (an unclosed quote, or something that is not a report) are refused."""
     reader, records = csv.reader(lines), []
     try:
         header = next(reader, [])
@@ -274,8 +283,8 @@ def read_csv_records(path, lines):
 
 
 def record_dict(path, i, line, header, fields):
-    """One data row (read_csv_records) -> {column: value}; refused unless it has the header's
-    number of fields."""
+    """One data row (read_csv_records) -> {column: value}; a row whose number of fields is not
+    the header's is an error naming the row, its line and both counts."""
     if len(fields) != len(header):
         raise ManifestError(f"{path}, row {i} (line {line}): has {len(fields)} fields, the header "
                             f"has {len(header)} (a field holding a comma must be in double quotes)",
@@ -288,11 +297,13 @@ ALLOW_OVERLAP = ("config key allow_split_overlap=true (msd.py --allow_split_over
 
 
 def check_split_overlap(rows, source, allow=False, contents=False, way_out=ALLOW_OVERLAP):
-    """Leakage: a patient or study in split 'train' and in another split means a model is
-    evaluated on people it was trained on. contents=True also compares the images' bytes
-    (image_sha256): one picture under two patient ids, or copied under two names. Raises one
-    ManifestError with counts, a few examples and `way_out`; allow=True only warns. Empty ids
-    are not compared: check_ids, first, refuses or counts them."""
+    """Leakage: a patient or a study with rows in split 'train' and in another split (valid,
+    test, test_5x) means that a model is evaluated on people it was trained on. contents=True
+    also compares the images' bytes (SHA-256, image_sha256; cached beside the manifest `source`):
+    the same picture under two patient ids, or copied under two names. Raises ManifestError
+    giving, per id column, the count and a few examples, and for contents both rows of a few
+    pairs, and `way_out`, the option of the calling command; with allow=True it warns on stderr
+    instead. Empty ids are not compared: check_ids, first, refuses or counts them."""
     check_ids(source, rows)
     found = []
     for column in ("patient_id", "study_id"):
@@ -323,7 +334,8 @@ def check_split_overlap(rows, source, allow=False, contents=False, way_out=ALLOW
 
 
 def same_bytes_across_splits(source, rows):
-    """[(train row, other row)] of the same image bytes; only sizes on both sides are hashed."""
+    """[(train row, other row)]: each row outside 'train' whose image file has the same bytes as
+    a 'train' row's. Only files whose size occurs both in 'train' and outside it are hashed."""
     size_of = {}
     for r in rows:
         with contextlib.suppress(OSError):  # a missing file is reported by read_manifest
@@ -342,12 +354,14 @@ def same_bytes_across_splits(source, rows):
 
 
 def image_path(row):
-    """'_path' of a row read_manifest returns, 'image' (absolute) of a row a preparer makes."""
+    """The image file of a row: '_path' of a row read_manifest returns, 'image' (absolute) of a
+    row a preparer makes."""
     return row.get("_path") or row["image"]
 
 
 def describe_row(row):
-    """'metadata.csv row 3 (/data/a.png, patient p1, train)'; '_source': where '_row' counts."""
+    """A row named for a message: 'metadata.csv row 3 (/data/a.png, patient p1, train)'. '_source'
+    names the file whose rows '_row' counts, when it is not the manifest itself."""
     where = f"row {row['_row']} " if "_row" in row else ""
     where = f"{row['_source']} {where}" if "_source" in row else where
     return f"{where}({row['image']}, patient {row['patient_id'] or '(empty)'}, {row['split']})"
@@ -361,8 +375,9 @@ def _label_str(value):
 
 
 def write_manifest(path, rows, label_names=LABELS):
-    """Write rows (dicts) as a manifest, whole or not at all; absolute image paths are stored
-    relative to the CSV's folder; keys starting with '_' are not written."""
+    """Write rows (dicts) as a manifest, whole or not at all (atomic_write). `image` is an absolute
+    path or one already relative to the CSV's folder; absolute paths are stored relative. Keys
+    starting with '_' are not written."""
     path = Path(path)
     root = path.resolve().parent
     extra = []
@@ -410,9 +425,10 @@ def _unmarkup(text):
 
 
 def extract_report_text(report, sections=True):
-    """Every dataset's text, cleaned alike: markup dropped, whitespace collapsed. sections=True
-    (reports): findings + impression (the LAST occurrence of each, since addenda repeat them), ""
-    if neither; sections=False (captions): the whole text."""
+    """The text every dataset's rows are made of, cleaned the same way for all of them: HTML
+    entities unescaped and tags dropped, whitespace collapsed. sections=True (reports): findings +
+    impression (the LAST occurrence of each section, since addenda and re-dictations repeat them),
+    "" if the report has neither. sections=False (captions): the whole text."""
     report = _unmarkup(report)
     if not sections:
         return " ".join(report.split())
@@ -458,9 +474,11 @@ def _to_uint8(a):
 
 
 def load_image(path, max_side=None):
-    """Open an image as 8-bit grayscale (mode "L"): 8/16-bit PNG (16-bit min-max scaled), JPEG,
-    DICOM (needs pydicom); longer than max_side (default MAX_IMAGE_SIDE; 0 = never): downscaled
-    once, here. Raises FileNotFoundError, OSError (a folder, FIFO) or ValueError (unreadable)."""
+    """Open an image as 8-bit grayscale (mode "L"): 8/16-bit PNG (16-bit min-max scaled to 0..255),
+    JPEG, DICOM (needs pydicom). An image whose longer side exceeds max_side (default
+    MAX_IMAGE_SIDE; 0 = never) is downscaled here, once, not by every epoch's transform.
+    Raises FileNotFoundError (missing), OSError (a folder, FIFO, device) or ValueError
+    (unreadable, truncated), naming the path."""
     path = Path(path)
     require_file(path, "image")
     max_side = MAX_IMAGE_SIDE if max_side is None else max_side
@@ -511,8 +529,8 @@ def truncated_share(texts, max_len, tokenize=None, keep_empty=False):
 
 
 class _TokenizerBase:
-    """What both tokenizers share; a subclass sets pad_id, cls_id, sep_id and unk_id and defines
-    tokenize(text) -> tokens, to_dict() and from_dict(d)."""
+    """What both tokenizers share. A subclass's __init__ calls this one and then sets pad_id,
+    cls_id, sep_id and unk_id; it defines tokenize(text) -> tokens, to_dict() and from_dict(d)."""
 
     def __init__(self, vocab, max_len):
         if max_len < 3:
@@ -654,12 +672,18 @@ class ImageTransform:
 
 class PairDataset(torch.utils.data.Dataset):
     """One split of a manifest. Item i -> (image (1,H,W) float32, input_ids (L,) long,
-    attention_mask (L,) long, pair_id () long, labels (len(label_names),) float32, NaN = blank).
-    pair_id: the index of the row's study_id among the sorted study_ids of the WHOLE manifest.
-    Augmentation for item i draws from default_rng([seed, epoch, i]): identical with any
-    num_workers; call set_epoch(e) each epoch. check_images=True checks the split's images once
-    (find_bad_images), before training starts. Every bad row is reported in one BadRowsError;
-    skip_bad=True drops them, counted on stderr, and keeps them (BadRow) in self.skipped."""
+    attention_mask (L,) long, pair_id () long, labels (len(label_names),) float32 with NaN = blank).
+
+    pair_id is the index of the row's study_id among the sorted study_ids of the WHOLE manifest,
+    so images of one study share it. Augmentation for item i draws from
+    default_rng([seed, epoch, i]): identical with any num_workers. Call set_epoch(e) each epoch
+    (with persistent DataLoader workers, recreate the loader for it to take effect).
+
+    check_images=True checks every image of the split once at construction (find_bad_images), so
+    a truncated file is reported before training starts rather than at the step that first draws
+    it. Every bad row (scan_manifest's, and this split's unreadable images) is reported at once
+    in one BadRowsError; skip_bad=True drops them instead, counted on stderr, and keeps them
+    (BadRow each) in self.skipped: data.write_skipped(path, dataset.skipped) lists them."""
 
     def __init__(self, manifest_path, split, tokenizer, transform, seed=0, label_names=LABELS,
                  cache_images=False, skip_bad=False, check_images=True):

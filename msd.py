@@ -649,11 +649,15 @@ def train_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.null
 
 
 def clip_step(model, optimizer, batch, cfg, lr, alpha, autocast=contextlib.nullcontext, dist=None):
-    """The CLIP baselines' step: the keys are the STUDENT's own features, so rows share negatives
-    and the loss of a batch is not a sum of per-row terms (method.md §3, §6). clip_accum "exact"
-    (GradCache): all B rows encoded once without gradient (the cache), then one micro-batch at a
-    time with gradient, spliced in: each backward of the WHOLE loss gives its exact share, no / N.
-    "naive": the mean of N small-batch losses, NOT the loss of one batch of B (N = 1: CLIP)."""
+    """The CLIP baselines' optimizer step: no teacher, no queue; the keys are the STUDENT's own
+    features, so rows share negatives and the loss of a batch is not a sum of per-row terms.
+    Two ways to spend N micro-batches (method.md §3 and §6), beside MSD's:
+      clip_accum "exact"  (GradCache, open_clip's accum_freq) the student encodes all B rows once
+                          without gradient (the cache), then re-encodes one micro-batch at a time
+                          with gradient, spliced into the cache: each backward of the WHOLE loss
+                          gives its exact share, no / N;
+      clip_accum "naive"  each micro-batch is its own small batch: the mean of N small-batch
+                          losses, NOT the loss of one batch of B (N = 1: end-to-end CLIP)."""
     student, micro, reports = step_parts(model, batch, cfg, dist)
     N, exact, device = len(micro), cfg.clip_accum == "exact", batch.images.device
     replay = exact and cfg.dropout > 0  # with dropout both passes must draw the same masks
@@ -744,8 +748,10 @@ def epoch_batches(n, B, seed, epoch):
 
 def pretrain(cfg, resume=False, overwrite=False, stop_after=None):
     """Train for cfg.max_steps optimizer steps (or cfg.epochs), checkpointing into cfg.out_dir.
-    resume: continue the run in out_dir; overwrite: start over there. `stop_after` ends the run
-    after that many steps, as an interruption would (for tests). Returns a summary dict."""
+    resume: continue the run in out_dir. overwrite: start over in an out_dir that holds a run.
+    cfg.init_from: a new run that starts from another run's student. `stop_after` ends the run
+    early after that many steps, as an interruption would (for tests). Returns a summary dict.
+    A run that already finished with this config is not trained again (see finished_run)."""
     dist = init_distributed(cfg)
     check_ranks_agree(dist, "config", {**asdict(cfg), "resume": resume, "overwrite": overwrite})
     with locked_run_folder(cfg, resume, overwrite, dist) as done:  # one run at a time in a folder
@@ -763,18 +769,12 @@ def train_loop(cfg, run, dist, resume, stop_after):
     model, optimizer, step, B = run.model, run.optimizer, run.step, run.B
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     compiled = compile_towers(model, cfg, run.device)
-    if dist.world_size > 1:
-        dist.ddp_student = torch.nn.parallel.DistributedDataParallel(
-            model.student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    wrap_student(model, dist, run.device)  # W processes: DistributedDataParallel (appendix D)
     if dist.is_main:
         print_run_summary(cfg, run, dist, compiled)
     end = run.total_steps if stop_after is None else min(run.total_steps, stop_after)
-    if step >= end:
-        if dist.is_main:
-            print(f"nothing to do: {ckpt_path} is at step {step}, the run ends at step {end} "
-                  f"(raise max_steps or epochs to train longer)")
-        return {"steps": step, "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
-                "peak_memory_mb": peak_memory_mb(run.device), "checkpoint": str(ckpt_path)}
+    if step >= end:  # a resumed run already at its end (appendix F)
+        return nothing_to_do(step, end, run.device, ckpt_path, dist)
 
     autocast = autocast_for(cfg, run.device)
     step_cfg = replace(cfg, momentum=run.momentum)  # train_step reads the m in force
@@ -1600,7 +1600,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     device: torch.device = None
-    ddp_student: nn.Module = None  # DistributedDataParallel(model.student), set by pretrain()
+    ddp_student: nn.Module = None  # DistributedDataParallel(model.student), set by wrap_student
 
     @property
     def is_main(self):  # rank 0 alone logs, shows progress and writes checkpoints
@@ -1623,6 +1623,14 @@ def init_distributed(cfg):
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world_size, device)
+
+
+def wrap_student(model, dist, device):
+    """W processes: the student wrapped in DistributedDataParallel (dist.ddp_student), which
+    averages its gradients over the processes in backward()."""
+    if dist.world_size > 1:
+        dist.ddp_student = torch.nn.parallel.DistributedDataParallel(
+            model.student, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def gathered(dist, *xs):
@@ -2294,6 +2302,15 @@ def run_summary(step, seconds, pairs_done, last, device, ckpt_path, dist):
               f"final loss {summary['final_loss']} | peak memory {summary['peak_memory_mb']:.0f} MB "
               f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}) | {ckpt_path}")
     return summary
+
+
+def nothing_to_do(step, end, device, ckpt_path, dist):
+    """The summary of a run resumed at the step where it ends: nothing is trained."""
+    if dist.is_main:
+        print(f"nothing to do: {ckpt_path} is at step {step}, the run ends at step {end} "
+              f"(raise max_steps or epochs to train longer)")
+    return {"steps": step, "seconds": 0.0, "pairs_per_s": float("nan"), "final_loss": None,
+            "peak_memory_mb": peak_memory_mb(device), "checkpoint": str(ckpt_path)}
 
 
 def truncate_log(path, step):
